@@ -1,0 +1,121 @@
+"""Run-time settings and the layout of SLUICEGATE_HOME.
+
+All state of a local run lives under one directory; service URIs come from
+environment variables with embedded defaults. Nothing is read at import time.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from sluicegate.spec import DEFAULT_SPEC_PATH
+
+HOME_MARKER = "sluicegate-home.json"
+HOME_LAYOUT_VERSION = 1
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+class CorruptHomeError(RuntimeError):
+    """SLUICEGATE_HOME exists but cannot be used as it is."""
+
+
+class Settings(BaseSettings):
+    """Read from SLUICEGATE_* environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="SLUICEGATE_", extra="ignore")
+
+    home: Path = Path(".sluicegate")
+    spec_path: Path = DEFAULT_SPEC_PATH
+    gates_path: Path = Path("gates.yaml")
+    model_name: str = "fraud-detector"
+    # None means MLflow on SQLite under home.
+    mlflow_tracking_uri: str | None = None
+    # None means Feast's SQLite online store under home; else a Redis connection string.
+    feast_redis: str | None = None
+    experiment: str = "sluicegate"
+
+    @property
+    def paths(self) -> HomePaths:
+        return HomePaths(self.home.resolve())
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{self.paths.mlflow_db}"
+
+
+@dataclass(frozen=True)
+class HomePaths:
+    root: Path
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "raw"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "quarantine"
+
+    @property
+    def features(self) -> Path:
+        return self.root / "features"
+
+    @property
+    def feast(self) -> Path:
+        return self.root / "feast"
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.root / "mlflow.db"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.root / "mlartifacts"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / "predictions"
+
+
+def ensure_home(paths: HomePaths) -> HomePaths:
+    """Create SLUICEGATE_HOME if missing; refuse one that is corrupt, saying what to do."""
+    root = paths.root
+    if root.exists() and not root.is_dir():
+        raise CorruptHomeError(
+            f"SLUICEGATE_HOME={root} is a file, not a directory. "
+            "Move it away or point SLUICEGATE_HOME at a directory."
+        )
+    marker = root / HOME_MARKER
+    if marker.exists():
+        try:
+            version = json.loads(marker.read_text())["layout_version"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptHomeError(
+                f"{marker} is unreadable ({exc}). SLUICEGATE_HOME is corrupt: "
+                f"delete {root} to start afresh (it only holds run-time state)."
+            ) from exc
+        if version != HOME_LAYOUT_VERSION:
+            raise CorruptHomeError(
+                f"{root} has layout version {version}, this Sluicegate uses "
+                f"{HOME_LAYOUT_VERSION}. Delete {root} or point SLUICEGATE_HOME elsewhere."
+            )
+    if paths.mlflow_db.exists() and paths.mlflow_db.stat().st_size > 0:
+        with open(paths.mlflow_db, "rb") as f:
+            if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+                raise CorruptHomeError(
+                    f"{paths.mlflow_db} is not an SQLite database. SLUICEGATE_HOME is "
+                    f"corrupt: delete {root} to start afresh."
+                )
+    for folder in (paths.raw, paths.quarantine, paths.features, paths.feast,
+                   paths.mlflow_artifacts, paths.runs, paths.predictions):
+        folder.mkdir(parents=True, exist_ok=True)
+    if not marker.exists():
+        marker.write_text(json.dumps({"layout_version": HOME_LAYOUT_VERSION}))
+    return paths
