@@ -1,0 +1,133 @@
+"""The `sluicegate` command line."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from sluicegate.config import CorruptHomeError, Settings, ensure_home
+
+app = typer.Typer(help="Sluicegate: a gated pipeline from raw batch to served ONNX model.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+console = Console(stderr=True)
+
+EXIT_BLOCKED = 3
+
+
+def _home(settings: Settings):
+    try:
+        return ensure_home(settings.paths)
+    except CorruptHomeError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def generate(
+    rows: Annotated[int, typer.Option(help="Number of transactions")] = 200_000,
+    days: Annotated[int, typer.Option(help="Days of history, one parquet partition each")] = 30,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same batch")] = 7,
+    start: Annotated[str, typer.Option(help="First day, YYYY-MM-DD (UTC)")] = "2026-10-01",
+    drift: Annotated[str, typer.Option(help="none, amount, category or country")] = "none",
+    fault: Annotated[str, typer.Option(help="none, nulls, out_of_range, drop_column, rename_column, "
+                                            "bad_dtype, duplicates or label_flip")] = "none",
+) -> None:
+    """Write a synthetic card-transaction batch under SLUICEGATE_HOME/raw."""
+    from sluicegate import data
+    from sluicegate.spec import load_spec
+
+    if drift not in data.DRIFTS:
+        raise typer.BadParameter(f"--drift must be one of {', '.join(data.DRIFTS)}, not {drift!r}")
+    if fault not in data.FAULTS:
+        raise typer.BadParameter(f"--fault must be one of {', '.join(data.FAULTS)}, not {fault!r}")
+    settings = Settings()
+    paths = _home(settings)
+    spec = load_spec(settings.spec_path)
+    cfg = data.GenerateConfig(rows=rows, days=days, seed=seed, start=start, drift=drift, fault=fault)
+    started = time.perf_counter()
+    with console.status(f"generating {rows:,} transactions over {days} days"):
+        frame = data.inject_fault(data.generate_transactions(cfg, spec), cfg.fault, spec, seed)
+        batch_dir = data.write_batch(frame, paths.raw, cfg.batch_id, spec.timestamp)
+    console.print(f"generate: {len(frame):,} transactions, label rate {frame[spec.label].mean():.2%}, "
+                  f"{days} day partitions -> {batch_dir} in {time.perf_counter() - started:.1f}s")
+    print(cfg.batch_id)
+
+
+@app.command()
+def run(
+    batch: Annotated[str | None, typer.Option(help="Raw batch id; default: the newest")] = None,
+    max_epochs: Annotated[int, typer.Option(help="Upper bound on training epochs")] = 20,
+    seed: Annotated[int, typer.Option(help="Training seed")] = 0,
+    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
+) -> None:
+    """Run the training pipeline on a batch. Exit 0 done, 3 blocked by a gate, else error."""
+    from flows.pipeline import PipelineParams, training_pipeline
+    from sluicegate.gates import GatePolicyError, load_policy
+
+    settings = Settings()
+    _home(settings)
+    try:
+        load_policy(settings.gates_path)
+    except GatePolicyError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    params = PipelineParams(batch=batch, max_epochs=max_epochs, seed=seed, precision=precision,
+                            device=device, actor="cli")
+    started = time.perf_counter()
+    result = training_pipeline(params)
+    elapsed = time.perf_counter() - started
+    _print_outcome(result, settings, elapsed)
+    if result["status"] in ("blocked_data", "blocked_model"):
+        raise typer.Exit(EXIT_BLOCKED)
+
+
+def _print_outcome(result: dict, settings: Settings, elapsed: float) -> None:
+    status = result["status"]
+    if status == "blocked_data":
+        console.print(f"\n[bold red]Blocked at validation.[/bold red] {result['reason']}")
+    elif status == "blocked_model":
+        console.print(f"\n[bold red]Blocked by the model gates.[/bold red] {settings.model_name} "
+                      f"v{result['version']} stays challenger: {result['reason']}. "
+                      f"Report: {result['gate_report']}")
+    elif status == "unchanged":
+        console.print(f"\n[bold]Nothing new.[/bold] {result['reason']}.")
+    else:
+        console.print(f"\n[bold green]Promoted.[/bold green] {settings.model_name} v{result['version']} "
+                      f"({result['variant']}) is champion: {result['reason']}. Report: {result['gate_report']}")
+    console.print(f"Pipeline finished in {elapsed:.1f}s. Look at:\n"
+                  f"  MLflow UI:    mlflow ui --backend-store-uri {settings.tracking_uri}\n"
+                  f"  Data Docs:    expectations/uncommitted/data_docs/local_site/index.html\n"
+                  f"  Status:       sluicegate status --json")
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Champion and challenger versions, their metrics and variant, and the last gate decision."""
+    from sluicegate import registry
+
+    settings = Settings()
+    _home(settings)
+    client = registry.configure(settings)
+    info = registry.status(client, settings.model_name)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    for role in ("champion", "challenger"):
+        v = info[role]
+        if v is None:
+            console.print(f"{role}: none")
+        else:
+            m = v["metrics"]
+            console.print(f"{role}: v{v['version']} ({v['variant']}) PR-AUC {m.get('pr_auc', float('nan')):.4f} "
+                          f"ECE {m.get('ece', float('nan')):.4f} p99 {m.get('p99_ms_batch1', float('nan')):.3f} ms")
+    last = info["last_gate_decision"]
+    if last:
+        console.print(f"last decision: v{last['version']} {'promote' if last['promote'] else 'block'}: "
+                      f"{last['reason']}")

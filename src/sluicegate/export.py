@@ -1,0 +1,118 @@
+"""ONNX export, parity check against torch, and INT8 quantization.
+
+The dynamo exporter has open issues of silently wrong outputs, so every export
+is checked against torch on a fixed golden batch before anything ships.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from sluicegate.inputs import ModelInput
+
+OPSET = 18  # pinned: supported by onnxruntime >= 1.14, Triton and KServe runtimes alike
+INPUT_NAMES = ("numeric", "categorical")
+OUTPUT_NAME = "probability"
+
+
+class ParityError(RuntimeError):
+    """The exported graph does not compute what the torch model computes."""
+
+
+@dataclass
+class Parity:
+    max_abs_diff: float
+    tolerance: float
+    rows: int
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+
+def export_onnx(model: torch.nn.Module, example: ModelInput, path: Path) -> Path:
+    """Export with a dynamic batch dimension and verify the graph with onnx.checker."""
+    model = model.cpu().eval()
+    batch = torch.export.Dim("batch", min=1)
+    args = (torch.as_tensor(example.numeric[:4]), torch.as_tensor(example.categorical[:4]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        model, args, str(path), dynamo=True, opset_version=OPSET, external_data=False,
+        input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
+        dynamic_shapes={"numeric": {0: batch}, "categorical": {0: batch}},
+        verbose=False,
+    )
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    return path
+
+
+def quantize_int8(fp32_path: Path, out_path: Path) -> Path:
+    """INT8 dynamic quantization of the matrix multiplies.
+
+    quant_pre_process runs first: the dynamo exporter's value_info otherwise
+    trips onnxruntime's shape inference during quantization.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(fp32_path), str(pre))
+        quantize_dynamic(str(pre), str(out_path), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Gemm"])
+    onnx.checker.check_model(onnx.load(str(out_path)), full_check=True)
+    return out_path
+
+
+def make_session(path: Path, threads: int = 0, providers: list[str] | None = None) -> ort.InferenceSession:
+    """An onnxruntime session with full graph optimization.
+
+    threads=0 lets onnxruntime use every core; benchmarks set it explicitly.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=providers or available_providers())
+
+
+def available_providers() -> list[str]:
+    """Execution providers in preference order, limited to what this onnxruntime has."""
+    preferred = ["CUDAExecutionProvider", "ROCMExecutionProvider", "CPUExecutionProvider"]
+    have = set(ort.get_available_providers())
+    return [p for p in preferred if p in have]
+
+
+def onnx_predict(session: ort.InferenceSession, data: ModelInput, batch_size: int = 65536) -> np.ndarray:
+    out = [session.run([OUTPUT_NAME], {INPUT_NAMES[0]: data.numeric[i:i + batch_size],
+                                       INPUT_NAMES[1]: data.categorical[i:i + batch_size]})[0]
+           for i in range(0, len(data), batch_size)]
+    return np.concatenate(out).reshape(-1)
+
+
+def check_parity(torch_scores: np.ndarray, onnx_scores: np.ndarray, tolerance: float) -> Parity:
+    """Largest absolute difference in predicted probability on the golden batch."""
+    diff = float(np.max(np.abs(torch_scores.astype(np.float64) - onnx_scores.astype(np.float64))))
+    return Parity(max_abs_diff=diff, tolerance=tolerance, rows=len(torch_scores))
+
+
+def golden_batch(data: ModelInput, rows: int = 2048, seed: int = 0) -> ModelInput:
+    """A fixed sample of real inputs, the same for every export of a run."""
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(len(data), size=min(rows, len(data)), replace=False))
+    return data.take(idx)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
