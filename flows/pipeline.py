@@ -7,6 +7,7 @@ one-line summary; the flow only decides what runs next.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -162,15 +163,32 @@ def training_pipeline(params: PipelineParams | None = None) -> dict:
         client.set_terminated(parent, status)
 
 
+class _Stopwatch:
+    """Seconds per stage, for the run summary."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(now - self._last, 2)
+        self._last = now
+
+
 def _run_stages(settings, spec, policy, params, cfg, batch_dir, work_dir, parent, client) -> dict:
-    base = {"batch": batch_dir.name, "mlflow_run_id": parent, "work_dir": str(work_dir)}
+    clock = _Stopwatch()
+    base = {"batch": batch_dir.name, "mlflow_run_id": parent, "work_dir": str(work_dir),
+            "stage_seconds": clock.seconds}
     validated, frame = validate(settings, spec, batch_dir, Path(params.expectations), parent)
+    clock.lap("validate")
     if not validated.passed:
         create_markdown_artifact(key="validation-report", markdown=validated.report.to_markdown(),
                                  description=f"Batch {batch_dir.name} quarantined")
         return {**base, "status": "blocked_data", "reason": validated.summary(),
                 "quarantined_to": str(validated.quarantined_to)}
     feats = build_features(settings, spec, frame, parent)
+    clock.lap("features")
     fp = stages.fingerprint(feats.data_hash, cfg, spec)
     champion = registry.version_by_alias(client, settings.model_name, registry.CHAMPION)
     if champion is not None and champion.tags.get("fingerprint") == fp:
@@ -180,9 +198,13 @@ def _run_stages(settings, spec, policy, params, cfg, batch_dir, work_dir, parent
         return {**base, "status": "unchanged", "version": champion.version, "reason": reason}
     prepared = stages.prepare(feats.frame, spec)
     trained = train(prepared, spec, cfg, work_dir / "checkpoints", parent)
+    clock.lap("train")
     exported = export_model(trained.model, prepared, work_dir, policy, parent)
+    clock.lap("export")
     evaluated = evaluate(trained.model, prepared, exported, spec, policy, parent)
+    clock.lap("evaluate")
     decision = gate(settings, policy, prepared, evaluated, exported, work_dir)
+    clock.lap("gate")
     (work_dir / "gate_report.md").write_text(decision.to_markdown())
     (work_dir / "gate_report.json").write_text(decision.to_json())
     create_markdown_artifact(key="gate-decision", markdown=decision.to_markdown(),
@@ -195,6 +217,7 @@ def _run_stages(settings, spec, policy, params, cfg, batch_dir, work_dir, parent
             "threshold": f"{evaluated.threshold:.6f}"}
     _log_parent_summary(parent, evaluated, decision)
     registered = register(settings, parent, evaluated, decision, tags, params.actor)
+    clock.lap("register")
     return {**base, "status": "promoted" if decision.promote else "blocked_model",
             "version": registered["version"], "previous_champion": registered["previous_champion"],
             "variant": evaluated.shipped.name, "reason": decision.reason(),

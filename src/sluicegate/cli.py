@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
+import warnings
 from typing import Annotated
 
 import typer
@@ -13,9 +15,18 @@ from sluicegate.config import CorruptHomeError, Settings, ensure_home
 
 app = typer.Typer(help="Sluicegate: a gated pipeline from raw batch to served ONNX model.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 EXIT_BLOCKED = 3
+
+
+@app.callback()
+def _quiet_library_noise() -> None:
+    """Keep third-party deprecation chatter out of the operator's terminal."""
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
 
 def _home(settings: Settings):
@@ -89,7 +100,8 @@ def run(
 def _print_outcome(result: dict, settings: Settings, elapsed: float) -> None:
     status = result["status"]
     if status == "blocked_data":
-        console.print(f"\n[bold red]Blocked at validation.[/bold red] {result['reason']}")
+        console.print(f"\n[bold red]Blocked at validation.[/bold red] {result['reason']} "
+                      f"Report: {result['quarantined_to']}/validation_report.md. The champion is untouched.")
     elif status == "blocked_model":
         console.print(f"\n[bold red]Blocked by the model gates.[/bold red] {settings.model_name} "
                       f"v{result['version']} stays challenger: {result['reason']}. "
@@ -99,6 +111,9 @@ def _print_outcome(result: dict, settings: Settings, elapsed: float) -> None:
     else:
         console.print(f"\n[bold green]Promoted.[/bold green] {settings.model_name} v{result['version']} "
                       f"({result['variant']}) is champion: {result['reason']}. Report: {result['gate_report']}")
+    stages = result.get("stage_seconds") or {}
+    if stages:
+        console.print("Stage times: " + ", ".join(f"{k} {v:.1f}s ({v / elapsed:.0%})" for k, v in stages.items()))
     console.print(f"Pipeline finished in {elapsed:.1f}s. Look at:\n"
                   f"  MLflow UI:    mlflow ui --backend-store-uri {settings.tracking_uri}\n"
                   f"  Data Docs:    expectations/uncommitted/data_docs/local_site/index.html\n"

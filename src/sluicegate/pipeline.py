@@ -68,7 +68,7 @@ class ValidationOutcome:
         return self.report.success
 
     def summary(self) -> str:
-        return self.report.summary()
+        return self.report.summary(self.quarantined_to)
 
 
 def validate_stage(settings: Settings, spec: DatasetSpec, batch_dir: Path,

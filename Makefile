@@ -1,0 +1,39 @@
+# Sluicegate. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ROWS ?= 200000
+DAYS ?= 30
+SEED ?= 7
+
+.DEFAULT_GOAL := help
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+
+setup: $(STAMP) ## Create .venv and install the pinned dependencies (quick when done)
+
+$(STAMP): pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: Sluicegate needs Python 3.11"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup ## Generate a batch and run the whole gated pipeline on embedded defaults
+	$(BIN)/sluicegate generate --rows $(ROWS) --days $(DAYS) --seed $(SEED)
+	$(BIN)/sluicegate run
+	$(BIN)/sluicegate status
+
+test: setup ## Run the unit and end-to-end tests
+	$(BIN)/pytest -q
+
+lint: setup ## Check style with ruff
+	$(BIN)/ruff check src flows tests
+
+clean: ## Delete run-time state (.sluicegate/) and generated reports
+	rm -rf .sluicegate expectations/uncommitted .pytest_cache .ruff_cache
+
+.PHONY: help setup demo test lint clean

@@ -1,0 +1,3 @@
+from sluicegate.cli import app
+
+app()

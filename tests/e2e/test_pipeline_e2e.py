@@ -1,0 +1,120 @@
+"""The whole flow on a small batch, against Prefect's test server, MLflow on
+SQLite, Feast local and Great Expectations: promotion, re-run, and a faulted batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sluicegate.config import Settings
+from sluicegate.data import GenerateConfig, generate_transactions, inject_fault, read_batch, write_batch
+
+pytestmark = pytest.mark.e2e
+
+ROWS, DAYS = 24_000, 8
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def e2e_home(tmp_path_factory, prefect_server):
+    from tests.conftest import REPO
+    home = tmp_path_factory.mktemp("e2e") / "home"
+    env = {"SLUICEGATE_HOME": str(home), "SLUICEGATE_GATES_PATH": str(REPO / "gates.yaml")}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield home
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _write(spec, cfg: GenerateConfig) -> str:
+    frame = inject_fault(generate_transactions(cfg, spec), cfg.fault, spec, cfg.seed)
+    write_batch(frame, Settings().paths.raw, cfg.batch_id, spec.timestamp)
+    return cfg.batch_id
+
+
+def _status() -> dict:
+    out = subprocess.run([sys.executable, "-m", "sluicegate", "status", "--json"], capture_output=True,
+                         text=True, check=True, env=os.environ.copy())
+    return json.loads(out.stdout)
+
+
+@pytest.fixture(scope="module")
+def first_run(e2e_home, spec_module):
+    from flows.pipeline import PipelineParams, training_pipeline
+    batch = _write(spec_module, GenerateConfig(rows=ROWS, days=DAYS, seed=21))
+    result = training_pipeline(PipelineParams(batch=batch, max_epochs=8))
+    return batch, result
+
+
+@pytest.fixture(scope="module")
+def spec_module():
+    from sluicegate.spec import load_spec
+    return load_spec()
+
+
+def test_clean_batch_ends_as_champion(first_run):
+    batch, result = first_run
+    assert result["status"] == "promoted", result["reason"]
+    status = _status()
+    champion = status["champion"]
+    assert champion["version"] == result["version"]
+    assert champion["variant"] in ("fp32", "int8") and len(champion["sha256"]) == 64
+    # Label rate is about 2%: a useful model ranks far above chance.
+    assert champion["metrics"]["pr_auc"] > 0.3
+    assert status["last_gate_decision"]["promote"] is True
+    report = open(result["gate_report"]).read()
+    assert "PROMOTE" in report and "max_regression_vs_champion" in report
+
+
+def test_version_carries_lineage_tags(first_run):
+    from mlflow import MlflowClient
+    batch, result = first_run
+    settings = Settings()
+    version = MlflowClient(settings.tracking_uri).get_model_version(settings.model_name, str(result["version"]))
+    for tag in ("batch_id", "data_hash", "feature_service", "git_commit", "prefect_flow_run_id",
+                "gate_decision", "sha256", "variant", "threshold"):
+        assert version.tags.get(tag), tag
+    assert version.tags["batch_id"] == batch
+
+
+def test_rerun_on_same_data_makes_no_second_champion(first_run):
+    from flows.pipeline import PipelineParams, training_pipeline
+    batch, result = first_run
+    again = training_pipeline(PipelineParams(batch=batch, max_epochs=8))
+    assert again["status"] == "unchanged"
+    assert _status()["champion"]["version"] == result["version"]
+
+
+def test_faulted_batch_is_quarantined_and_champion_untouched(first_run, spec_module):
+    _, result = first_run
+    before = _status()["champion"]
+    cfg = GenerateConfig(rows=ROWS, days=DAYS, seed=22, fault="duplicates")
+    batch = _write(spec_module, cfg)
+    env = os.environ.copy()
+    proc = subprocess.run([sys.executable, "-m", "sluicegate", "run", "--batch", batch, "--max-epochs", "2"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    said = " ".join(proc.stderr.split())
+    assert "Blocked at validation" in said and "quarantine" in said
+    quarantined = Settings().paths.quarantine / batch
+    assert (quarantined / "validation_report.json").exists() and (quarantined / "validation_report.md").exists()
+    assert len(read_batch(quarantined)) == len(inject_fault(generate_transactions(cfg, spec_module),
+                                                            "duplicates", spec_module, cfg.seed))
+    assert not (Settings().paths.raw / batch).exists()
+    failed = json.loads((quarantined / "validation_report.json").read_text())
+    assert any(f["column"] == spec_module.id for f in failed["failures"])
+    assert _status()["champion"] == before
