@@ -18,8 +18,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
-from sluicegate import registry
 from sluicegate import pipeline as stages
+from sluicegate import registry
 from sluicegate.config import Settings, ensure_home
 from sluicegate.gates import Evidence, GatePolicy, decide, load_policy
 from sluicegate.spec import DatasetSpec, load_spec

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import warnings
 from typing import Annotated
@@ -23,6 +24,7 @@ EXIT_BLOCKED = 3
 @app.callback()
 def _quiet_library_noise() -> None:
     """Keep third-party deprecation chatter out of the operator's terminal."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")

@@ -16,6 +16,7 @@ import pandas as pd
 from sluicegate import data, evaluation, export, features, gates, validation
 from sluicegate.benchmark import measure
 from sluicegate.config import Settings
+from sluicegate.export import Parity
 from sluicegate.inputs import ModelInput, build_model_input, cardinalities
 from sluicegate.spec import DatasetSpec
 from sluicegate.training import TrainConfig, TrainResult, predict, train_model
@@ -180,13 +181,16 @@ def train_stage(prepared: Prepared, spec: DatasetSpec, cfg: TrainConfig, checkpo
 
 @dataclass
 class ExportOutcome:
-    fp32: Path
-    int8: Path
-    parity: export.Parity
+    variants: dict[str, Path]  # variant name -> ONNX file; "fp32" always present
+    parity: Parity
+
+    @property
+    def fp32(self) -> Path:
+        return self.variants["fp32"]
 
     def summary(self) -> str:
-        return (f"export: opset {export.OPSET}, fp32 {self.fp32.stat().st_size / 1024:.0f} KiB, "
-                f"int8 {self.int8.stat().st_size / 1024:.0f} KiB; parity max |diff| "
+        sizes = ", ".join(f"{name} {path.stat().st_size / 1024:.0f} KiB" for name, path in self.variants.items())
+        return (f"export: opset {export.OPSET}, {sizes}; fp32 parity max |diff| "
                 f"{self.parity.max_abs_diff:.2e} over {self.parity.rows} golden rows "
                 f"(tolerance {self.parity.tolerance:.0e}): {'ok' if self.parity.passed else 'FAILED'}")
 
@@ -203,7 +207,7 @@ def export_stage(model, prepared: Prepared, out_dir: Path, policy: gates.GatePol
             f"fp32 ONNX differs from torch by {parity.max_abs_diff:.3e} on the golden batch "
             f"(tolerance {policy.parity_tolerance:.0e}); the export is wrong, nothing is registered")
     int8 = export.quantize_int8(fp32, out_dir / "model_int8.onnx")
-    return ExportOutcome(fp32=fp32, int8=int8, parity=parity)
+    return ExportOutcome(variants={"fp32": fp32, "int8": int8}, parity=parity)
 
 
 # --- evaluation ----------------------------------------------------------------------------------
@@ -239,7 +243,7 @@ def evaluate_stage(model, prepared: Prepared, exported: ExportOutcome, spec: Dat
     golden = export.golden_batch(prepared.test)
     golden_torch = predict(model, golden.numeric, golden.categorical)
     variants, variant_metrics = [], {}
-    for name, path in (("fp32", exported.fp32), ("int8", exported.int8)):
+    for name, path in exported.variants.items():
         scores = export.onnx_predict(export.make_session(path), prepared.test)
         metrics = evaluation.classification_metrics(y, scores, threshold)
         latency = measure(export.make_session(path, threads=bench_threads), golden)
