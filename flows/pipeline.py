@@ -6,7 +6,6 @@ one-line summary; the flow only decides what runs next.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Literal
@@ -21,7 +20,8 @@ from pydantic import BaseModel, Field
 from sluicegate import pipeline as stages
 from sluicegate import registry
 from sluicegate.config import Settings, ensure_home
-from sluicegate.gates import Evidence, GatePolicy, decide, load_policy
+from sluicegate.deploy import gate_and_promote
+from sluicegate.gates import GatePolicy, load_policy
 from sluicegate.spec import DatasetSpec, load_spec
 from sluicegate.training import TrainConfig
 
@@ -35,6 +35,10 @@ class PipelineParams(BaseModel):
     seed: int = Field(0, description="Training seed")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Training precision")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Training device")
+    model: Literal["mlp", "ft_transformer"] = Field("mlp", description="Architecture: MLP (fast) or FT-Transformer")
+    compile: bool = Field(False, description="torch.compile the training step (first epoch pays the compile)")
+    target: Literal["cpu", "cuda", "rocm"] = Field("cpu", description="Hardware the shipped model will run on")
+    distill: bool = Field(False, description="Ship an MLP distilled from an FT-Transformer teacher")
     expectations: str = Field("expectations", description="Great Expectations context folder")
     actor: str = Field("pipeline", description="Who or what asked for this run, recorded on promotion")
 
@@ -60,81 +64,97 @@ def build_features(settings: Settings, spec: DatasetSpec, frame, parent: str):
     return outcome
 
 
-@task(name="train", cache_policy=NO_CACHE)
+@task(name="train", retries=1, retry_delay_seconds=[5], cache_policy=NO_CACHE)
 def train(prepared, spec: DatasetSpec, cfg: TrainConfig, checkpoint_dir: Path, parent: str):
+    """Train (resuming from `checkpoint_dir/last.pt` if a previous attempt was killed); record the hardware."""
     logger = get_run_logger()
-    with registry.stage_run(parent, "train"):
-        mlflow.log_params({f"train.{k}": v for k, v in cfg.__dict__.items()})
-        result = stages.train_stage(
-            prepared, spec, cfg, checkpoint_dir,
-            on_epoch=lambda row: (mlflow.log_metrics(row, step=row["epoch"]),
-                                  logger.info("epoch %(epoch)d: loss %(train_loss).4f, "
-                                              "valid PR-AUC %(valid_pr_auc).4f", row)))
-        mlflow.log_dict(result.device, "hardware.json")
-        mlflow.set_tags({f"hw.{k}": v for k, v in result.device.items()})
-    logger.info(f"train: best epoch {result.best_epoch} of {result.epochs_run}, valid PR-AUC "
-                f"{result.best_valid_pr_auc:.4f} on {result.device['device_type']} "
-                f"({result.device['precision']}) in {result.seconds:.1f}s")
+    mlflow.enable_system_metrics_logging()  # CPU, memory and (with nvidia-ml-py) GPU use, for this stage run only
+    mlflow.set_system_metrics_sampling_interval(2)
+    try:
+        with registry.stage_run(parent, "train"):
+            mlflow.log_params({f"train.{k}": v for k, v in cfg.__dict__.items()})
+            result = stages.train_stage(prepared, spec, cfg, checkpoint_dir,
+                                        on_epoch=lambda row: _log_epoch(row, logger))
+            mlflow.log_dict(result.device, "hardware.json")
+            mlflow.set_tags({f"hw.{k}": v for k, v in result.device.items()})
+            mlflow.set_tags({"resumed_from_epoch": result.resumed_from_epoch, "checkpoint_dir": str(checkpoint_dir)})
+            if result.distillation:
+                mlflow.log_metrics({f"distill_{k}": v for k, v in result.distillation.items()})
+    finally:
+        mlflow.disable_system_metrics_logging()
+        mlflow.set_system_metrics_sampling_interval(None)
+    resumed = f", resumed after epoch {result.resumed_from_epoch}" if result.resumed_from_epoch else ""
+    logger.info(f"train: {cfg.model}{' (distilled)' if cfg.distill else ''}, best epoch {result.best_epoch} of "
+                f"{result.epochs_run}{resumed}, valid PR-AUC {result.best_valid_pr_auc:.4f} on "
+                f"{result.device['device_kind']} x{result.device['world_size']} ({result.device['precision']}, "
+                f"compile {'on' if cfg.compile else 'off'}) in {result.seconds:.1f}s")
+    if result.distillation:
+        d = result.distillation
+        logger.info(f"distillation: student ROC-AUC {d['student_valid_roc_auc']:.4f} vs teacher "
+                    f"{d['teacher_valid_roc_auc']:.4f}; student {d['student_speedup']:.1f}x the teacher's rows/s")
     return result
+
+
+def _log_epoch(row: dict, logger) -> None:
+    mlflow.log_metrics(row, step=row["epoch"])
+    logger.info(f"epoch {row['epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch"))
 
 
 @task(name="export", cache_policy=NO_CACHE)
 def export_model(model, prepared, out_dir: Path, policy: GatePolicy, parent: str):
     with registry.stage_run(parent, "export"):
         outcome = stages.export_stage(model, prepared, out_dir, policy)
-        mlflow.log_metrics({"parity_max_abs_diff": outcome.parity.max_abs_diff})
+        mlflow.log_metrics({"parity_max_abs_diff": outcome.parity.max_abs_diff,
+                            **{f"max_abs_diff_{name}": d for name, d in outcome.max_abs_diff.items()}})
+        mlflow.log_dict(outcome.providers, "variant_providers.json")
     get_run_logger().info(outcome.summary())
     return outcome
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate(model, prepared, exported, spec: DatasetSpec, policy: GatePolicy, parent: str):
+def evaluate(model, prepared, exported, spec: DatasetSpec, policy: GatePolicy, hw, parent: str):
     with registry.stage_run(parent, "evaluate"):
-        outcome = stages.evaluate_stage(model, prepared, exported, spec, policy)
+        outcome = stages.evaluate_stage(model, prepared, exported, spec, policy, hw)
         mlflow.log_metrics({f"torch_{k}": v for k, v in outcome.torch_metrics.items()})
-        mlflow.log_table({k: [getattr(v, k) for v in outcome.variants] for k in outcome.variants[0].__dict__},
-                         "variants.json")
-        mlflow.log_table({k: [r[k] for r in outcome.slices] for k in outcome.slices[0]}, "slices.json")
-        mlflow.log_dict(outcome.reliability, "reliability.json")
+        mlflow.log_table(_columns([v.__dict__ for v in outcome.variants]), "variants.json")
+        mlflow.log_table(_columns(outcome.slices), "slices.json")
+        mlflow.log_table(_columns(outcome.benchmark_rows()), "benchmark.json")
     create_table_artifact(key="variants", table=[v.__dict__ for v in outcome.variants],
-                          description="Each ONNX variant on the test window")
+                          description="Each ONNX variant on the test window and the target hardware")
+    create_table_artifact(key="benchmark", table=outcome.benchmark_rows(),
+                          description="MLPerf Inference scenarios per variant (SingleStream, Server, Offline)")
     get_run_logger().info(outcome.summary())
     return outcome
 
 
-@task(name="gate", cache_policy=NO_CACHE)
-def gate(settings: Settings, policy: GatePolicy, prepared, evaluated, exported, work_dir: Path):
-    client = registry.configure(settings)
-    champion = registry.version_by_alias(client, settings.model_name, registry.CHAMPION)
-    champion_auc = None
-    if champion is not None:
-        onnx_path = registry.download_onnx(client, champion, work_dir / f"champion-v{champion.version}")
-        champion_auc = stages.champion_pr_auc(onnx_path, prepared)
-    evidence = Evidence(shipped=evaluated.shipped, fp32_parity=exported.parity.max_abs_diff,
-                        champion_version=champion.version if champion else None,
-                        champion_pr_auc=champion_auc)
-    decision = decide(policy, evidence)
-    get_run_logger().info(f"gate: {'PROMOTE' if decision.promote else 'BLOCK'}: {decision.reason()}")
-    return decision
+def _columns(rows: list[dict]) -> dict[str, list]:
+    return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
 
 
 @task(name="register", retries=3, retry_delay_seconds=[2, 5, 15], cache_policy=NO_CACHE)
-def register(settings: Settings, parent: str, evaluated, decision, tags: dict, actor: str) -> dict:
+def register(settings: Settings, parent: str, evaluated, evidence_dir: Path, tags: dict):
+    """A new model version carrying the shipped ONNX and its evidence; alias challenger."""
     client = registry.configure(settings)
     shipped = Path(evaluated.shipped.path)
     with registry.stage_run(parent, "register") as run:
         info = registry.log_onnx_model(shipped)
-        mlflow.log_text(decision.to_markdown(), "gate_report.md")
-        mlflow.log_dict(decision.to_dict(), "gate_report.json")
+        mlflow.log_artifacts(str(evidence_dir), "evidence")
         version = registry.register_candidate(client, settings.model_name, info, run.info.run_id, shipped,
                                               {**tags, "variant": evaluated.shipped.name})
-    registry.record_decision(client, settings.model_name, version.version, decision.to_dict())
-    previous = None
-    if decision.promote:
-        previous = registry.promote(client, settings.model_name, version.version, decision.reason(), actor)
-    verb = "promoted to champion" if decision.promote else "registered as challenger, not promoted"
-    get_run_logger().info(f"register: {settings.model_name} v{version.version} ({evaluated.shipped.name}) {verb}")
-    return {"version": version.version, "previous_champion": previous}
+    get_run_logger().info(f"register: {settings.model_name} v{version.version} ({evaluated.shipped.name}) "
+                          "registered as challenger")
+    return version
+
+
+@task(name="gate", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+def gate(settings: Settings, policy: GatePolicy, spec: DatasetSpec, version, actor: str):
+    """Every gate of gates.yaml against the current champion; promote only if all pass."""
+    client = registry.configure(settings)
+    outcome = gate_and_promote(settings, policy, spec, client, version, actor)
+    create_markdown_artifact(key="gate-decision", markdown=outcome.report,
+                             description=f"{settings.model_name} v{outcome.version}: {outcome.status}")
+    get_run_logger().info(f"gate: {outcome.status.upper()} v{outcome.version}: {outcome.reason}")
+    return outcome
 
 
 @flow(name="training-pipeline", log_prints=True)
@@ -147,8 +167,8 @@ def training_pipeline(params: PipelineParams | None = None) -> dict:
     ensure_home(settings.paths)
     client = registry.configure(settings)
     batch_dir = stages.find_batch(settings, params.batch)
-    cfg = TrainConfig(max_epochs=params.max_epochs, patience=params.patience, seed=params.seed,
-                      precision=params.precision, device=params.device)
+    cfg = TrainConfig(model=params.model, max_epochs=params.max_epochs, patience=params.patience, seed=params.seed,
+                      precision=params.precision, device=params.device, compile=params.compile, distill=params.distill)
     run_id = flow_run.id or "local"
     work_dir = settings.paths.runs / f"{batch_dir.name}-{str(run_id)[:8]}"
     parent = mlflow.start_run(run_name=f"pipeline {batch_dir.name}",
@@ -201,36 +221,34 @@ def _run_stages(settings, spec, policy, params, cfg, batch_dir, work_dir, parent
     clock.lap("train")
     exported = export_model(trained.model, prepared, work_dir, policy, parent)
     clock.lap("export")
-    evaluated = evaluate(trained.model, prepared, exported, spec, policy, parent)
+    evaluated = evaluate(trained.model, prepared, exported, spec, policy, stages.hardware(settings), parent)
     clock.lap("evaluate")
-    decision = gate(settings, policy, prepared, evaluated, exported, work_dir)
-    clock.lap("gate")
-    (work_dir / "gate_report.md").write_text(decision.to_markdown())
-    (work_dir / "gate_report.json").write_text(decision.to_json())
-    create_markdown_artifact(key="gate-decision", markdown=decision.to_markdown(),
-                             description=f"Gate decision for batch {batch_dir.name}")
     tags = {"batch_id": batch_dir.name, "data_hash": feats.data_hash, "fingerprint": fp,
             "feature_service": "fraud_model_v1", "git_commit": registry.git_commit(),
-            "prefect_flow_run_id": str(flow_run.id), "gate_decision": "promote" if decision.promote else "block",
+            "prefect_flow_run_id": str(flow_run.id), "target": settings.target,
             "train_window": prepared.splits.window("train", spec),
             "test_window": prepared.splits.window("test", spec),
             "threshold": f"{evaluated.threshold:.6f}"}
-    _log_parent_summary(parent, evaluated, decision)
-    registered = register(settings, parent, evaluated, decision, tags, params.actor)
+    evidence_dir = stages.write_evidence(evaluated, exported, work_dir / "evidence",
+                                         extra={"training": trained.device | {"best_epoch": trained.best_epoch}})
+    _log_parent_summary(parent, evaluated)
+    version = register(settings, parent, evaluated, evidence_dir, tags)
     clock.lap("register")
-    return {**base, "status": "promoted" if decision.promote else "blocked_model",
-            "version": registered["version"], "previous_champion": registered["previous_champion"],
-            "variant": evaluated.shipped.name, "reason": decision.reason(),
-            "gate_report": str(work_dir / "gate_report.md"), "decision": decision.to_dict()}
+    outcome = gate(settings, policy, spec, version, params.actor)
+    clock.lap("gate")
+    (work_dir / "gate_report.md").write_text(outcome.report)
+    status = {"promoted": "promoted", "blocked": "blocked_model", "lost_race": "lost_race"}[outcome.status]
+    return {**base, "status": status, "version": str(version.version),
+            "previous_champion": outcome.champion_before, "variant": evaluated.shipped.name,
+            "reason": outcome.reason, "gate_report": str(work_dir / "gate_report.md"),
+            "decision": outcome.decision.to_dict() if outcome.decision else None}
 
 
-def _log_parent_summary(parent: str, evaluated, decision) -> None:
+def _log_parent_summary(parent: str, evaluated) -> None:
     """Key metrics on the parent run, where `sluicegate status` reads them."""
+    shipped, metrics = evaluated.shipped, evaluated.shipped_metrics
     with mlflow.start_run(run_id=parent):
-        shipped = evaluated.shipped
-        mlflow.log_metrics({**{k: evaluated.shipped_metrics[k] for k in ("pr_auc", "roc_auc", "ece", "precision",
-                                                                           "recall", "f1")},
+        mlflow.log_metrics({**{k: metrics[k] for k in ("pr_auc", "roc_auc", "ece", "precision", "recall", "f1")},
                             "p50_ms_batch1": shipped.p50_ms_batch1, "p99_ms_batch1": shipped.p99_ms_batch1,
-                            "rows_per_s_batch1024": shipped.rows_per_s, "threshold": evaluated.threshold})
-        mlflow.log_text(json.dumps(decision.to_dict(), indent=2), "gate_report.json")
-        mlflow.log_text(decision.to_markdown(), "gate_report.md")
+                            "server_p99_ms": shipped.server_p99_ms, "rows_per_s": shipped.rows_per_s,
+                            "cost_per_million": shipped.cost_per_million, "threshold": evaluated.threshold})

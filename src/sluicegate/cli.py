@@ -25,6 +25,7 @@ EXIT_BLOCKED = 3
 def _quiet_library_noise() -> None:
     """Keep third-party deprecation chatter out of the operator's terminal."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
@@ -125,6 +126,7 @@ def _print_outcome(result: dict, settings: Settings, elapsed: float) -> None:
 @app.command()
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+    show_history: Annotated[bool, typer.Option("--history", help="List promotions and rollbacks")] = False,
 ) -> None:
     """Champion and challenger versions, their metrics and variant, and the last gate decision."""
     from sluicegate import registry
@@ -133,8 +135,15 @@ def status(
     _home(settings)
     client = registry.configure(settings)
     info = registry.status(client, settings.model_name)
+    if show_history:
+        info["history"] = registry.history(client, settings.model_name)
     if as_json:
         print(json.dumps(info, indent=2))
+        return
+    if show_history:
+        for event in info["history"]:
+            console.print(f"{event['at']}  {event['event']:<8} v{event['previous']} -> v{event['version']}  "
+                          f"by {event['actor']}: {event['reason']}")
         return
     for role in ("champion", "challenger"):
         v = info[role]
@@ -143,8 +152,54 @@ def status(
         else:
             m = v["metrics"]
             console.print(f"{role}: v{v['version']} ({v['variant']}) PR-AUC {m.get('pr_auc', float('nan')):.4f} "
-                          f"ECE {m.get('ece', float('nan')):.4f} p99 {m.get('p99_ms_batch1', float('nan')):.3f} ms")
+                          f"ECE {m.get('ece', float('nan')):.4f} Server p99 "
+                          f"{m.get('server_p99_ms', float('nan')):.3f} ms")
     last = info["last_gate_decision"]
     if last:
         console.print(f"last decision: v{last['version']} {'promote' if last['promote'] else 'block'}: "
                       f"{last['reason']}")
+
+
+@app.command(name="deploy")
+def deploy_cmd(
+    actor: Annotated[str, typer.Option(help="Who is deploying, recorded with the promotion")] = "cli",
+) -> None:
+    """Gate the newest challenger against the champion and promote it if every gate passes.
+
+    Exit 0: promoted or nothing newer; 3: blocked by a gate; 4: another deploy won; other: error.
+    """
+    from flows.deploy import deploy_flow
+    from sluicegate.gates import GatePolicyError, load_policy
+
+    settings = Settings()
+    _home(settings)
+    try:
+        load_policy(settings.gates_path)
+    except GatePolicyError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    result = deploy_flow(actor=actor)
+    if result["report"]:
+        print(result["report"])
+    colour = {"promoted": "green", "nothing_newer": "bold", "blocked": "red", "lost_race": "yellow"}[result["status"]]
+    console.print(f"[{colour}]{result['status'].replace('_', ' ')}[/{colour}]: {result['reason']}")
+    raise typer.Exit(result["exit_code"])
+
+
+@app.command()
+def rollback(
+    to: Annotated[str | None, typer.Option(help="Version to restore; default: the previous champion")] = None,
+    actor: Annotated[str, typer.Option(help="Who is rolling back")] = "cli",
+    reason: Annotated[str, typer.Option(help="Why, recorded in the history")] = "manual rollback",
+) -> None:
+    """Restore the previous champion (or --to VERSION) and record it."""
+    from flows.deploy import rollback_flow
+
+    settings = Settings()
+    _home(settings)
+    try:
+        result = rollback_flow(to_version=to, actor=actor, reason=reason)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"rolled back {result['model']}: champion v{result['from']} -> v{result['to']}")

@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     # None means Feast's SQLite online store under home; else a Redis connection string.
     feast_redis: str | None = None
     experiment: str = "sluicegate"
+    # Where the model will run: picks the execution provider the gates measure on.
+    target: str = "cpu"
+    # Row of hardware.yaml used for cost per 1M predictions; price overridable.
+    hardware_profile: str = "cpu-2core"
+    price_per_hour: float | None = None
 
     @property
     def paths(self) -> HomePaths:

@@ -1,7 +1,7 @@
 """The gate policy and the promotion decision.
 
 Every threshold comes from gates.yaml; the decision lists each gate with its
-threshold, measured value and verdict, so a reviewer sees exactly why.
+threshold, measured value, verdict and evidence, so a reviewer sees exactly why.
 """
 
 from __future__ import annotations
@@ -11,7 +11,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sluicegate.evaluation import Comparison
+
+# Evidence a version must carry before it may be promoted (artifacts of its MLflow run).
+REQUIRED_EVIDENCE = ("evidence.json", "holdout.parquet", "benchmark.json", "reliability.png")
 
 
 class GatePolicyError(ValueError):
@@ -21,12 +26,20 @@ class GatePolicyError(ValueError):
 class GatePolicy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    min_pr_auc: float
-    max_ece: float
-    max_quantization_drop: float
-    parity_tolerance: float
-    max_p99_latency_ms: float
-    max_regression_vs_champion: float
+    min_pr_auc: float = Field(ge=0, le=1)
+    max_ece: float = Field(ge=0, le=1)
+    max_quantization_drop: float = Field(ge=0)
+    parity_tolerance: float = Field(gt=0)
+    max_robustness_drop: float = Field(ge=0)
+    max_directional_violation_rate: float = Field(ge=0, le=1)
+    latency_slo_p99_ms: float = Field(gt=0)
+    slo_target_qps: float = Field(gt=0)
+    max_regression_vs_champion: float = Field(ge=0)
+    max_slice_regression: float = Field(ge=0)
+    min_slice_support: int = Field(ge=1)
+    min_slice_positives: int = Field(ge=1)
+    bootstrap_samples: int = Field(ge=50)
+    confidence: float = Field(gt=0.5, lt=1)
 
 
 def load_policy(path: Path) -> GatePolicy:
@@ -34,6 +47,8 @@ def load_policy(path: Path) -> GatePolicy:
     if not path.exists():
         raise GatePolicyError(f"gate policy {path} not found")
     raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise GatePolicyError(f"{path}: expected a mapping of gate names to thresholds")
     try:
         return GatePolicy.model_validate(raw)
     except ValidationError as exc:
@@ -52,19 +67,25 @@ def load_policy(path: Path) -> GatePolicy:
 
 @dataclass
 class VariantReport:
-    """One exported variant of the candidate, as measured on the test window."""
+    """One exported variant of the candidate, measured on the test window and the target hardware."""
 
-    name: str  # "fp32" or "int8"
+    name: str  # "fp32", "fp16", "int8", "int8_qdq"
     path: str
+    provider: str
     pr_auc: float
     roc_auc: float
     ece: float
     pr_auc_drop: float  # torch PR-AUC minus this variant's
+    roc_auc_drop: float
     max_abs_diff: float  # against torch on the golden batch
     size_bytes: int
-    p50_ms_batch1: float
+    p50_ms_batch1: float  # MLPerf SingleStream
+    p90_ms_batch1: float
     p99_ms_batch1: float
-    rows_per_s: float
+    server_p99_ms: float  # MLPerf Server at the SLO's target rate
+    rows_per_s: float  # MLPerf Offline
+    memory_mb: float
+    cost_per_million: float
 
 
 @dataclass
@@ -73,8 +94,11 @@ class Evidence:
 
     shipped: VariantReport
     fp32_parity: float
+    robustness_worst: float
+    directional_violation_rate: float
     champion_version: str | None = None
-    champion_pr_auc: float | None = None  # champion scored on the candidate's test window
+    comparisons: list[Comparison] = field(default_factory=list)  # overall first; empty without a champion
+    missing: list[str] = field(default_factory=list)  # required evidence not found
 
 
 @dataclass
@@ -84,6 +108,7 @@ class GateResult:
     measured: float | None
     passed: bool
     detail: str
+    evidence: str = ""
 
 
 @dataclass
@@ -111,16 +136,20 @@ class GateDecision:
     def to_markdown(self, title: str = "Gate decision") -> str:
         verdict = "PROMOTE" if self.promote else "BLOCKED"
         lines = [f"# {title}: {verdict}", "", f"Shipped variant: `{self.variant}`. {self.reason()}.", "",
-                 "| gate | threshold | measured | result | detail |", "|---|---|---|---|---|"]
+                 "| gate | threshold | measured | result | detail | evidence |", "|---|---|---|---|---|---|"]
         for r in self.results:
             measured = "n/a" if r.measured is None else f"{r.measured:.6g}"
             lines.append(f"| {r.gate} | {r.threshold:.6g} | {measured} | "
-                         f"{'pass' if r.passed else '**FAIL**'} | {r.detail} |")
+                         f"{'pass' if r.passed else '**FAIL**'} | {r.detail} | {r.evidence} |")
         return "\n".join(lines) + "\n"
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> GateDecision:
+        return cls(promote=raw["promote"], variant=raw["variant"], results=[GateResult(**r) for r in raw["gates"]])
 
 
 def select_variant(variants: list[VariantReport], policy: GatePolicy) -> VariantReport:
-    """The fastest variant (single-row p50) that keeps accuracy within the policy.
+    """The fastest variant (SingleStream p50) whose accuracy stays within the policy.
 
     Falls back to fp32 so that a failing quantization is reported by the gates,
     never silently shipped.
@@ -132,42 +161,68 @@ def select_variant(variants: list[VariantReport], policy: GatePolicy) -> Variant
     return next(v for v in variants if v.name == "fp32")
 
 
-def decide(policy: GatePolicy, evidence: Evidence) -> GateDecision:
+def decide(policy: GatePolicy, evidence: Evidence, links: dict[str, str] | None = None) -> GateDecision:
     """Apply every gate; promote only if all pass."""
+    links = links or {}
     v = evidence.shipped
     results = [
-        _at_least("min_pr_auc", policy.min_pr_auc, v.pr_auc, "test-window PR-AUC"),
-        _at_most("max_ece", policy.max_ece, v.ece, "expected calibration error"),
+        _evidence_gate(evidence),
+        _at_least("min_pr_auc", policy.min_pr_auc, v.pr_auc, "test-window PR-AUC", links.get("metrics", "")),
+        _at_most("max_ece", policy.max_ece, v.ece, "expected calibration error", links.get("calibration", "")),
         _at_most("max_quantization_drop", policy.max_quantization_drop, v.pr_auc_drop,
-                 f"PR-AUC lost by shipping {v.name} instead of torch"),
+                 f"PR-AUC lost by shipping {v.name} instead of torch", links.get("variants", "")),
         _at_most("parity_tolerance", policy.parity_tolerance, evidence.fp32_parity,
-                 "max |p_onnx - p_torch| of the fp32 export"),
-        _at_most("max_p99_latency_ms", policy.max_p99_latency_ms, v.p99_ms_batch1,
-                 "single-row p99 latency (ms)"),
-        _champion_gate(policy, evidence),
+                 "max |p_onnx - p_torch| of the fp32 export", links.get("variants", "")),
+        _at_most("max_robustness_drop", policy.max_robustness_drop, evidence.robustness_worst,
+                 "worst PR-AUC drop under noise, a missing feature or a shuffled category",
+                 links.get("robustness", "")),
+        _at_most("max_directional_violation_rate", policy.max_directional_violation_rate,
+                 evidence.directional_violation_rate, "share of rows scored lower when velocity rises",
+                 links.get("robustness", "")),
+        _at_most("latency_slo_p99_ms", policy.latency_slo_p99_ms, v.server_p99_ms,
+                 f"Server-scenario p99 (ms) at {policy.slo_target_qps:g} q/s on {v.provider}",
+                 links.get("benchmark", "")),
+        *_champion_gates(policy, evidence, links.get("comparison", "")),
     ]
     return GateDecision(promote=all(r.passed for r in results), variant=v.name, results=results)
 
 
-def _at_least(gate: str, threshold: float, measured: float, what: str) -> GateResult:
-    passed = measured >= threshold
+def _evidence_gate(evidence: Evidence) -> GateResult:
+    missing = evidence.missing
+    detail = "all required evidence present" if not missing else f"missing evidence: {', '.join(missing)}"
+    return GateResult("required_evidence", 0, float(len(missing)), not missing, detail, ", ".join(REQUIRED_EVIDENCE))
+
+
+def _at_least(gate: str, threshold: float, measured: float, what: str, link: str) -> GateResult:
+    passed = bool(measured >= threshold)
     verb = "meets" if passed else "is below"
-    return GateResult(gate, threshold, measured, passed, f"{what} {measured:.4g} {verb} {threshold:.4g}")
+    return GateResult(gate, threshold, measured, passed, f"{what} {measured:.4g} {verb} {threshold:.4g}", link)
 
 
-def _at_most(gate: str, threshold: float, measured: float, what: str) -> GateResult:
-    passed = measured <= threshold
+def _at_most(gate: str, threshold: float, measured: float, what: str, link: str) -> GateResult:
+    passed = bool(measured <= threshold)
     verb = "within" if passed else "exceeds"
-    return GateResult(gate, threshold, measured, passed, f"{what} {measured:.4g} {verb} {threshold:.4g}")
+    return GateResult(gate, threshold, measured, passed, f"{what} {measured:.4g} {verb} {threshold:.4g}", link)
 
 
-def _champion_gate(policy: GatePolicy, evidence: Evidence) -> GateResult:
-    gate = "max_regression_vs_champion"
-    if evidence.champion_pr_auc is None:
-        return GateResult(gate, policy.max_regression_vs_champion, None, True, "no champion yet")
-    regression = evidence.champion_pr_auc - evidence.shipped.pr_auc
-    passed = regression <= policy.max_regression_vs_champion
-    detail = (f"PR-AUC {evidence.shipped.pr_auc:.4f} vs champion v{evidence.champion_version} "
-              f"{evidence.champion_pr_auc:.4f} on the same window: "
-              f"{'gain' if regression <= 0 else 'loss'} {abs(regression):.4f}")
-    return GateResult(gate, policy.max_regression_vs_champion, regression, passed, detail)
+def _champion_gates(policy: GatePolicy, evidence: Evidence, link: str) -> list[GateResult]:
+    overall_gate, slice_gate = "max_regression_vs_champion", "max_slice_regression"
+    if not evidence.comparisons:
+        return [GateResult(overall_gate, policy.max_regression_vs_champion, None, True, "no champion yet", link),
+                GateResult(slice_gate, policy.max_slice_regression, None, True, "no champion yet", link)]
+    overall, slices = evidence.comparisons[0], evidence.comparisons[1:]
+    level = f"{policy.confidence:.0%}"
+    passed = bool(overall.ci_high >= -policy.max_regression_vs_champion)
+    detail = (f"PR-AUC {overall.challenger:.4f} vs champion v{evidence.champion_version} {overall.champion:.4f}: "
+              f"diff {overall.diff:+.4f}, {level} CI [{overall.ci_low:+.4f}, {overall.ci_high:+.4f}]"
+              f"{'' if passed else ' — significantly worse'}")
+    results = [GateResult(overall_gate, policy.max_regression_vs_champion, overall.diff, passed, detail, link)]
+    worse = [c for c in slices if c.ci_high < -policy.max_slice_regression]
+    if worse:
+        named = ", ".join(f"{c.scope} {c.diff:+.4f} (CI high {c.ci_high:+.4f}, n={c.support})" for c in worse)
+        detail = f"significantly worse on {len(worse)} of {len(slices)} slices: {named}"
+    else:
+        detail = f"no significant regression on any of {len(slices)} slices with enough support"
+    worst = min((c.ci_high for c in slices), default=0.0)
+    results.append(GateResult(slice_gate, policy.max_slice_regression, worst, not worse, detail, link))
+    return results

@@ -12,14 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
-from sluicegate import data, evaluation, export, features, gates, validation
-from sluicegate.benchmark import measure
+from sluicegate import benchmark, data, ddp, evaluation, export, features, gates, validation
+from sluicegate.benchmark import BenchConfig, VariantBenchmark
 from sluicegate.config import Settings
 from sluicegate.export import Parity
-from sluicegate.inputs import ModelInput, build_model_input, cardinalities
+from sluicegate.inputs import NUMERIC_INPUTS, ModelInput, build_model_input, cardinalities
 from sluicegate.spec import DatasetSpec
-from sluicegate.training import TrainConfig, TrainResult, predict, train_model
+from sluicegate.training import TrainConfig, TrainResult, predict, train_distilled, train_model
 
 SPLITS = (0.70, 0.85)  # time quantiles ending train and validation; the rest is test
 
@@ -173,8 +174,14 @@ def prepare(frame: pd.DataFrame, spec: DatasetSpec) -> Prepared:
 
 def train_stage(prepared: Prepared, spec: DatasetSpec, cfg: TrainConfig, checkpoint_dir: Path,
                 on_epoch=None) -> TrainResult:
-    return train_model(prepared.train, prepared.y_train, prepared.valid, prepared.y_valid,
-                       cardinalities(spec), cfg, checkpoint_dir, on_epoch=on_epoch)
+    """Train in this process, or under torchrun when more than one device is to be used;
+    with `cfg.distill`, an FT-Transformer teacher and then the MLP student that ships."""
+    fit = ddp.launch if ddp.world_size(cfg) > 1 else train_model
+    args = (prepared.train, prepared.y_train, prepared.valid, prepared.y_valid, cardinalities(spec), cfg,
+            checkpoint_dir)
+    if cfg.distill:
+        return train_distilled(*args, on_epoch=on_epoch, fit=fit)
+    return fit(*args, on_epoch=on_epoch)
 
 
 # --- export --------------------------------------------------------------------------------------
@@ -182,90 +189,217 @@ def train_stage(prepared: Prepared, spec: DatasetSpec, cfg: TrainConfig, checkpo
 @dataclass
 class ExportOutcome:
     variants: dict[str, Path]  # variant name -> ONNX file; "fp32" always present
-    parity: Parity
+    parity: Parity  # fp32 against torch; a failure stops the run
+    max_abs_diff: dict[str, float] = field(default_factory=dict)  # each variant against torch, golden batch
+    providers: dict[str, list[str]] = field(default_factory=dict)  # execution providers each variant is for
 
     @property
     def fp32(self) -> Path:
         return self.variants["fp32"]
 
+    def runnable(self, providers: list[str] | None = None) -> dict[str, Path]:
+        """The variants meant for one of these (default: the present) execution providers."""
+        return {name: path for name, path in self.variants.items() if export.runnable_providers(name, providers)}
+
     def summary(self) -> str:
-        sizes = ", ".join(f"{name} {path.stat().st_size / 1024:.0f} KiB" for name, path in self.variants.items())
+        sizes = ", ".join(f"{name} {path.stat().st_size / 1024:.0f} KiB (|diff| {self.max_abs_diff.get(name, 0):.1e})"
+                          for name, path in self.variants.items())
         return (f"export: opset {export.OPSET}, {sizes}; fp32 parity max |diff| "
                 f"{self.parity.max_abs_diff:.2e} over {self.parity.rows} golden rows "
                 f"(tolerance {self.parity.tolerance:.0e}): {'ok' if self.parity.passed else 'FAILED'}")
 
 
 def export_stage(model, prepared: Prepared, out_dir: Path, policy: gates.GatePolicy) -> ExportOutcome:
-    """Export fp32 and check parity on a golden batch, then quantize to int8."""
-    fp32 = export.export_onnx(model, prepared.train, out_dir / "model_fp32.onnx")
+    """Export every variant; fp32 must match torch on the golden batch (test rows), and static
+    int8 is calibrated on rows of the feature-store training set."""
+    variants = export.export_variants(model, prepared.train, export.calibration_sample(prepared.train), out_dir)
     golden = export.golden_batch(prepared.test)
-    parity = export.check_parity(predict(model, golden.numeric, golden.categorical),
-                                 export.onnx_predict(export.make_session(fp32), golden),
-                                 policy.parity_tolerance)
+    reference = predict(model, golden.numeric, golden.categorical)
+    cpu = ["CPUExecutionProvider"]  # parity is about the graph, so every variant is checked on one provider
+    diffs = {name: export.check_parity(reference, export.onnx_predict(export.make_session(path, providers=cpu),
+                                                                      golden), policy.parity_tolerance)
+             for name, path in variants.items()}
+    parity = diffs["fp32"]
     if not parity.passed:
         raise export.ParityError(
             f"fp32 ONNX differs from torch by {parity.max_abs_diff:.3e} on the golden batch "
             f"(tolerance {policy.parity_tolerance:.0e}); the export is wrong, nothing is registered")
-    int8 = export.quantize_int8(fp32, out_dir / "model_int8.onnx")
-    return ExportOutcome(variants={"fp32": fp32, "int8": int8}, parity=parity)
+    return ExportOutcome(variants=variants, parity=parity,
+                         max_abs_diff={name: p.max_abs_diff for name, p in diffs.items()},
+                         providers={name: list(export.VARIANT_PROVIDERS[name]) for name in variants})
 
 
 # --- evaluation ----------------------------------------------------------------------------------
+
+HARDWARE_PATH = Path(__file__).with_name("hardware.yaml")
+
+
+@dataclass
+class Hardware:
+    target: str
+    provider: str
+    profile: str
+    price_per_hour: float
+
+
+def hardware(settings: Settings) -> Hardware:
+    """The target's execution provider and the profile's price per hour (overridable)."""
+    table = yaml.safe_load(HARDWARE_PATH.read_text())
+    if settings.target not in table["targets"]:
+        raise ValueError(f"unknown target {settings.target!r}; choose one of {sorted(table['targets'])}")
+    if settings.hardware_profile not in table["profiles"]:
+        raise ValueError(f"unknown hardware profile {settings.hardware_profile!r}; "
+                         f"choose one of {sorted(table['profiles'])} in {HARDWARE_PATH}")
+    price = settings.price_per_hour or table["profiles"][settings.hardware_profile]["price_per_hour"]
+    return Hardware(settings.target, table["targets"][settings.target], settings.hardware_profile, price)
+
 
 @dataclass
 class EvaluationOutcome:
     threshold: float
     torch_metrics: dict
+    shipped_metrics: dict
     slices: list[dict]
     reliability: list[dict]
+    robustness: evaluation.Robustness
+    behaviour: evaluation.Behaviour
     variants: list[gates.VariantReport]
+    benchmarks: list[VariantBenchmark]
     shipped: gates.VariantReport
+    holdout: pd.DataFrame
+    hardware: Hardware
     seconds: float = 0.0
-    shipped_metrics: dict = field(default_factory=dict)
 
     def summary(self) -> str:
         v = self.shipped
         return (f"evaluate: torch PR-AUC {self.torch_metrics['pr_auc']:.4f}, ROC-AUC "
-                f"{self.torch_metrics['roc_auc']:.4f}; shipping {v.name} (PR-AUC {v.pr_auc:.4f}, "
-                f"drop {v.pr_auc_drop:+.4f}, p50 {v.p50_ms_batch1:.3f} ms, p99 {v.p99_ms_batch1:.3f} ms, "
-                f"{v.rows_per_s:,.0f} rows/s at batch 1024)")
+                f"{self.torch_metrics['roc_auc']:.4f}; shipping {v.name} for {self.hardware.target} "
+                f"(PR-AUC {v.pr_auc:.4f}, drop {v.pr_auc_drop:+.4f}; SingleStream p90 {v.p90_ms_batch1:.3f} ms, "
+                f"Server p99 {v.server_p99_ms:.3f} ms, Offline {v.rows_per_s:,.0f} rows/s, "
+                f"${v.cost_per_million:.3g} per 1M) in {self.seconds:.1f}s")
+
+    def benchmark_rows(self) -> list[dict]:
+        rows = []
+        for bench in self.benchmarks:
+            for s in bench.scenarios:
+                rows.append({**s.to_dict(), "model_bytes": bench.model_bytes, "memory_mb": round(bench.memory_mb, 2),
+                             "cost_per_million": benchmark.cost_per_million(s.samples_per_s,
+                                                                            self.hardware.price_per_hour)})
+        return rows
 
 
 def evaluate_stage(model, prepared: Prepared, exported: ExportOutcome, spec: DatasetSpec,
-                   policy: gates.GatePolicy, bench_threads: int = 1) -> EvaluationOutcome:
-    """Score torch and each ONNX variant on the test window; pick the variant to ship."""
+                   policy: gates.GatePolicy, hw: Hardware, bench: BenchConfig | None = None) -> EvaluationOutcome:
+    """Score torch and every ONNX variant on the test window, benchmark them on the
+    target's execution provider, and pick the variant to ship."""
     started = time.perf_counter()
+    bench = bench or BenchConfig(server_qps=policy.slo_target_qps)
     y = prepared.y_test
     threshold = evaluation.choose_threshold(
         prepared.y_valid, predict(model, prepared.valid.numeric, prepared.valid.categorical))
-    torch_scores = predict(model, prepared.test.numeric, prepared.test.categorical)
-    torch_metrics = evaluation.classification_metrics(y, torch_scores, threshold)
+    torch_metrics = evaluation.classification_metrics(
+        y, predict(model, prepared.test.numeric, prepared.test.categorical), threshold)
     golden = export.golden_batch(prepared.test)
     golden_torch = predict(model, golden.numeric, golden.categorical)
-    variants, variant_metrics = [], {}
+    variants, benches, metrics_by_name = [], [], {}
     for name, path in exported.variants.items():
-        scores = export.onnx_predict(export.make_session(path), prepared.test)
-        metrics = evaluation.classification_metrics(y, scores, threshold)
-        latency = measure(export.make_session(path, threads=bench_threads), golden)
-        diff = export.check_parity(golden_torch, export.onnx_predict(export.make_session(path), golden),
-                                   policy.parity_tolerance).max_abs_diff
-        variants.append(gates.VariantReport(
-            name=name, path=str(path), pr_auc=metrics["pr_auc"], roc_auc=metrics["roc_auc"],
-            ece=metrics["ece"], pr_auc_drop=torch_metrics["pr_auc"] - metrics["pr_auc"],
-            max_abs_diff=diff, size_bytes=path.stat().st_size, p50_ms_batch1=latency.p50_ms_batch1,
-            p99_ms_batch1=latency.p99_ms_batch1, rows_per_s=latency.rows_per_s))
-        variant_metrics[name] = metrics
+        if not _runs_on(name, hw.provider):
+            continue
+        session = export.make_session(path, providers=[hw.provider])
+        metrics = evaluation.classification_metrics(y, export.onnx_predict(session, prepared.test), threshold)
+        diff = export.check_parity(golden_torch, export.onnx_predict(session, golden), policy.parity_tolerance)
+        result = benchmark.benchmark_variant(name, path, golden, bench, hw.provider)
+        benches.append(result)
+        metrics_by_name[name] = metrics
+        variants.append(_variant_report(name, path, hw, metrics, torch_metrics, diff.max_abs_diff, result))
     shipped = gates.select_variant(variants, policy)
-    shipped_scores = export.onnx_predict(export.make_session(Path(shipped.path)), prepared.test)
+    score = _scorer(Path(shipped.path), hw.provider)
+    shipped_scores = score(prepared.test)
+    groups = evaluation.slice_groups(prepared.splits.test, prepared.test, spec)
     return EvaluationOutcome(
-        threshold=threshold, torch_metrics=torch_metrics,
-        slices=evaluation.slice_metrics(prepared.splits.test, y, shipped_scores, threshold, spec),
+        threshold=threshold, torch_metrics=torch_metrics, shipped_metrics=metrics_by_name[shipped.name],
+        slices=evaluation.slice_metrics(groups, y, shipped_scores, threshold),
         reliability=evaluation.reliability_table(y, shipped_scores),
-        variants=variants, shipped=shipped, seconds=time.perf_counter() - started,
-        shipped_metrics=variant_metrics[shipped.name])
+        robustness=evaluation.robustness(score, prepared.test, y, metrics_by_name[shipped.name]["pr_auc"], spec),
+        behaviour=evaluation.behaviour(score, prepared.test),
+        variants=variants, benchmarks=benches, shipped=shipped,
+        holdout=holdout_frame(prepared.test, y, groups, spec), hardware=hw,
+        seconds=time.perf_counter() - started)
 
 
-def champion_pr_auc(champion_onnx: Path, prepared: Prepared) -> float:
-    """The current champion scored on the candidate's own test window."""
-    scores = export.onnx_predict(export.make_session(champion_onnx), prepared.test)
-    return evaluation.classification_metrics(prepared.y_test, scores, 0.5)["pr_auc"]
+def _runs_on(variant: str, provider: str) -> bool:
+    """fp16 graphs are for GPU execution providers; on CPU they only add casts."""
+    return not (variant == "fp16" and provider == "CPUExecutionProvider")
+
+
+def _scorer(path: Path, provider: str):
+    session = export.make_session(path, providers=[provider])
+    return lambda data: export.onnx_predict(session, data)
+
+
+def _variant_report(name, path, hw: Hardware, metrics, torch_metrics, max_abs_diff, result) -> gates.VariantReport:
+    single, server, offline = (result.scenario(s) for s in ("SingleStream", "Server", "Offline"))
+    return gates.VariantReport(
+        name=name, path=str(path), provider=hw.provider, pr_auc=metrics["pr_auc"], roc_auc=metrics["roc_auc"],
+        ece=metrics["ece"], pr_auc_drop=torch_metrics["pr_auc"] - metrics["pr_auc"],
+        roc_auc_drop=torch_metrics["roc_auc"] - metrics["roc_auc"], max_abs_diff=max_abs_diff,
+        size_bytes=Path(path).stat().st_size, p50_ms_batch1=single.p50_ms, p90_ms_batch1=single.p90_ms,
+        p99_ms_batch1=single.p99_ms, server_p99_ms=server.p99_ms, rows_per_s=offline.samples_per_s,
+        memory_mb=result.memory_mb,
+        cost_per_million=benchmark.cost_per_million(offline.samples_per_s, hw.price_per_hour))
+
+
+# --- the held-out window, kept with the version for later comparisons -----------------------------
+
+SLICE_PREFIX = "slice:"
+CAT_PREFIX = "cat:"
+
+
+def holdout_frame(inputs: ModelInput, y: np.ndarray, groups: dict[str, np.ndarray],
+                  spec: DatasetSpec) -> pd.DataFrame:
+    """Model inputs, labels and slice values of the test window, as one table."""
+    frame = pd.DataFrame(inputs.numeric, columns=NUMERIC_INPUTS)
+    for i, name in enumerate(spec.categorical_features):
+        frame[CAT_PREFIX + name] = inputs.categorical[:, i]
+    frame[spec.label] = y
+    for name, values in groups.items():
+        frame[SLICE_PREFIX + name] = values
+    return frame
+
+
+def read_holdout(frame: pd.DataFrame, spec: DatasetSpec) -> tuple[ModelInput, np.ndarray, dict[str, np.ndarray]]:
+    inputs = ModelInput(frame[NUMERIC_INPUTS].to_numpy(np.float32),
+                        frame[[CAT_PREFIX + c for c in spec.categorical_features]].to_numpy(np.int64))
+    groups = {c.removeprefix(SLICE_PREFIX): frame[c].to_numpy() for c in frame.columns if c.startswith(SLICE_PREFIX)}
+    return inputs, frame[spec.label].to_numpy(np.float64), groups
+
+
+def compare_on_holdout(champion_onnx: Path, challenger_onnx: Path, holdout: pd.DataFrame, spec: DatasetSpec,
+                       policy: gates.GatePolicy) -> list[evaluation.Comparison]:
+    """Both models scored on the challenger's held-out rows; overall and per-slice paired bootstrap."""
+    inputs, y, groups = read_holdout(holdout, spec)
+    champion = export.onnx_predict(export.make_session(champion_onnx), inputs)
+    challenger = export.onnx_predict(export.make_session(challenger_onnx), inputs)
+    return evaluation.compare_models(y, champion, challenger, groups, policy.bootstrap_samples, policy.confidence,
+                                     policy.min_slice_support, policy.min_slice_positives)
+
+
+def write_evidence(evaluated: EvaluationOutcome, exported: ExportOutcome, out_dir: Path,
+                   extra: dict | None = None) -> Path:
+    """Everything the gates and the model card need, as files to attach to the version."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    benchmark_rows = evaluated.benchmark_rows()
+    evidence = {
+        "shipped": asdict(evaluated.shipped), "fp32_parity": exported.parity.max_abs_diff,
+        "variants": [asdict(v) for v in evaluated.variants], "threshold": evaluated.threshold,
+        "torch_metrics": evaluated.torch_metrics, "shipped_metrics": evaluated.shipped_metrics,
+        "slices": evaluated.slices, "reliability": evaluated.reliability,
+        "robustness": evaluated.robustness.to_dict(), "behaviour": evaluated.behaviour.to_dict(),
+        "benchmark": benchmark_rows, "hardware": asdict(evaluated.hardware),
+        "features": features.FEATURE_NAMES, **(extra or {}),
+    }
+    (out_dir / "evidence.json").write_text(json.dumps(evidence, indent=2, default=float))
+    (out_dir / "benchmark.json").write_text(json.dumps(benchmark_rows, indent=2))
+    evaluated.holdout.to_parquet(out_dir / "holdout.parquet", index=False)
+    evaluation.plot_reliability(evaluated.reliability, evaluated.shipped_metrics["ece"], out_dir / "reliability.png")
+    return out_dir

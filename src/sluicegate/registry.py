@@ -6,6 +6,7 @@ candidate, `champion` the version being served.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import subprocess
 from contextlib import contextmanager
@@ -25,7 +26,8 @@ from sluicegate.export import sha256_file
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 ONNX_FILE = "model.onnx"
-KEY_METRICS = ("pr_auc", "roc_auc", "ece", "recall", "precision", "p99_ms_batch1", "threshold")
+KEY_METRICS = ("pr_auc", "roc_auc", "ece", "recall", "precision", "p99_ms_batch1", "server_p99_ms", "rows_per_s",
+               "cost_per_million", "threshold")
 
 
 def configure(settings: Settings) -> MlflowClient:
@@ -75,14 +77,59 @@ def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersio
         return None
 
 
-def promote(client: MlflowClient, name: str, version: str, reason: str, actor: str) -> str | None:
-    """Move champion to `version`; return the previous champion's version."""
-    previous = version_by_alias(client, name, CHAMPION)
-    client.set_registered_model_alias(name, CHAMPION, version)
-    record = {"version": version, "previous": previous.version if previous else None,
-              "actor": actor, "reason": reason, "at": datetime.now(UTC).isoformat()}
-    client.set_model_version_tag(name, version, "promoted", json.dumps(record))
-    return previous.version if previous else None
+class LostRace(RuntimeError):
+    """Another promotion moved champion between our decision and our write."""
+
+
+@contextmanager
+def promotion_lock(lock_dir: Path):
+    """Serialize champion moves on this machine (fcntl lock under SLUICEGATE_HOME)."""
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / "promotion.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def move_champion(client: MlflowClient, name: str, version: str, expected: str | None, event: dict,
+                  lock_dir: Path) -> str | None:
+    """Compare-and-set the champion alias and record the move; returns the previous champion.
+
+    `expected` is the champion the decision was made against: if another deploy
+    moved it meanwhile, this one lost and changes nothing.
+    """
+    with promotion_lock(lock_dir):
+        current = version_by_alias(client, name, CHAMPION)
+        current_version = current.version if current else None
+        if str(current_version) != str(expected):
+            raise LostRace(f"champion moved from v{expected} to v{current_version} while this deploy ran; "
+                           "nothing was changed")
+        client.set_registered_model_alias(name, CHAMPION, version)
+        record = {**event, "version": str(version), "previous": current_version,
+                  "at": datetime.now(UTC).isoformat()}
+        client.set_registered_model_tag(name, f"audit.{datetime.now(UTC):%Y%m%dT%H%M%S%f}", json.dumps(record))
+        client.set_model_version_tag(name, version, f"{event['event']}_at", record["at"])
+        return current_version
+
+
+def history(client: MlflowClient, name: str) -> list[dict]:
+    """Every promotion and rollback, oldest first."""
+    try:
+        tags = client.get_registered_model(name).tags
+    except MlflowException:
+        return []
+    return [json.loads(v) for k, v in sorted(tags.items()) if k.startswith("audit.")]
+
+
+def previous_champion(client: MlflowClient, name: str) -> str | None:
+    """The version that was champion before the current one."""
+    current = version_by_alias(client, name, CHAMPION)
+    for event in reversed(history(client, name)):
+        if current and event["version"] == str(current.version) and event.get("previous"):
+            return str(event["previous"])
+    return None
 
 
 def record_decision(client: MlflowClient, name: str, version: str, decision: dict) -> None:

@@ -47,6 +47,7 @@ class DatasetSpec(BaseModel):
     columns: dict[str, Column]
     categorical_features: list[str]
     slices: list[str]
+    amount_bands: list[float] = []
 
     @model_validator(mode="after")
     def _names_are_columns(self) -> DatasetSpec:
