@@ -30,10 +30,29 @@ demo: setup ## Generate a batch and run the whole gated pipeline on embedded def
 test: setup ## Run the unit and end-to-end tests
 	$(BIN)/pytest -q
 
+bench: setup ## Run the benchmarks (training, variants, serving); tables print ratios against peers
+	$(BIN)/python bench/train.py
+	$(BIN)/python bench/variants.py
+	@if [ -f bench/serve.py ]; then $(BIN)/python bench/serve.py; fi
+
+deploy: setup ## Gate the newest challenger against the champion; exit 0 promoted/nothing newer, 3 blocked
+	$(BIN)/sluicegate deploy --actor "$${USER:-make}"
+
+rollback: setup ## Restore the previous champion (or VERSION=n) and record it
+	$(BIN)/sluicegate rollback $(if $(VERSION),--to $(VERSION),)
+
 lint: setup ## Check style with ruff
 	$(BIN)/ruff check src flows tests
 
 clean: ## Delete run-time state (.sluicegate/) and generated reports
 	rm -rf .sluicegate expectations/uncommitted .pytest_cache .ruff_cache
 
-.PHONY: help setup demo test lint clean
+.PHONY: help setup demo test bench deploy rollback lint clean
+
+up: setup ## Start Prefect (UI :4200), MLflow (UI :5000), deployments, a worker and the model server
+	@scripts/up.sh
+
+down: ## Stop exactly what `make up` started
+	@scripts/down.sh
+
+.PHONY: up down

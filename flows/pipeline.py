@@ -23,7 +23,7 @@ from sluicegate.config import Settings, ensure_home
 from sluicegate.deploy import gate_and_promote
 from sluicegate.gates import GatePolicy, load_policy
 from sluicegate.spec import DatasetSpec, load_spec
-from sluicegate.training import TrainConfig
+from sluicegate.training import TrainConfig, checkpoint_dir_for
 
 
 class PipelineParams(BaseModel):
@@ -41,6 +41,7 @@ class PipelineParams(BaseModel):
     distill: bool = Field(False, description="Ship an MLP distilled from an FT-Transformer teacher")
     expectations: str = Field("expectations", description="Great Expectations context folder")
     actor: str = Field("pipeline", description="Who or what asked for this run, recorded on promotion")
+    promote: bool = Field(True, description="Gate and promote now; off: register a challenger for `make deploy`")
 
 
 @task(name="validate", cache_policy=NO_CACHE)
@@ -209,7 +210,7 @@ def _run_stages(settings, spec, policy, params, cfg, batch_dir, work_dir, parent
                 "quarantined_to": str(validated.quarantined_to)}
     feats = build_features(settings, spec, frame, parent)
     clock.lap("features")
-    fp = stages.fingerprint(feats.data_hash, cfg, spec)
+    fp = stages.fingerprint(feats.data_hash, cfg, spec, params.target)
     champion = registry.version_by_alias(client, settings.model_name, registry.CHAMPION)
     if champion is not None and champion.tags.get("fingerprint") == fp:
         reason = (f"champion v{champion.version} was trained on this exact data and configuration; "
@@ -217,15 +218,18 @@ def _run_stages(settings, spec, policy, params, cfg, batch_dir, work_dir, parent
         get_run_logger().info(reason)
         return {**base, "status": "unchanged", "version": champion.version, "reason": reason}
     prepared = stages.prepare(feats.frame, spec)
-    trained = train(prepared, spec, cfg, work_dir / "checkpoints", parent)
+    # Keyed on data and config, so a retried or re-run flow resumes from the last epoch.
+    checkpoints = checkpoint_dir_for(settings.paths.runs / "checkpoints", feats.data_hash, cfg)
+    trained = train(prepared, spec, cfg, checkpoints, parent)
     clock.lap("train")
     exported = export_model(trained.model, prepared, work_dir, policy, parent)
     clock.lap("export")
-    evaluated = evaluate(trained.model, prepared, exported, spec, policy, stages.hardware(settings), parent)
+    hw = stages.hardware(settings.model_copy(update={"target": params.target}))
+    evaluated = evaluate(trained.model, prepared, exported, spec, policy, hw, parent)
     clock.lap("evaluate")
     tags = {"batch_id": batch_dir.name, "data_hash": feats.data_hash, "fingerprint": fp,
             "feature_service": "fraud_model_v1", "git_commit": registry.git_commit(),
-            "prefect_flow_run_id": str(flow_run.id), "target": settings.target,
+            "prefect_flow_run_id": str(flow_run.id), "target": params.target,
             "train_window": prepared.splits.window("train", spec),
             "test_window": prepared.splits.window("test", spec),
             "threshold": f"{evaluated.threshold:.6f}"}
@@ -234,6 +238,9 @@ def _run_stages(settings, spec, policy, params, cfg, batch_dir, work_dir, parent
     _log_parent_summary(parent, evaluated)
     version = register(settings, parent, evaluated, evidence_dir, tags)
     clock.lap("register")
+    if not params.promote:
+        return {**base, "status": "registered", "version": str(version.version), "variant": evaluated.shipped.name,
+                "reason": f"v{version.version} registered as challenger; run `make deploy` to gate and promote it"}
     outcome = gate(settings, policy, spec, version, params.actor)
     clock.lap("gate")
     (work_dir / "gate_report.md").write_text(outcome.report)

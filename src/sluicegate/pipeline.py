@@ -118,9 +118,9 @@ def feature_stage(settings: Settings, spec: DatasetSpec, transactions: pd.DataFr
                           seconds=time.perf_counter() - started)
 
 
-def fingerprint(data_hash: str, cfg: TrainConfig, spec: DatasetSpec) -> str:
-    """Identity of a training run's inputs: same data, same config, same spec."""
-    payload = json.dumps({"data": data_hash, "config": asdict(cfg), "spec": spec.model_dump()},
+def fingerprint(data_hash: str, cfg: TrainConfig, spec: DatasetSpec, target: str = "cpu") -> str:
+    """Identity of a training run's inputs: same data, config, spec and target hardware."""
+    payload = json.dumps({"data": data_hash, "config": asdict(cfg), "spec": spec.model_dump(), "target": target},
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 

@@ -1,0 +1,109 @@
+"""Inference: torch eager against every exported ONNX variant, on the pipeline's real features.
+
+Generates a batch, builds the Feast training set in a temporary SLUICEGATE_HOME, trains
+the model, exports every variant through the pipeline's export stage, then measures on
+this machine: p50 latency at batch 1, rows/s at batch 4096, and ROC-AUC against torch's.
+Torch and onnxruntime use the same number of threads.
+
+    python bench/variants.py [--rows 200000] [--model mlp|ft_transformer] [--threads 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def p50_batch1_ms(call, feeds, n: int = 2000) -> float:
+    for i in range(100):
+        call(feeds[i % len(feeds)])
+    times = np.empty(n)
+    for i in range(n):
+        t0 = time.perf_counter()
+        call(feeds[i % len(feeds)])
+        times[i] = time.perf_counter() - t0
+    return float(np.median(times) * 1e3)
+
+
+def rows_per_s(call, feed, rows: int, min_seconds: float = 1.0) -> float:
+    call(feed)
+    calls, started = 0, time.perf_counter()
+    while calls < 5 or time.perf_counter() - started < min_seconds:
+        call(feed)
+        calls += 1
+    return calls * rows / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--model", choices=["mlp", "ft_transformer"], default="mlp")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=0, help="0 = every core, for torch and onnxruntime alike")
+    parser.add_argument("--batch", type=int, default=4096)
+    args = parser.parse_args()
+    home = tempfile.mkdtemp(prefix="sluicegate-bench-")
+    os.environ["SLUICEGATE_HOME"] = home
+
+    from sluicegate import data, export
+    from sluicegate import pipeline as stages
+    from sluicegate.config import Settings, ensure_home
+    from sluicegate.gates import load_policy
+    from sluicegate.spec import load_spec
+    from sluicegate.training import TrainConfig, predict
+
+    settings = Settings()
+    ensure_home(settings.paths)
+    spec = load_spec(settings.spec_path)
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    frame = data.generate_transactions(data.GenerateConfig(rows=args.rows, days=30, seed=7), spec)
+    feats = stages.feature_stage(settings, spec, frame)
+    prepared = stages.prepare(feats.frame, spec)
+    cfg = TrainConfig(model=args.model, max_epochs=args.epochs, device="cpu")
+    trained = stages.train_stage(prepared, spec, cfg, Path(home) / "checkpoints")
+    model = trained.model
+    exported = stages.export_stage(model, prepared, Path(home) / "export", load_policy(REPO / "gates.yaml"))
+
+    test, y = prepared.test, prepared.y_test
+    big = test.take(np.arange(args.batch) % len(test))
+    singles = [test.take(np.array([i])) for i in range(256)]
+    print(f"{args.model} on {len(prepared.train):,} Feast training rows ({args.rows:,} generated), "
+          f"test window {len(test):,} rows; {threads} threads for torch and onnxruntime; {trained.epochs_run} epochs")
+    torch_auc = roc_auc_score(y, predict(model, test.numeric, test.categorical))
+
+    with torch.no_grad():
+        def eager(d):
+            return model(torch.from_numpy(d.numeric), torch.from_numpy(d.categorical))
+        base_p50 = p50_batch1_ms(eager, singles)
+        base_rate = rows_per_s(eager, big, args.batch)
+    header = (f"{'variant':<12} {'provider':<22} {'p50 ms b1':>10} {'vs eager':>9} {'rows/s b' + str(args.batch):>14} "
+              f"{'vs eager':>9} {'ROC-AUC':>8} {'delta':>8} {'KiB':>6}")
+    print(header)
+    print(f"{'torch eager':<12} {'-':<22} {base_p50:>10.3f} {1.0:>8.2f}x {base_rate:>14,.0f} {1.0:>8.2f}x "
+          f"{torch_auc:>8.4f} {0.0:>+8.4f} {'-':>6}")
+    for name, path in exported.variants.items():
+        for provider in export.runnable_providers(name):
+            session = export.make_session(path, threads=threads, providers=[provider])
+            def run(d, session=session):
+                return export.onnx_predict(session, d)
+            p50 = p50_batch1_ms(run, singles)
+            rate = rows_per_s(run, big, args.batch)
+            auc = roc_auc_score(y, run(test))
+            print(f"{name:<12} {provider:<22} {p50:>10.3f} {base_p50 / p50:>8.2f}x {rate:>14,.0f} "
+                  f"{rate / base_rate:>8.2f}x {auc:>8.4f} {auc - torch_auc:>+8.4f} {path.stat().st_size / 1024:>6.0f}")
+        if not export.runnable_providers(name):
+            print(f"{name:<12} (meant for {', '.join(export.VARIANT_PROVIDERS[name])}: none present here)")
+
+
+if __name__ == "__main__":
+    main()
