@@ -102,7 +102,7 @@ def move_champion(client: MlflowClient, name: str, version: str, expected: str |
     """
     with promotion_lock(lock_dir):
         current = version_by_alias(client, name, CHAMPION)
-        current_version = current.version if current else None
+        current_version = str(current.version) if current else None
         if str(current_version) != str(expected):
             raise LostRace(f"champion moved from v{expected} to v{current_version} while this deploy ran; "
                            "nothing was changed")

@@ -1,0 +1,16 @@
+"""Errors the server turns into HTTP answers."""
+
+from __future__ import annotations
+
+
+class BadRequest(ValueError):
+    """A request the server refuses; the message says what was wrong."""
+
+    def __init__(self, message: str, status: int = 400, details: list[dict] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.details = details or []
+
+
+class Unavailable(RuntimeError):
+    """A dependency (model, online store) cannot answer right now: 503, retry later."""

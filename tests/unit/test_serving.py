@@ -1,0 +1,235 @@
+"""Serving pieces on their own: v2 parsing, /predict validation, batching, model checks, log, repository."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sluicegate import model_repository
+from sluicegate.inputs import NUMERIC_INPUTS, cardinalities
+from sluicegate.serving import business, v2
+from sluicegate.serving.batcher import MicroBatcher
+from sluicegate.serving.errors import BadRequest
+from sluicegate.serving.model import ModelRejected, load_from_bytes
+from sluicegate.serving.predlog import PredictionLog, Record
+
+
+@pytest.fixture
+def cards(spec):
+    return cardinalities(spec)
+
+
+def _v2_json(rows=2, **override):
+    numeric = {"name": "numeric", "shape": [rows, 12], "datatype": "FP32", "data": [0.5] * (12 * rows)}
+    categorical = {"name": "categorical", "shape": [rows, 4], "datatype": "INT64", "data": [1] * (4 * rows)}
+    body = {"inputs": [numeric, categorical], **override}
+    return body
+
+
+def test_v2_json_request_parses_to_model_tensors(cards):
+    import orjson
+    request = v2.parse_infer(orjson.dumps(_v2_json(3, id="r1")), None, cards, 100)
+    assert request.numeric.shape == (3, 12) and request.numeric.dtype == np.float32
+    assert request.categorical.shape == (3, 4) and request.categorical.dtype == np.int64
+    assert request.id == "r1" and request.binary_output is False
+
+
+def test_v2_binary_tensor_extension_round_trips(cards):
+    import orjson
+    numeric = np.arange(24, dtype=np.float32).reshape(2, 12)
+    categorical = np.array([[1, 2, 3, 4], [0, 1, 2, 3]], dtype=np.int64)
+    header = orjson.dumps({"inputs": [
+        {"name": "numeric", "shape": [2, 12], "datatype": "FP32", "parameters": {"binary_data_size": 96}},
+        {"name": "categorical", "shape": [2, 4], "datatype": "INT64", "parameters": {"binary_data_size": 64}}],
+        "outputs": [{"name": "probability", "parameters": {"binary_data": True}}]})
+    body = header + numeric.tobytes() + categorical.tobytes()
+    request = v2.parse_infer(body, str(len(header)), cards, 100)
+    np.testing.assert_array_equal(request.numeric, numeric)
+    np.testing.assert_array_equal(request.categorical, categorical)
+    out, headers = v2.infer_response("m", "1", None, np.array([0.25, 0.5], np.float32), request.binary_output)
+    n = int(headers["inference-header-content-length"])
+    assert orjson.loads(out[:n])["outputs"][0]["parameters"]["binary_data_size"] == 8
+    np.testing.assert_array_equal(np.frombuffer(out[n:], np.float32), [0.25, 0.5])
+
+
+@pytest.mark.parametrize("mutate, says", [
+    (lambda b: b.update(extra=1), "unknown field"),
+    (lambda b: b["inputs"][0].update(datatype="FP64"), "datatype FP32"),
+    (lambda b: b["inputs"][0].update(shape=[2, 11]), "shape"),
+    (lambda b: b["inputs"][0].update(data=["a"] * 24), "must be numbers"),
+    (lambda b: b["inputs"][1].update(data=[1.5] * 8), "must be integers"),
+    (lambda b: b["inputs"][1].update(data=[99] * 8), "codes must lie in"),
+    (lambda b: b["inputs"][0].update(data=[0.5] * 23), "has 23 values"),
+    (lambda b: b["inputs"][0].update(data=[1e39] * 24), "finite"),
+    (lambda b: b["inputs"].pop(), "missing input"),
+    (lambda b: b["inputs"].append(dict(b["inputs"][0])), "given twice"),
+    (lambda b: b["inputs"][1].update(shape=[1, 4], data=[1] * 4), "batch size"),
+    (lambda b: b["inputs"][0].update(name="nope"), "unknown input"),
+    (lambda b: b.update(outputs=[{"name": "logit"}]), "unknown output"),
+])
+def test_v2_rejects_each_bad_request_with_a_message(cards, mutate, says):
+    import orjson
+    body = _v2_json()
+    mutate(body)
+    with pytest.raises(BadRequest, match=says) as err:
+        v2.parse_infer(orjson.dumps(body), None, cards, 100)
+    assert err.value.status == 400
+
+
+def test_v2_row_limit_and_malformed_json(cards):
+    import orjson
+    with pytest.raises(BadRequest, match="rows <= 2"):
+        v2.parse_infer(orjson.dumps(_v2_json(3)), None, cards, 2)
+    with pytest.raises(BadRequest, match="not valid JSON"):
+        v2.parse_infer(b"{nope", None, cards, 2)
+
+
+def _business(**override):
+    body = {"customer_id": 1, "merchant_id": 2, "amount": 10.0, "channel": "pos", "country": "US",
+            "device": "ios", "merchant_category": "fuel"}
+    body.update(override)
+    return body
+
+
+def test_predict_request_validation_lists_every_problem(spec):
+    good = business.parse_predict(_business(event_timestamp="2026-10-02T03:04:05"), spec)
+    assert good.fields["event_timestamp"].tzinfo is not None
+    with pytest.raises(BadRequest) as err:
+        business.parse_predict(_business(amount=-3, country="XX", customer_id=True, colour="red"), spec)
+    assert err.value.status == 422
+    fields = {d["field"] for d in err.value.details}
+    assert fields == {"amount", "country", "customer_id", "colour"}
+    with pytest.raises(BadRequest, match="event_timestamp"):
+        business.parse_predict(_business(event_timestamp="yesterday"), spec)
+    body = _business()
+    del body["device"]
+    with pytest.raises(BadRequest, match="device: required"):
+        business.parse_predict(body, spec)
+
+
+def test_predict_schema_matches_the_spec(spec):
+    schema = business.request_schema(spec)
+    assert schema["additionalProperties"] is False
+    assert schema["properties"]["country"]["enum"] == spec.categories("country")
+    assert schema["properties"]["amount"]["maximum"] == spec.columns["amount"].max
+
+
+def test_model_input_is_built_by_the_training_builder(spec):
+    from sluicegate.inputs import build_model_input
+    request = business.parse_predict(_business(event_timestamp="2026-10-02T03:04:05+00:00"), spec)
+    found = {"cust_txn_count_1h": np.array([1.0]), "cust_txn_count_24h": np.array([3.0]),
+             "cust_amount_mean_7d": np.array([np.nan]), "cust_amount_std_7d": np.array([np.nan]),
+             "cust_minutes_since_prev": np.array([12.0]), "merch_txn_count_24h": np.array([40.0]),
+             "merch_fraud_rate_30d": np.array([0.01])}
+    got = business.model_input([request], found, spec)
+    frame = pd.DataFrame({**_business(), "event_timestamp": [pd.Timestamp("2026-10-02T03:04:05Z")],
+                          **found})
+    want = build_model_input(frame, spec)
+    np.testing.assert_array_equal(got.numeric, want.numeric)
+    np.testing.assert_array_equal(got.categorical, want.categorical)
+
+
+def test_batcher_shares_one_call_among_concurrent_requests():
+    calls = []
+
+    def process(payloads):
+        calls.append(len(payloads))
+        return [p * 2 for p in payloads]
+
+    async def scenario():
+        batcher = MicroBatcher(process, max_rows=8, max_wait_s=0.0, name="t")
+        batcher.start()
+        results = await asyncio.gather(*(batcher.submit(i, 1) for i in range(20)))
+        await batcher.stop()
+        return results
+
+    assert asyncio.run(scenario()) == [i * 2 for i in range(20)]
+    assert sum(calls) == 20 and max(calls) == 8 and len(calls) < 20
+
+
+def test_batcher_failure_reaches_every_caller_and_it_keeps_working():
+    def process(payloads):
+        if "boom" in payloads:
+            raise RuntimeError("boom")
+        return payloads
+
+    async def scenario():
+        batcher = MicroBatcher(process, max_rows=4, max_wait_s=0.001, name="t", in_thread=True)
+        batcher.start()
+        first = await asyncio.gather(batcher.submit("boom", 1), batcher.submit("x", 1), return_exceptions=True)
+        second = await batcher.submit("ok", 1)
+        await batcher.stop()
+        return first, second
+
+    first, second = asyncio.run(scenario())
+    assert all(isinstance(r, RuntimeError) for r in first) and second == "ok"
+
+
+class _Exploit:
+    """Unpickling this would create a file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_pickle_with_a_matching_hash_is_refused_and_never_unpickled(tmp_path):
+    marker = tmp_path / "pwned"
+    data = pickle.dumps(_Exploit(marker))
+    with pytest.raises(ModelRejected, match="not a loadable ONNX model"):
+        load_from_bytes("m", "1", data, hashlib.sha256(data).hexdigest(), "0.5", "fp32", 1,
+                        ["CPUExecutionProvider"], 4)
+    assert not marker.exists()
+
+
+def test_hash_mismatch_and_missing_threshold_are_refused():
+    with pytest.raises(ModelRejected, match="does not match"):
+        load_from_bytes("m", "1", b"abc", "0" * 64, "0.5", "fp32", 1, ["CPUExecutionProvider"], 4)
+    data = b"abc"
+    with pytest.raises(ModelRejected, match="threshold"):
+        load_from_bytes("m", "1", data, hashlib.sha256(data).hexdigest(), None, "fp32", 1,
+                        ["CPUExecutionProvider"], 4)
+
+
+def _record(i, rows=2):
+    return Record("v2", 1.7e9 + i, f"req-{i}", "m", "1", 0.5, np.full(rows, 0.1, np.float32),
+                  {"numeric": np.zeros((rows, 12), np.float32), "categorical": np.ones((rows, 4), np.int64)})
+
+
+def test_prediction_log_writes_every_row_by_close(tmp_path):
+    log = PredictionLog(tmp_path, max_queue=1000, flush_seconds=3600,
+                        expand={"numeric": NUMERIC_INPUTS, "categorical": ["a", "b", "c", "d"]})
+    for i in range(50):
+        log.put(_record(i))
+    log.close()
+    frame = pd.read_parquet(tmp_path / "v2")
+    assert len(frame) == 100 and frame["request_id"].nunique() == 50
+    assert {"log_amount", "a", "probability", "model_version", "latency_ms", "ts"} <= set(frame.columns)
+
+
+def test_prediction_log_drops_and_counts_when_full(tmp_path):
+    log = PredictionLog(tmp_path, max_queue=3, flush_seconds=3600)
+    log._stop.set()  # writer exits at once; the queue can only fill
+    log._thread.join()
+    for i in range(5):
+        log.put(_record(i))
+    assert log.depth() == 3 and log.dropped == 2
+
+
+def test_model_repository_layout_and_config(tmp_path):
+    model_dir = model_repository.write_version(tmp_path, "fraud-detector", "3", b"onnx-bytes", 4)
+    assert (model_dir / "3" / "model.onnx").read_bytes() == b"onnx-bytes"
+    config = (model_dir / "config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in config and "versions: [ 3 ]" in config
+    assert f"dims: [ {len(NUMERIC_INPUTS)} ]" in config and "TYPE_INT64" in config
+    model_repository.write_version(tmp_path, "fraud-detector", "2", b"older", 4)  # a rollback
+    assert "versions: [ 2 ]" in (model_dir / "config.pbtxt").read_text()
+    with pytest.raises(ValueError):
+        model_repository.write_version(tmp_path, "fraud-detector", "v1", b"x", 4)
