@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from flows.pipeline import publish_model_repository
 from sluicegate import deploy
 from sluicegate.config import Settings, ensure_home
 from sluicegate.gates import load_policy
@@ -22,6 +23,8 @@ def deploy_flow(actor: str = "deploy") -> dict:
         create_markdown_artifact(key="gate-decision", markdown=outcome.report,
                                  description=f"{settings.model_name} v{outcome.version}: {outcome.status}")
     get_run_logger().info(f"deploy: {outcome.status}: {outcome.reason}")
+    if outcome.status == "promoted":
+        publish_model_repository()
     return outcome.to_dict() | {"report": outcome.report}
 
 
@@ -33,4 +36,5 @@ def rollback_flow(to_version: str | None = None, actor: str = "rollback",
     ensure_home(settings.paths)
     result = deploy.rollback(settings, to_version, actor, reason)
     get_run_logger().info(f"rollback: {result['model']} champion v{result['from']} -> v{result['to']}")
+    publish_model_repository()
     return result

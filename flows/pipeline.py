@@ -17,8 +17,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
+from sluicegate import model_repository, registry
 from sluicegate import pipeline as stages
-from sluicegate import registry
 from sluicegate.config import Settings, ensure_home
 from sluicegate.deploy import gate_and_promote
 from sluicegate.gates import GatePolicy, load_policy
@@ -155,7 +155,17 @@ def gate(settings: Settings, policy: GatePolicy, spec: DatasetSpec, version, act
     create_markdown_artifact(key="gate-decision", markdown=outcome.report,
                              description=f"{settings.model_name} v{outcome.version}: {outcome.status}")
     get_run_logger().info(f"gate: {outcome.status.upper()} v{outcome.version}: {outcome.reason}")
+    if outcome.status == "promoted":
+        publish_model_repository()
     return outcome
+
+
+@task(name="model-repository", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+def publish_model_repository() -> str:
+    """The champion as a Triton/KServe model repository, so the same artifact runs there too."""
+    path = model_repository.export_champion()
+    get_run_logger().info(f"model repository: {path}")
+    return str(path)
 
 
 @flow(name="training-pipeline", log_prints=True)

@@ -87,7 +87,7 @@ def export_champion(root: Path | None = None) -> Path:
     client = registry_client(settings)
     version = registry.version_by_alias(client, settings.model_name, registry.CHAMPION)
     if version is None:
-        raise SystemExit(f"{settings.model_name} has no champion to export")
+        raise LookupError(f"{settings.model_name} has no champion to export")
     data = fetch_onnx(client, version)
     width = len(cardinalities(load_spec(settings.spec_path)))
     return write_version(root, settings.model_name, version.version, data, width)

@@ -94,6 +94,8 @@ def browser():
 def _open_run_form(page, base: str):
     """Deployments list -> training-pipeline -> Run -> Custom run, as a user would."""
     page.goto(f"{base}/deployments", wait_until="networkidle")
+    page.get_by_text("At 02:00 AM every day").first.wait_for()  # scheduled-retrain's nightly cron
+    page.screenshot(path=str(ARTIFACTS / "ui-deployments.png"))
     page.locator("a.deployment-list__name", has_text="training-pipeline").click()
     page.locator("button.run-menu__run-button").click()
     page.get_by_text("Custom run").first.click()
