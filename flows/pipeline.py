@@ -226,7 +226,7 @@ def _run_stages(settings, spec, policy, params, cfg, batch_dir, work_dir, parent
         reason = (f"champion v{champion.version} was trained on this exact data and configuration; "
                   "nothing new to promote")
         get_run_logger().info(reason)
-        return {**base, "status": "unchanged", "version": champion.version, "reason": reason}
+        return {**base, "status": "unchanged", "version": str(champion.version), "reason": reason}
     prepared = stages.prepare(feats.frame, spec)
     # Keyed on data and config, so a retried or re-run flow resumes from the last epoch.
     checkpoints = checkpoint_dir_for(settings.paths.runs / "checkpoints", feats.data_hash, cfg)

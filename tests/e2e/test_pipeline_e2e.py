@@ -77,7 +77,7 @@ def test_clean_batch_ends_as_champion(first_run):
     assert result["status"] == "promoted", result["reason"]
     status = _status()
     champion = status["champion"]
-    assert champion["version"] == result["version"]
+    assert str(champion["version"]) == str(result["version"])
     assert champion["variant"] in ("fp32", "int8") and len(champion["sha256"]) == 64
     # Label rate is about 2%: a useful model ranks far above chance.
     assert champion["metrics"]["pr_auc"] > 0.3
@@ -104,7 +104,7 @@ def test_rerun_on_same_data_makes_no_second_champion(first_run):
     batch, result = first_run
     again = training_pipeline(PipelineParams(batch=batch, max_epochs=8))
     assert again["status"] == "unchanged"
-    assert _status()["champion"]["version"] == result["version"]
+    assert str(_status()["champion"]["version"]) == result["version"]
 
 
 def test_faulted_batch_is_quarantined_and_champion_untouched(first_run, spec_module):
