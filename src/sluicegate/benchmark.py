@@ -20,7 +20,6 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import onnxruntime as ort
 import psutil
 
 from sluicegate.export import INPUT_NAMES, OUTPUT_NAME, make_session
@@ -67,33 +66,6 @@ class VariantBenchmark:
 
     def scenario(self, name: str) -> ScenarioResult:
         return next(s for s in self.scenarios if s.scenario == name)
-
-
-@dataclass
-class LatencyResult:
-    """The short single-row + batch-1024 measurement used to pick a variant."""
-
-    provider: str
-    p50_ms_batch1: float
-    p99_ms_batch1: float
-    throughput_batch: int
-    rows_per_s: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def measure(session: ort.InferenceSession, sample: ModelInput, single_queries: int = 2000,
-            throughput_batch: int = 1024, min_seconds: float = 0.5, warmup: int = 50) -> LatencyResult:
-    """p50/p99 of single-row calls and rows/s at a large batch, after warm-up."""
-    feeds = _single_feeds(sample)
-    for i in range(warmup):
-        session.run([OUTPUT_NAME], feeds[i % len(feeds)])
-    times = _timed_calls(session, feeds, single_queries)
-    rows_per_s = _throughput(session, sample, throughput_batch, min_seconds)
-    return LatencyResult(provider=session.get_providers()[0], p50_ms_batch1=float(np.percentile(times, 50)),
-                         p99_ms_batch1=float(np.percentile(times, 99)), throughput_batch=throughput_batch,
-                         rows_per_s=rows_per_s)
 
 
 def benchmark_variant(name: str, path, sample: ModelInput, cfg: BenchConfig, provider: str) -> VariantBenchmark:
@@ -184,17 +156,6 @@ def _timed_calls(session, feeds: list[dict], calls: int) -> np.ndarray:
         session.run([OUTPUT_NAME], feeds[i % len(feeds)])
         times[i] = (time.perf_counter() - t0) * 1e3
     return times
-
-
-def _throughput(session, sample: ModelInput, batch: int, min_seconds: float) -> float:
-    big = _tile(sample, batch)
-    feed = {INPUT_NAMES[0]: big.numeric, INPUT_NAMES[1]: big.categorical}
-    session.run([OUTPUT_NAME], feed)
-    calls, started = 0, time.perf_counter()
-    while calls < 5 or time.perf_counter() - started < min_seconds:
-        session.run([OUTPUT_NAME], feed)
-        calls += 1
-    return calls * batch / (time.perf_counter() - started)
 
 
 def _tile(sample: ModelInput, rows: int) -> ModelInput:

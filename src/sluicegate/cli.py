@@ -40,6 +40,17 @@ def _home(settings: Settings):
         raise typer.Exit(2) from None
 
 
+def _check_policy(settings: Settings) -> None:
+    """A broken gates.yaml is an error before any work."""
+    from sluicegate.gates import GatePolicyError, load_policy
+
+    try:
+        load_policy(settings.gates_path)
+    except GatePolicyError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def generate(
     rows: Annotated[int, typer.Option(help="Number of transactions")] = 200_000,
@@ -78,20 +89,22 @@ def run(
     seed: Annotated[int, typer.Option(help="Training seed")] = 0,
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
+    model: Annotated[str, typer.Option(help="mlp or ft_transformer")] = "mlp",
+    target: Annotated[str, typer.Option(help="Where the model will run: cpu, cuda or rocm")] = "cpu",
+    promote: Annotated[bool, typer.Option(help="Gate and promote now, or only register a challenger")] = True,
 ) -> None:
     """Run the training pipeline on a batch. Exit 0 done, 3 blocked by a gate, else error."""
     from flows.pipeline import PipelineParams, training_pipeline
-    from sluicegate.gates import GatePolicyError, load_policy
 
     settings = Settings()
     _home(settings)
+    _check_policy(settings)
     try:
-        load_policy(settings.gates_path)
-    except GatePolicyError as exc:
+        params = PipelineParams(batch=batch, max_epochs=max_epochs, seed=seed, precision=precision, device=device,
+                                model=model, target=target, promote=promote, actor="cli")
+    except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
-    params = PipelineParams(batch=batch, max_epochs=max_epochs, seed=seed, precision=precision,
-                            device=device, actor="cli")
     started = time.perf_counter()
     result = training_pipeline(params)
     elapsed = time.perf_counter() - started
@@ -109,6 +122,10 @@ def _print_outcome(result: dict, settings: Settings, elapsed: float) -> None:
         console.print(f"\n[bold red]Blocked by the model gates.[/bold red] {settings.model_name} "
                       f"v{result['version']} stays challenger: {result['reason']}. "
                       f"Report: {result['gate_report']}")
+    elif status == "registered":
+        console.print(f"\n[bold]Registered.[/bold] {result['reason']}.")
+    elif status == "lost_race":
+        console.print(f"\n[yellow]Not promoted.[/yellow] {result['reason']}.")
     elif status == "unchanged":
         console.print(f"\n[bold]Nothing new.[/bold] {result['reason']}.")
     else:
@@ -169,15 +186,10 @@ def deploy_cmd(
     Exit 0: promoted or nothing newer; 3: blocked by a gate; 4: another deploy won; other: error.
     """
     from flows.deploy import deploy_flow
-    from sluicegate.gates import GatePolicyError, load_policy
 
     settings = Settings()
     _home(settings)
-    try:
-        load_policy(settings.gates_path)
-    except GatePolicyError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    _check_policy(settings)
     result = deploy_flow(actor=actor)
     if result["report"]:
         print(result["report"])
@@ -203,3 +215,61 @@ def rollback(
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     console.print(f"rolled back {result['model']}: champion v{result['from']} -> v{result['to']}")
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address [SLUICEGATE_SERVE_HOST]")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [SLUICEGATE_SERVE_PORT]")] = None,
+    max_batch_rows: Annotated[int | None, typer.Option(help="Rows per model call at most")] = None,
+    max_wait_ms: Annotated[float | None, typer.Option(help="Wait for more requests before a call")] = None,
+    poll_interval: Annotated[float | None, typer.Option(help="Seconds between champion checks")] = None,
+) -> None:
+    """Serve MODEL@champion: Open Inference Protocol v2, /predict, /metrics; hot-reloads the champion."""
+    from sluicegate.serving import ServeSettings, run
+
+    settings = Settings()
+    _home(settings)
+    given = {"host": host, "port": port, "max_batch_rows": max_batch_rows, "max_wait_ms": max_wait_ms,
+             "poll_interval_s": poll_interval}
+    serve_settings = ServeSettings(**{k: v for k, v in given.items() if v is not None})
+    console.print(f"serving {settings.model_name}@champion on http://{serve_settings.host}:{serve_settings.port} "
+                  f"(v2: /v2/models/{settings.model_name}/infer, /predict, /metrics, /openapi.json)")
+    run(settings, serve_settings)
+
+
+@app.command()
+def monitor(
+    trigger: Annotated[bool, typer.Option(help="Start training-pipeline through the Prefect API on drift")] = True,
+    window_days: Annotated[int, typer.Option(help="Days of newest raw data a triggered retrain uses")] = 14,
+) -> None:
+    """Drift, data quality and live precision/recall of the prediction log since the last run."""
+    from flows.monitor import MonitorParams
+    from flows.monitor import monitor as monitor_flow
+
+    settings = Settings()
+    _home(settings)
+    result = monitor_flow(MonitorParams(trigger=trigger, window_days=window_days))
+    colour = {"triggered": "yellow", "checked": "green"}.get(result["status"], "cyan")
+    console.print(f"[bold {colour}]monitor: {result['status']}[/bold {colour}]: {result['reason']}")
+    if result.get("flow_run_id"):
+        console.print(f"training-pipeline flow run: {result['flow_run_id']}")
+    print(json.dumps(result, default=str))
+
+
+@app.command()
+def ingest(
+    days: Annotated[int, typer.Option(help="Newest N days of raw partitions to assemble")] = 14,
+) -> None:
+    """Assemble the newest N days of raw partitions (from any batch) into a window batch; prints its id."""
+    from sluicegate import ingest as ingest_mod
+
+    settings = Settings()
+    paths = _home(settings)
+    try:
+        window = ingest_mod.assemble_window(paths.raw, days)
+    except ingest_mod.NoPartitionsError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print(window.summary())
+    print(window.batch_id)
