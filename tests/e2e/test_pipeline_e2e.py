@@ -78,7 +78,7 @@ def test_clean_batch_ends_as_champion(first_run):
     status = _status()
     champion = status["champion"]
     assert str(champion["version"]) == str(result["version"])
-    assert champion["variant"] in ("fp32", "int8") and len(champion["sha256"]) == 64
+    assert champion["variant"] in ("fp32", "int8", "int8_qdq") and len(champion["sha256"]) == 64
     # Label rate is about 2%: a useful model ranks far above chance.
     assert champion["metrics"]["pr_auc"] > 0.3
     assert status["last_gate_decision"]["promote"] is True
@@ -97,6 +97,19 @@ def test_version_carries_lineage_tags(first_run):
                 "gate_decision", "sha256", "variant", "threshold"):
         assert version.tags.get(tag), tag
     assert version.tags["batch_id"] == batch
+
+
+def test_registered_artifact_is_the_variant_the_gate_chose(first_run):
+    from pathlib import Path
+
+    from sluicegate.export import sha256_file
+    _, result = first_run
+    champion = _status()["champion"]
+    assert champion["variant"] == result["variant"] == result["decision"]["variant"]
+    shipped = Path(result["work_dir"]) / f"model_{result['variant']}.onnx"
+    assert sha256_file(shipped) == champion["sha256"]
+    others = [p for p in Path(result["work_dir"]).glob("model_*.onnx") if p != shipped]
+    assert others and all(sha256_file(p) != champion["sha256"] for p in others)
 
 
 def test_rerun_on_same_data_makes_no_second_champion(first_run):
