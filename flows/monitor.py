@@ -95,6 +95,7 @@ def _deployment_and_active_runs(name: str):
         FlowRunFilterStateType,
         FlowRunFilterTags,
     )
+    from prefect.client.schemas.sorting import FlowRunSort
     from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
@@ -102,7 +103,10 @@ def _deployment_and_active_runs(name: str):
             deployment = client.read_deployment_by_name(name)
         except ObjectNotFound:
             return None, 0
+        # Explicit sort and limit: Prefect 3.8.8's client sends nulls otherwise, which the server
+        # rejects on fastapi 0.154 (422).
         runs = client.read_flow_runs(
+            sort=FlowRunSort.ID_DESC, limit=100, offset=0,
             deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
             flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=ACTIVE_STATES)),
                                           tags=FlowRunFilterTags(all_=[RETRAIN_TAG])))

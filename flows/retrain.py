@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Literal
 
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from flows.pipeline import PipelineParams, training_pipeline
@@ -22,7 +23,7 @@ class RetrainParams(BaseModel):
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Training device")
 
 
-@task(name="ingest", retries=2, retry_delay_seconds=[2, 10])
+@task(name="ingest", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
 def ingest_window(settings: Settings, days: int) -> dict:
     window = ingest.assemble_window(settings.paths.raw, days)
     get_run_logger().info(window.summary())

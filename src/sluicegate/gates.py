@@ -23,6 +23,19 @@ class GatePolicyError(ValueError):
     """gates.yaml is missing, incomplete or names an unknown gate."""
 
 
+class DriftThresholds(BaseModel):
+    """The `drift:` block of gates.yaml. Monitoring reads it; defaults apply when the block is absent."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    psi_warn: float = Field(0.1, gt=0, description="PSI above which a feature is reported as drifting")
+    psi_retrain: float = Field(0.25, gt=0, description="PSI of any feature that triggers a retrain")
+    score_psi_retrain: float = Field(0.25, gt=0, description="PSI of the score that triggers a retrain")
+    min_recall: float = Field(0.5, ge=0, le=1, description="Live recall on late labels below which we retrain")
+    cooldown_hours: float = Field(6.0, ge=0, description="At most one triggered retrain per this many hours")
+    min_rows: int = Field(500, ge=1, description="Fewer logged rows than this: report, never trigger")
+
+
 class GatePolicy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -40,6 +53,7 @@ class GatePolicy(BaseModel):
     min_slice_positives: int = Field(ge=1)
     bootstrap_samples: int = Field(ge=50)
     confidence: float = Field(gt=0.5, lt=1)
+    drift: DriftThresholds = Field(default_factory=DriftThresholds)
 
 
 def load_policy(path: Path) -> GatePolicy:

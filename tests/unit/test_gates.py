@@ -154,3 +154,13 @@ def test_out_of_range_threshold_is_an_error(tmp_path):
 def test_missing_policy_file(tmp_path):
     with pytest.raises(GatePolicyError, match="not found"):
         load_policy(tmp_path / "nope.yaml")
+
+
+def test_drift_block_is_validated(tmp_path):
+    raw = yaml.safe_load(REPO_GATES.read_text())
+    assert load_policy(REPO_GATES).drift.psi_retrain == raw["drift"]["psi_retrain"]
+    raw["drift"]["psi_retrian"] = 0.3
+    bad = tmp_path / "gates.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(GatePolicyError, match="unknown gate 'drift.psi_retrian'"):
+        load_policy(bad)

@@ -1,0 +1,174 @@
+"""infra/ cannot run here (no Docker, no cluster), so these check that its files
+parse and agree with the code: ports, environment variable names, commands,
+image names and the paths the Dockerfiles copy."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sluicegate.config import Settings
+from tests.conftest import REPO
+
+INFRA = REPO / "infra"
+PORTS = {"prefect": 4200, "mlflow": 5000, "serve": 8080}
+IMAGE = "sluicegate:cpu"
+
+
+def _yaml_docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((INFRA / "docker-compose.yml").read_text())["services"]
+
+
+def _command(service: dict) -> list[str]:
+    cmd = service["command"]
+    return shlex.split(cmd) if isinstance(cmd, str) else cmd
+
+
+def _flag(cmd: list[str], flag: str) -> str:
+    return cmd[cmd.index(flag) + 1]
+
+
+def _up_default(var: str) -> int:
+    match = re.search(rf"\${{{var}:-(\d+)}}", (REPO / "scripts/up.sh").read_text())
+    assert match, f"scripts/up.sh has no default for {var}"
+    return int(match.group(1))
+
+
+def test_compose_has_the_whole_stack(compose):
+    assert set(compose) >= {"postgres", "prefect-server", "prefect-worker", "mlflow", "minio", "redis",
+                            "model-server"}
+
+
+def test_ports_agree_with_make_up_and_the_server_defaults(compose):
+    from sluicegate.serving.settings import ServeSettings
+
+    assert _up_default("SLUICEGATE_PREFECT_PORT") == PORTS["prefect"]
+    assert _up_default("SLUICEGATE_MLFLOW_PORT") == PORTS["mlflow"]
+    assert _up_default("SLUICEGATE_SERVE_PORT") == PORTS["serve"] == ServeSettings().port
+    for service, key in (("prefect-server", "prefect"), ("mlflow", "mlflow"), ("model-server", "serve")):
+        port = PORTS[key]
+        assert int(_flag(_command(compose[service]), "--port")) == port, service
+        assert f"{port}:{port}" in compose[service]["ports"], service
+    env = compose["prefect-worker"]["environment"]
+    assert env["PREFECT_API_URL"].endswith(f":{PORTS['prefect']}/api")
+    assert env["SLUICEGATE_MLFLOW_TRACKING_URI"].endswith(f":{PORTS['mlflow']}")
+    assert env["SLUICEGATE_FEAST_REDIS"] == "redis:6379" and "6379:6379" in compose["redis"]["ports"]
+    assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000" and "9000:9000" in compose["minio"]["ports"]
+
+
+def _env_names(compose: dict) -> set[str]:
+    names = set()
+    for service in compose.values():
+        env = service.get("environment") or {}
+        names |= set(env) - {"<<"}
+    for doc in _yaml_docs(INFRA / "k8s/sluicegate.yaml"):
+        if doc["kind"] == "ConfigMap":
+            names |= set(doc["data"])
+    values = yaml.safe_load((INFRA / "k8s/prefect-worker-values.yaml").read_text())
+    names |= {e["name"] for e in values["worker"]["extraEnvVars"]}
+    return names
+
+
+def test_environment_variable_names_are_read_by_the_code(compose):
+    import prefect.settings
+
+    from sluicegate.serving.settings import ServeSettings
+
+    ours = {f"SLUICEGATE_{f.upper()}" for f in Settings.model_fields}
+    ours |= {f"SLUICEGATE_SERVE_{f.upper()}" for f in ServeSettings.model_fields}
+    for name in _env_names(compose):
+        if name.startswith("SLUICEGATE_"):
+            assert name in ours, f"{name} is not a Sluicegate setting"
+        elif name.startswith("PREFECT_"):
+            assert hasattr(prefect.settings, name), f"{name} is not a Prefect setting"
+        else:
+            assert name.startswith(("POSTGRES_", "MINIO_", "MLFLOW_", "AWS_")), name
+
+
+def test_commands_exist_and_name_the_right_pool_and_flags(compose):
+    from mlflow.cli import cli as mlflow_cli
+
+    from sluicegate.cli import app
+
+    pool = {d["work_pool"]["name"] for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]}
+    worker = " ".join(_command(compose["prefect-worker"]))
+    assert "python -m flows.deployments register" in worker and (REPO / "flows/deployments.py").exists()
+    assert f"prefect worker start --pool {pool.pop()} --type process" in worker
+    mlflow_cmd = _command(compose["mlflow"])
+    assert mlflow_cmd[:2] == ["mlflow", "server"]
+    known = {o for p in mlflow_cli.commands["server"].params for o in p.opts}
+    assert {a for a in mlflow_cmd if a.startswith("--")} <= known
+    assert _command(compose["prefect-server"])[:3] == ["prefect", "server", "start"]
+    commands = {c.name or c.callback.__name__ for c in app.registered_commands}
+    assert {"serve", "monitor", "ingest"} <= commands
+    assert _command(compose["model-server"])[:2] == ["sluicegate", "serve"]
+
+
+def test_databases_and_buckets_line_up(compose):
+    init = (INFRA / "postgres-init.sql").read_text()
+    prefect_db = compose["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    mlflow_cmd = _command(compose["mlflow"])
+    assert prefect_db.startswith("postgresql+asyncpg://") and prefect_db.endswith("/prefect")
+    assert _flag(mlflow_cmd, "--backend-store-uri").endswith("/mlflow")
+    assert "CREATE DATABASE prefect;" in init and "CREATE DATABASE mlflow;" in init
+    bucket = _flag(mlflow_cmd, "--artifacts-destination").removeprefix("s3://").split("/")[0]
+    assert f"s3/{bucket}" in " ".join(compose["minio-buckets"]["entrypoint"])
+    up = (REPO / "scripts/up.sh").read_text()
+    assert "/prefect" in up and "/mlflow" in up and "postgresql+asyncpg:" in up
+
+
+@pytest.mark.parametrize("flavour", ["cpu", "cuda", "rocm"])
+def test_dockerfiles_build_what_the_stack_runs(flavour):
+    text = (INFRA / "docker" / f"Dockerfile.{flavour}").read_text()
+    assert f"-t sluicegate:{flavour} ." in text
+    torch_pin = re.search(r'"torch==([\d.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    assert f'"torch=={torch_pin}"' in text
+    for line in re.findall(r"^COPY (.+)$", text, flags=re.M):
+        *sources, _ = line.split()
+        for src in sources:
+            assert (REPO / src).exists(), f"Dockerfile.{flavour} copies {src}, which is not in the repository"
+    exposed = {int(p) for p in re.search(r"^EXPOSE (.+)$", text, flags=re.M).group(1).split()}
+    assert exposed == set(PORTS.values())
+    assert "sluicegate" in re.search(r"^CMD (.+)$", text, flags=re.M).group(1)
+
+
+def test_image_names_agree(compose):
+    for name in ("prefect-server", "mlflow", "prefect-worker", "model-server"):
+        assert compose[name]["image"] == IMAGE, name
+    deployment = next(d for d in _yaml_docs(INFRA / "k8s/sluicegate.yaml") if d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == IMAGE
+    values = yaml.safe_load((INFRA / "k8s/prefect-worker-values.yaml").read_text())["worker"]
+    assert f"{values['image']['repository']}:{values['image']['prefectTag']}" == IMAGE
+    from flows.deployments import PoolOverride
+    assert PoolOverride("x").image == IMAGE
+
+
+def test_kubernetes_worker_and_model_server_agree_with_the_code():
+    from sluicegate.serving.settings import ServeSettings
+
+    values = yaml.safe_load((INFRA / "k8s/prefect-worker-values.yaml").read_text())["worker"]
+    assert values["config"]["type"] == "kubernetes"
+    pool = values["config"]["workPool"]
+    readme = (INFRA / "README.md").read_text()
+    assert f"--pool {pool}" in readme  # the registration command documented for that pool
+    assert values["selfHostedServerApiConfig"]["apiUrl"].endswith(f":{PORTS['prefect']}/api")
+    deployment = next(d for d in _yaml_docs(INFRA / "k8s/sluicegate.yaml") if d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["ports"][0]["containerPort"] == ServeSettings().port
+    probe = container["readinessProbe"]["httpGet"]["path"]
+    assert probe in (REPO / "src/sluicegate/serving/app.py").read_text()
+
+
+def test_readme_says_docker_does_not_run_here():
+    text = (INFRA / "README.md").read_text().lower()
+    assert "docker cannot run" in text
