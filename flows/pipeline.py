@@ -191,7 +191,10 @@ def training_pipeline(params: PipelineParams | None = None) -> dict:
         status = "FINISHED"
         return result
     finally:
-        client.set_terminated(parent, status)
+        try:
+            client.set_terminated(parent, status)
+        except Exception as exc:  # MLflow down: keep the stage's own error, not this one
+            get_run_logger().warning(f"could not close MLflow run {parent}: {exc}")
 
 
 class _Stopwatch:

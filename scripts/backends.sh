@@ -130,14 +130,15 @@ EOF
 }
 
 print_env() {
+  # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; MLflow here runs on psycopg2.
   local pg redis
   pg=$(secret postgres)
   redis=$(secret redis)
   echo "export SLUICEGATE_TEST_PREFECT_DB_URL='postgresql+asyncpg://sluicegate:$pg@127.0.0.1:$PG_PORT/prefect'"
-  echo "export SLUICEGATE_TEST_MLFLOW_DB_URL='postgresql://sluicegate:$pg@127.0.0.1:$PG_PORT/mlflow'"
+  echo "export SLUICEGATE_TEST_MLFLOW_DB_URL='postgresql+psycopg2://sluicegate:$pg@127.0.0.1:$PG_PORT/mlflow'"
   echo "export SLUICEGATE_TEST_FEAST_REDIS='127.0.0.1:$REDIS_PORT,password=$redis'"
   say "prefect db: postgresql+asyncpg://sluicegate:***@127.0.0.1:$PG_PORT/prefect"
-  say "mlflow db:  postgresql://sluicegate:***@127.0.0.1:$PG_PORT/mlflow"
+  say "mlflow db:  postgresql+psycopg2://sluicegate:***@127.0.0.1:$PG_PORT/mlflow"
   say "redis:      127.0.0.1:$REDIS_PORT,password=***"
 }
 

@@ -21,8 +21,9 @@ from mlflow.entities.model_registry import ModelVersion
 from sluicegate import modelcard, registry
 from sluicegate.config import Settings
 from sluicegate.evaluation import Comparison
-from sluicegate.gates import REQUIRED_EVIDENCE, Evidence, GateDecision, GatePolicy, VariantReport, decide
-from sluicegate.pipeline import compare_on_holdout
+from sluicegate.gates import REQUIRED_EVIDENCE, Evidence, GateDecision, GatePolicy, GateResult, VariantReport, decide
+from sluicegate.inputs import cardinalities
+from sluicegate.pipeline import compare_on_holdout, hardware
 from sluicegate.spec import DatasetSpec
 
 EXIT_CODES = {"promoted": 0, "nothing_newer": 0, "blocked": 3, "lost_race": 4}
@@ -77,6 +78,9 @@ def gate_and_promote(settings: Settings, policy: GatePolicy, spec: DatasetSpec, 
                                              pd.read_parquet(work / "evidence" / "holdout.parquet"), spec, policy)
         decision = decide(policy, _evidence(raw, missing, champion_version, comparisons),
                           _links(settings, candidate))
+        check = server_load_check(settings, spec, client, candidate)
+        decision.results.append(check)
+        decision.promote = decision.promote and check.passed
         artifacts = _publish(client, name, candidate, raw, decision, comparisons, work)
     report = decision.to_markdown(title=f"{name} v{version}")
     if not decision.promote:
@@ -88,6 +92,25 @@ def gate_and_promote(settings: Settings, policy: GatePolicy, spec: DatasetSpec, 
     except registry.LostRace as lost:
         return DeployOutcome("lost_race", str(lost), version, champion_version, decision, report, artifacts)
     return DeployOutcome("promoted", decision.reason(), version, champion_version, decision, report, artifacts)
+
+
+def server_load_check(settings: Settings, spec: DatasetSpec, client: MlflowClient,
+                      version: ModelVersion) -> GateResult:
+    """The model server's own load path on the candidate: registry source, sha256, tensor contract,
+    threshold tag and a warm-up batch. A version every gate passes but the server would refuse must
+    not become champion: the server would keep serving the old one while the registry says otherwise."""
+    from sluicegate.serving.model import ModelRejected, choose_providers, fetch_onnx, load_from_bytes
+
+    evidence = "sluicegate.serving.model.load_from_bytes"
+    try:
+        data = fetch_onnx(client, version)
+        load_from_bytes(settings.model_name, str(version.version), data, version.tags.get("sha256"),
+                        version.tags.get("threshold"), version.tags.get("variant", ""), 1,
+                        choose_providers([hardware(settings).provider]), len(cardinalities(spec)))
+    except ModelRejected as exc:
+        return GateResult("server_load", 0.0, 1.0, False, f"the model server would refuse it: {exc}", evidence)
+    return GateResult("server_load", 0.0, 0.0, True, "fetched by hash, meets the tensor contract, warms up",
+                      evidence)
 
 
 def load_evidence(client: MlflowClient, version: ModelVersion, work: Path) -> tuple[dict | None, list[str]]:

@@ -35,6 +35,8 @@ def find_batch(settings: Settings, batch_id: str | None) -> Path:
     """The named raw batch, or the newest one."""
     raw = settings.paths.raw
     if batch_id:
+        if batch_id != Path(batch_id).name or batch_id in (".", ".."):  # a name, never a path out of raw/
+            raise NoBatchError(f"batch id {batch_id!r} is not a plain folder name under {raw}")
         path = raw / batch_id
         if not path.is_dir():
             quarantined = settings.paths.quarantine / batch_id

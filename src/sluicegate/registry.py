@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import re
 import subprocess
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -26,12 +27,25 @@ from sluicegate.export import sha256_file
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 ONNX_FILE = "model.onnx"
+# Model names become registry keys and folder names (the exported model repository): no separators, no "..".
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+# A model version is fetched only from the tracking server's own stores, never from an arbitrary location.
+REGISTRY_SCHEMES = ("models:/", "runs:/")
 KEY_METRICS = ("pr_auc", "roc_auc", "ece", "recall", "precision", "p99_ms_batch1", "server_p99_ms", "rows_per_s",
                "cost_per_million", "threshold")
 
 
+def check_model_name(name: str) -> str:
+    """The name, if it is safe as a registry key and a folder name; else ValueError."""
+    if not MODEL_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"model name {name!r} is not allowed: use letters, digits, '_', '-' and '.', "
+                         "starting with a letter or digit, no '..', at most 128 characters")
+    return name
+
+
 def configure(settings: Settings) -> MlflowClient:
     """Point MLflow at the configured store and make sure the experiment exists."""
+    check_model_name(settings.model_name)
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.tracking_uri)
     client = MlflowClient(settings.tracking_uri, settings.tracking_uri)
@@ -143,6 +157,10 @@ def record_decision(client: MlflowClient, name: str, version: str, decision: dic
 
 def download_onnx(client: MlflowClient, version: ModelVersion, dst: Path) -> Path:
     """Fetch a version's ONNX file and check it against the hash recorded at registration."""
+    source = str(version.source or "")
+    if not source.startswith(REGISTRY_SCHEMES) or ".." in source.split("/"):
+        raise RuntimeError(f"{version.name} v{version.version}: source {source!r} is not in the registry "
+                           f"({' or '.join(REGISTRY_SCHEMES)} URIs only); refusing to load it")
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(dst)))
     path = local / ONNX_FILE
     expected = version.tags.get("sha256")

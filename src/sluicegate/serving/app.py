@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 
 from sluicegate import __version__ as package_version
-from sluicegate import model_repository
+from sluicegate import model_repository, registry
 from sluicegate.config import Settings
 from sluicegate.inputs import NUMERIC_INPUTS, cardinalities
 from sluicegate.serving import business, openapi, v2
@@ -62,7 +62,7 @@ class ServingApp:
         self.serve = serve or ServeSettings()
         self.spec = load_spec(self.settings.spec_path)
         self.cardinalities = cardinalities(self.spec)
-        self.model_name = self.settings.model_name
+        self.model_name = registry.check_model_name(self.settings.model_name)
         self.keys = [k.encode() for k in self.serve.keys()]
         self.metrics = Metrics()
         self.manager = ModelManager(self.settings, self.serve.threads, self.serve.providers,
@@ -78,7 +78,8 @@ class ServingApp:
         self.predlog: PredictionLog | None = None
         self._lookup: business.FeatureLookup | None = None
         self._poller: asyncio.Task | None = None
-        self._openapi = orjson.dumps(openapi.document(self.spec, self.model_name, bool(self.keys)))
+        self._openapi = orjson.dumps(openapi.document(self.spec, self.model_name, bool(self.keys),
+                                                      metrics_secured=bool(self.keys) and self.serve.metrics_auth))
         self._routes = {
             "/v2/health/live": self._live, "/v2/health/ready": self._ready, "/v2": self._server_metadata,
             "/metrics": self._metrics, "/openapi.json": self._openapi_doc, "/predict": self._predict,
@@ -91,7 +92,7 @@ class ServingApp:
             self.predlog = PredictionLog(
                 self.settings.paths.predictions, self.serve.log_queue_size, self.serve.log_flush_s,
                 expand={"numeric": NUMERIC_INPUTS, "categorical": list(self.spec.categorical_features)},
-                on_drop=self.metrics.log_dropped.inc)
+                on_drop=self.metrics.log_dropped.inc, on_error=self.metrics.log_write_errors.inc)
         await self._refresh()
         self.v2_batcher.start()
         self.predict_batcher.start()
@@ -169,6 +170,8 @@ class ServingApp:
                     answer = await handler(method, scope, receive, started)
         except BadRequest as exc:
             answer = _error(exc.status, str(exc), exc.details)
+            if exc.allow:
+                answer.headers = ((b"allow", exc.allow.encode()),)
         except Unavailable as exc:
             answer = _error(503, str(exc))
         except ClientGone:
@@ -227,18 +230,24 @@ class ServingApp:
     @staticmethod
     def _method(method: str, allowed: str) -> None:
         if method != allowed:
-            raise BadRequest(f"method {method} not allowed here; use {allowed}", 405)
+            raise BadRequest(f"method {method} not allowed here; use {allowed}", 405, allow=allowed)
 
     # ------------------------------------------------------------------ plain routes
 
+    def _degraded(self) -> dict:
+        """What still works but needs an operator: shown on the health routes, never fails them."""
+        if self.predlog is not None and self.predlog.error:
+            return {"degraded": [f"prediction log not written: {self.predlog.error}"]}
+        return {}
+
     async def _live(self, method, scope, receive, started) -> Answer:
         self._method(method, "GET")
-        return _json(200, {"live": True})
+        return _json(200, {"live": True, **self._degraded()})
 
     async def _ready(self, method, scope, receive, started) -> Answer:
         self._method(method, "GET")
         model = self._serving()
-        return _json(200, {"ready": True, "model": model.name, "version": model.version})
+        return _json(200, {"ready": True, "model": model.name, "version": model.version, **self._degraded()})
 
     async def _server_metadata(self, method, scope, receive, started) -> Answer:
         self._method(method, "GET")
@@ -246,8 +255,11 @@ class ServingApp:
 
     async def _metrics(self, method, scope, receive, started) -> Answer:
         self._method(method, "GET")
+        if self.serve.metrics_auth:
+            self._authorize(scope)
         if self.predlog is not None:
             self.metrics.log_depth.set(self.predlog.depth())
+            self.metrics.log_failing.set(1.0 if self.predlog.error else 0.0)
         return Answer(200, self.metrics.render(), b"text/plain; version=0.0.4; charset=utf-8")
 
     async def _openapi_doc(self, method, scope, receive, started) -> Answer:

@@ -21,6 +21,9 @@ from sluicegate.serving.errors import BadRequest, Unavailable
 from sluicegate.spec import DatasetSpec
 
 MAX_ID_LENGTH = 128
+# Timestamps a pandas column can hold; outside them the feature builder would fail with a 500.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(2262, 4, 11, tzinfo=UTC)
 
 
 @dataclass(slots=True)
@@ -33,7 +36,7 @@ def request_schema(spec: DatasetSpec) -> dict:
     props: dict[str, dict] = {
         spec.id: {"type": "string", "maxLength": MAX_ID_LENGTH, "description": "optional, echoed back"},
         spec.timestamp: {"type": "string", "format": "date-time",
-                         "description": "ISO 8601; default: now (UTC)"},
+                         "description": "ISO 8601, 1970-01-01 to 2262-04-11; default: now (UTC)"},
     }
     required = []
     for name in _business_columns(spec):
@@ -113,9 +116,13 @@ def _timestamp(value) -> tuple[str | None, datetime | None]:
         return f"must be an ISO 8601 string, got {value!r}", None
     try:
         when = datetime.fromisoformat(value)
-    except ValueError:
+        when = when if when.tzinfo else when.replace(tzinfo=UTC)
+        inside = EARLIEST <= when <= LATEST  # pandas holds nanoseconds since 1970 in 64 bits
+    except (ValueError, OverflowError):
         return f"is not an ISO 8601 timestamp: {value!r}", None
-    return None, when if when.tzinfo else when.replace(tzinfo=UTC)
+    if not inside:
+        return f"must lie between {EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d}, got {value!r}", None
+    return None, when
 
 
 class FeatureLookup:

@@ -22,6 +22,11 @@ class Metrics:
         self.reloads = Counter("sluicegate_model_reloads_total", "Champion loads", ["outcome"], registry=r)
         self.log_dropped = Counter("sluicegate_prediction_log_dropped_total", "Log records dropped (queue full)",
                                    registry=r)
+        self.log_write_errors = Counter("sluicegate_prediction_log_write_errors_total",
+                                        "Failed prediction-log writes (disk full, ...); records are kept and retried",
+                                        registry=r)
+        self.log_failing = Gauge("sluicegate_prediction_log_failing", "1 while prediction-log writes fail",
+                                 registry=r)
         self.log_depth = Gauge("sluicegate_prediction_log_queue_depth", "Log records waiting", registry=r)
         # Children resolved once: .labels() on every request costs more than the observation.
         self._children: dict = {}

@@ -180,6 +180,8 @@ class ModelManager:
             if (self.current is not None and self.current.version == number) or key in self._rejected:
                 return False
             try:
+                if not number.isdigit():  # it names folders (model repository) and metrics
+                    raise ModelRejected(f"{name}: version {number!r} is not a number")
                 data = fetch_onnx(self.client(), version)
                 model = load_from_bytes(name, number, data, version.tags.get("sha256"),
                                         version.tags.get("threshold"), version.tags.get("variant", ""),

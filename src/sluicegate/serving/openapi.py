@@ -19,7 +19,7 @@ def _errors(*codes: int) -> dict:
     return {str(c): _json(ERROR, text[c]) for c in codes}
 
 
-def document(spec: DatasetSpec, model_name: str, secured: bool) -> dict:
+def document(spec: DatasetSpec, model_name: str, secured: bool, metrics_secured: bool = False) -> dict:
     tensor = {
         "type": "object",
         "properties": {
@@ -50,9 +50,11 @@ def document(spec: DatasetSpec, model_name: str, secured: bool) -> dict:
         "is_fraud": {"type": "boolean"}, "threshold": {"type": "number"}, "model_name": {"type": "string"},
         "model_version": {"type": "string"}}, "required": ["fraud_probability", "is_fraud", "model_version"]}
     status = {"type": "object"}
-    model_param = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
+    # This server serves one model: any other name is a 404.
+    model_param = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string", "enum": [model_name]}}]
     security = [{"bearer": []}, {"apiKey": []}] if secured else []
     auth_errors = (401,) if secured else ()
+    metrics_security, metrics_errors = (security, auth_errors) if metrics_secured else ([], ())
     doc = {
         "openapi": "3.0.3",
         "info": {"title": "Sluicegate model server", "version": "1",
@@ -78,8 +80,9 @@ def document(spec: DatasetSpec, model_name: str, secured: bool) -> dict:
                 "requestBody": {"required": True, "content": {"application/json": {"schema": request_schema(spec)}}},
                 "responses": {"200": _json(predict_response, "Decision"),
                               **_errors(400, *auth_errors, 413, 422, 503)}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
-                "200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "security": metrics_security, "responses": {
+                "200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                **_errors(*metrics_errors)}}},
         },
         "components": {"securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer"},

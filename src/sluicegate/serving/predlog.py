@@ -6,6 +6,8 @@ writes a parquet file per flush under `SLUICEGATE_HOME/predictions/<endpoint>/`.
 Columnar writes keep the writer's Python work (and so its hold on the GIL)
 small; per-row inserts from a thread were measured to stall the event loop.
 A full queue drops records and counts them rather than slow a request down.
+A failed write (disk full, folder gone) keeps its records for the next flush, up to
+`max_queue` of them, and shows in `error` until a write succeeds again.
 `close()` writes everything queued, so a graceful shutdown loses nothing.
 
 Read it back with `pandas.read_parquet(SLUICEGATE_HOME/predictions/v2)`.
@@ -13,6 +15,7 @@ Read it back with `pandas.read_parquet(SLUICEGATE_HOME/predictions/v2)`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -48,7 +51,8 @@ class Record:
 
 class PredictionLog:
     def __init__(self, folder: Path, max_queue: int, flush_seconds: float = 5.0, flush_rows: int = 100_000,
-                 expand: dict[str, list[str]] | None = None, on_drop: Callable[[], None] | None = None):
+                 expand: dict[str, list[str]] | None = None, on_drop: Callable[[], None] | None = None,
+                 on_error: Callable[[], None] | None = None):
         self.folder = folder
         self.max_queue = max_queue
         self.flush_seconds = flush_seconds
@@ -56,7 +60,10 @@ class PredictionLog:
         self.expand = expand or {}
         self.dropped = 0
         self.written_rows = 0
+        self.write_errors = 0
+        self.error: str | None = None  # the last write's error while writes fail; None once one succeeds
         self._on_drop = on_drop
+        self._on_error = on_error
         self._queue: deque[Record] = deque()
         self._stop = threading.Event()
         self._seq = 0
@@ -92,16 +99,33 @@ class PredictionLog:
                 rows += len(record.probabilities)
             due = rows >= self.flush_rows or time.monotonic() - last >= self.flush_seconds
             if pending and (due or stopping):
-                self._flush(pending)
-                pending, rows, last = [], 0, time.monotonic()
+                # What could not be written waits for the next flush (flush_seconds later, not at once).
+                pending = self._keep_at_most(self._flush(pending), self.max_queue)
+                rows, last = 0, time.monotonic()
             if stopping and not self._queue:
+                if pending:
+                    log.error("prediction log: %d records not written at shutdown: %s", len(pending), self.error)
                 return
 
-    def _flush(self, records: list[Record]) -> None:
+    def _keep_at_most(self, records: list[Record], limit: int) -> list[Record]:
+        """Bound what waits for a failing disk: the oldest records beyond `limit` are dropped and counted."""
+        excess = len(records) - limit
+        if excess <= 0:
+            return records
+        self.dropped += excess
+        if self._on_drop:
+            for _ in range(excess):
+                self._on_drop()
+        return records[excess:]
+
+    def _flush(self, records: list[Record]) -> list[Record]:
+        """Write the records; returns those that could not be written."""
         by_endpoint: dict[str, list[Record]] = {}
         for record in records:
             by_endpoint.setdefault(record.endpoint, []).append(record)
+        failed: list[Record] = []
         for endpoint, group in by_endpoint.items():
+            tmp = None
             try:
                 table = self._table(group)
                 folder = self.folder / endpoint
@@ -112,8 +136,22 @@ class PredictionLog:
                 pq.write_table(table, tmp)
                 tmp.rename(final)  # readers globbing *.parquet never see a half-written file
                 self.written_rows += table.num_rows
+                self.error = None
             except Exception as exc:  # the log must never take the server down
-                log.error("prediction log: lost %d %s records: %s", len(group), endpoint, exc)
+                if tmp is not None:
+                    with contextlib.suppress(OSError):  # a half-written file is never read (dot name)
+                        tmp.unlink(missing_ok=True)
+                self.write_errors += 1
+                self.error = f"{type(exc).__name__}: {exc}"
+                if self._on_error:
+                    self._on_error()
+                if isinstance(exc, OSError):  # disk full, folder gone: worth another try
+                    log.error("prediction log: cannot write %d %s records, kept for the next flush: %s",
+                              len(group), endpoint, exc)
+                    failed.extend(group)
+                else:  # these records cannot become a table: retrying would not help
+                    log.error("prediction log: lost %d %s records: %s", len(group), endpoint, exc)
+        return failed
 
     def _table(self, records: list[Record]) -> pa.Table:
         counts = np.array([len(r.probabilities) for r in records])

@@ -27,6 +27,8 @@ class ServeSettings(BaseSettings):
     poll_interval_s: float = Field(5.0, gt=0)
     # Comma-separated keys; empty means inference endpoints are open.
     api_keys: str = ""
+    # With keys set, require one on /metrics too (give Prometheus the key as a bearer token).
+    metrics_auth: bool = False
     max_body_bytes: int = Field(1 << 20, ge=1024)
     max_rows_per_request: int = Field(1024, ge=1)
     # Prediction log: bounded queue; rows beyond it are counted as dropped, never waited for.
