@@ -7,6 +7,7 @@ Prometheus /metrics and the OpenAPI document /openapi.json.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import logging
 import time
@@ -97,6 +98,11 @@ class ServingApp:
         self.v2_batcher.start()
         self.predict_batcher.start()
         self._poller = asyncio.get_running_loop().create_task(self._poll(), name="champion-poller")
+        # Everything imported and loaded so far lives as long as the server: move it out of the
+        # collector's view, so a full collection under load scans only request garbage instead of
+        # the whole heap of MLflow, Feast and onnxruntime objects (pauses of ~200 ms at p99 otherwise).
+        gc.collect()
+        gc.freeze()
 
     async def shutdown(self) -> None:
         """Stop polling, answer what is queued, then flush the prediction log."""

@@ -35,7 +35,7 @@ class ServeSettings(BaseSettings):
     log_queue_size: int = Field(100_000, ge=1)
     log_predictions: bool = True
     # A parquet file per flush under SLUICEGATE_HOME/predictions/<endpoint>/.
-    log_flush_s: float = Field(5.0, gt=0)
+    log_flush_s: float = Field(1.0, gt=0)
     # Export a Triton/KServe model repository for each champion the server loads.
     export_repository: bool = True
 
