@@ -27,8 +27,15 @@ demo: setup ## Generate a batch and run the whole gated pipeline on embedded def
 	$(BIN)/sluicegate run
 	$(BIN)/sluicegate status
 
-test: setup ## Run the unit and end-to-end tests
-	$(BIN)/pytest -q
+# Each integration and end-to-end file runs in its own process: they start real servers
+# (Prefect, MLflow, the model server) and set process-wide state that must not leak between them.
+test: setup ## Run the unit, integration and end-to-end tests
+	@failed=0; \
+	$(BIN)/pytest -q -o timeout=600 tests/unit || failed=1; \
+	for f in tests/integration/test_*.py tests/e2e/test_*.py; do \
+		echo "== $$f"; $(BIN)/pytest -q -o timeout=1200 $$f || failed=1; \
+	done; \
+	exit $$failed
 
 bench: setup ## Run the benchmarks (training, variants, serving); tables print ratios against peers
 	$(BIN)/python bench/train.py
