@@ -21,6 +21,7 @@ from sluicegate import model_repository, registry
 from sluicegate import pipeline as stages
 from sluicegate.config import Settings, ensure_home
 from sluicegate.deploy import gate_and_promote
+from sluicegate.features import FEATURE_SERVICE
 from sluicegate.gates import GatePolicy, load_policy
 from sluicegate.spec import DatasetSpec, load_spec
 from sluicegate.training import TrainConfig, checkpoint_dir_for
@@ -58,7 +59,7 @@ def validate(settings: Settings, spec: DatasetSpec, batch_dir: Path, context_roo
 def build_features(settings: Settings, spec: DatasetSpec, frame, parent: str):
     with registry.stage_run(parent, "features"):
         outcome = stages.feature_stage(settings, spec, frame)
-        mlflow.log_params({"data_hash": outcome.data_hash, "feature_service": "fraud_model_v1"})
+        mlflow.log_params({"data_hash": outcome.data_hash, "feature_service": FEATURE_SERVICE})
         mlflow.log_metrics({"training_rows": outcome.rows, "customer_feature_rows": outcome.customer_rows,
                             "merchant_feature_rows": outcome.merchant_rows})
     get_run_logger().info(outcome.summary())
@@ -119,10 +120,10 @@ def evaluate(model, prepared, exported, spec: DatasetSpec, policy: GatePolicy, h
         mlflow.log_metrics({f"torch_{k}": v for k, v in outcome.torch_metrics.items()})
         mlflow.log_table(_columns([v.__dict__ for v in outcome.variants]), "variants.json")
         mlflow.log_table(_columns(outcome.slices), "slices.json")
-        mlflow.log_table(_columns(outcome.benchmark_rows()), "benchmark.json")
+        mlflow.log_table(_columns(outcome.benchmark), "benchmark.json")
     create_table_artifact(key="variants", table=[v.__dict__ for v in outcome.variants],
                           description="Each ONNX variant on the test window and the target hardware")
-    create_table_artifact(key="benchmark", table=outcome.benchmark_rows(),
+    create_table_artifact(key="benchmark", table=outcome.benchmark,
                           description="MLPerf Inference scenarios per variant (SingleStream, Server, Offline)")
     get_run_logger().info(outcome.summary())
     return outcome
@@ -241,7 +242,7 @@ def _run_stages(settings, spec, policy, params, cfg, batch_dir, work_dir, parent
     evaluated = evaluate(trained.model, prepared, exported, spec, policy, hw, parent)
     clock.lap("evaluate")
     tags = {"batch_id": batch_dir.name, "data_hash": feats.data_hash, "fingerprint": fp,
-            "feature_service": "fraud_model_v1", "git_commit": registry.git_commit(),
+            "feature_service": FEATURE_SERVICE, "git_commit": registry.git_commit(),
             "prefect_flow_run_id": str(flow_run.id), "target": params.target,
             "train_window": prepared.splits.window("train", spec),
             "test_window": prepared.splits.window("test", spec),

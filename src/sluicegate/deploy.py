@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -71,16 +71,16 @@ def gate_and_promote(settings: Settings, policy: GatePolicy, spec: DatasetSpec, 
     with tempfile.TemporaryDirectory(prefix="sluicegate-deploy-") as tmp:
         work = Path(tmp)
         raw, missing = load_evidence(client, candidate, work)
+        check, candidate_onnx = _load_as_served(settings, spec, client, candidate)
         comparisons = []
-        if raw is not None and champion is not None and champion_version != version:
-            comparisons = compare_on_holdout(registry.download_onnx(client, champion, work / "champion"),
-                                             registry.download_onnx(client, candidate, work / "candidate"),
+        if raw is not None and candidate_onnx is not None and champion is not None and champion_version != version:
+            onnx_path = work / "candidate.onnx"
+            onnx_path.write_bytes(candidate_onnx)
+            comparisons = compare_on_holdout(registry.download_onnx(client, champion, work / "champion"), onnx_path,
                                              pd.read_parquet(work / "evidence" / "holdout.parquet"), spec, policy)
         decision = decide(policy, _evidence(raw, missing, champion_version, comparisons),
                           _links(settings, candidate))
-        check = server_load_check(settings, spec, client, candidate)
         decision.results.append(check)
-        decision.promote = decision.promote and check.passed
         artifacts = _publish(client, name, candidate, raw, decision, comparisons, work)
     report = decision.to_markdown(title=f"{name} v{version}")
     if not decision.promote:
@@ -99,18 +99,26 @@ def server_load_check(settings: Settings, spec: DatasetSpec, client: MlflowClien
     """The model server's own load path on the candidate: registry source, sha256, tensor contract,
     threshold tag and a warm-up batch. A version every gate passes but the server would refuse must
     not become champion: the server would keep serving the old one while the registry says otherwise."""
+    return _load_as_served(settings, spec, client, version)[0]
+
+
+def _load_as_served(settings: Settings, spec: DatasetSpec, client: MlflowClient,
+                    version: ModelVersion) -> tuple[GateResult, bytes | None]:
+    """The server_load gate, and the hash-checked ONNX bytes when they could be fetched
+    (the champion comparison scores these same bytes, so the artifact is downloaded once)."""
     from sluicegate.serving.model import ModelRejected, choose_providers, fetch_onnx, load_from_bytes
 
     evidence = "sluicegate.serving.model.load_from_bytes"
+    data = None
     try:
         data = fetch_onnx(client, version)
         load_from_bytes(settings.model_name, str(version.version), data, version.tags.get("sha256"),
                         version.tags.get("threshold"), version.tags.get("variant", ""), 1,
                         choose_providers([hardware(settings).provider]), len(cardinalities(spec)))
     except ModelRejected as exc:
-        return GateResult("server_load", 0.0, 1.0, False, f"the model server would refuse it: {exc}", evidence)
+        return GateResult("server_load", 0.0, 1.0, False, f"the model server would refuse it: {exc}", evidence), data
     return GateResult("server_load", 0.0, 0.0, True, "fetched by hash, meets the tensor contract, warms up",
-                      evidence)
+                      evidence), data
 
 
 def load_evidence(client: MlflowClient, version: ModelVersion, work: Path) -> tuple[dict | None, list[str]]:
@@ -131,8 +139,8 @@ def _evidence(raw: dict | None, missing: list[str], champion_version: str | None
               comparisons: list[Comparison]) -> Evidence:
     if raw is None:  # nothing measured: every measurement fails its gate
         nan = float("nan")
-        shipped = VariantReport("unknown", "", "unknown", nan, nan, nan, nan, nan, nan, 0, nan, nan, nan, nan, nan,
-                                nan, nan)
+        unknown = {"name": "unknown", "path": "", "provider": "unknown", "size_bytes": 0}
+        shipped = VariantReport(**{f.name: nan for f in fields(VariantReport)} | unknown)
         return Evidence(shipped=shipped, fp32_parity=nan, robustness_worst=nan, directional_violation_rate=nan,
                         champion_version=champion_version, missing=missing or ["evidence.json"])
     return Evidence(shipped=VariantReport(**raw["shipped"]), fp32_parity=raw["fp32_parity"],

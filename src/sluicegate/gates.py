@@ -127,9 +127,13 @@ class GateResult:
 
 @dataclass
 class GateDecision:
-    promote: bool
     variant: str
     results: list[GateResult] = field(default_factory=list)
+
+    @property
+    def promote(self) -> bool:
+        """Promote only when every gate passed."""
+        return all(r.passed for r in self.results)
 
     @property
     def failed(self) -> list[GateResult]:
@@ -159,7 +163,7 @@ class GateDecision:
 
     @classmethod
     def from_dict(cls, raw: dict) -> GateDecision:
-        return cls(promote=raw["promote"], variant=raw["variant"], results=[GateResult(**r) for r in raw["gates"]])
+        return cls(variant=raw["variant"], results=[GateResult(**r) for r in raw["gates"]])
 
 
 def select_variant(variants: list[VariantReport], policy: GatePolicy) -> VariantReport:
@@ -200,7 +204,7 @@ def decide(policy: GatePolicy, evidence: Evidence, links: dict[str, str] | None 
                  links.get("benchmark", "")),
         *_champion_gates(policy, evidence, links.get("comparison", "")),
     ]
-    return GateDecision(promote=all(r.passed for r in results), variant=v.name, results=results)
+    return GateDecision(variant=v.name, results=results)
 
 
 def _evidence_gate(evidence: Evidence) -> GateResult:

@@ -58,8 +58,8 @@ def build_model_input(frame: pd.DataFrame, spec: DatasetSpec) -> ModelInput:
     usual = np.maximum(usual, 0.01)
     fraud_prior = float(np.mean(spec.label_rate))
     merch_rate = np.nan_to_num(feats["merch_fraud_rate_30d"], nan=fraud_prior)
-    hour = pd.to_datetime(frame[spec.timestamp], utc=True).dt.hour.to_numpy() + \
-        pd.to_datetime(frame[spec.timestamp], utc=True).dt.minute.to_numpy() / 60.0
+    ts = pd.to_datetime(frame[spec.timestamp], utc=True).dt
+    hour = ts.hour.to_numpy() + ts.minute.to_numpy() / 60.0
     angle = 2 * np.pi * hour / 24.0
     numeric = np.column_stack([
         np.log1p(amount),

@@ -63,9 +63,7 @@ def batch_window(batch_dir: Path) -> tuple[pd.Timestamp, pd.Timestamp]:
 @dataclass
 class ValidationOutcome:
     report: validation.ValidationReport
-    batch_dir: Path
     quarantined_to: Path | None = None
-    report_paths: tuple[Path, Path] | None = None
 
     @property
     def passed(self) -> bool:
@@ -82,10 +80,10 @@ def validate_stage(settings: Settings, spec: DatasetSpec, batch_dir: Path,
     start, end = batch_window(batch_dir)
     report = validation.validate_batch(frame, spec, batch_dir.name, start, end, context_root=context_root)
     if report.success:
-        return ValidationOutcome(report, batch_dir), frame
+        return ValidationOutcome(report), frame
     target = data.quarantine_batch(batch_dir, settings.paths.quarantine)
-    paths = validation.write_report(report, target)
-    return ValidationOutcome(report, batch_dir, quarantined_to=target, report_paths=paths), None
+    validation.write_report(report, target)
+    return ValidationOutcome(report, quarantined_to=target), None
 
 
 # --- features ------------------------------------------------------------------------------------
@@ -195,10 +193,6 @@ class ExportOutcome:
     max_abs_diff: dict[str, float] = field(default_factory=dict)  # each variant against torch, golden batch
     providers: dict[str, list[str]] = field(default_factory=dict)  # execution providers each variant is for
 
-    @property
-    def fp32(self) -> Path:
-        return self.variants["fp32"]
-
     def runnable(self, providers: list[str] | None = None) -> dict[str, Path]:
         """The variants meant for one of these (default: the present) execution providers."""
         return {name: path for name, path in self.variants.items() if export.runnable_providers(name, providers)}
@@ -266,8 +260,8 @@ class EvaluationOutcome:
     robustness: evaluation.Robustness
     behaviour: evaluation.Behaviour
     variants: list[gates.VariantReport]
-    benchmarks: list[VariantBenchmark]
     shipped: gates.VariantReport
+    benchmark: list[dict]  # one row per variant and scenario, with its cost per 1M predictions
     holdout: pd.DataFrame
     hardware: Hardware
     seconds: float = 0.0
@@ -280,14 +274,13 @@ class EvaluationOutcome:
                 f"Server p99 {v.server_p99_ms:.3f} ms, Offline {v.rows_per_s:,.0f} rows/s, "
                 f"${v.cost_per_million:.3g} per 1M) in {self.seconds:.1f}s")
 
-    def benchmark_rows(self) -> list[dict]:
-        rows = []
-        for bench in self.benchmarks:
-            for s in bench.scenarios:
-                rows.append({**s.to_dict(), "model_bytes": bench.model_bytes, "memory_mb": round(bench.memory_mb, 2),
-                             "cost_per_million": benchmark.cost_per_million(s.samples_per_s,
-                                                                            self.hardware.price_per_hour)})
-        return rows
+
+
+def benchmark_rows(benches: list[VariantBenchmark], price_per_hour: float) -> list[dict]:
+    """Every scenario of every variant as a table row, with its cost per 1M predictions."""
+    return [{**s.to_dict(), "model_bytes": bench.model_bytes, "memory_mb": round(bench.memory_mb, 2),
+             "cost_per_million": benchmark.cost_per_million(s.samples_per_s, price_per_hour)}
+            for bench in benches for s in bench.scenarios]
 
 
 def evaluate_stage(model, prepared: Prepared, exported: ExportOutcome, spec: DatasetSpec,
@@ -302,20 +295,20 @@ def evaluate_stage(model, prepared: Prepared, exported: ExportOutcome, spec: Dat
     torch_metrics = evaluation.classification_metrics(
         y, predict(model, prepared.test.numeric, prepared.test.categorical), threshold)
     golden = export.golden_batch(prepared.test)
-    golden_torch = predict(model, golden.numeric, golden.categorical)
-    variants, benches, metrics_by_name = [], [], {}
-    for name, path in exported.variants.items():
-        if not _runs_on(name, hw.provider):
-            continue
-        session = export.make_session(path, providers=[hw.provider])
-        metrics = evaluation.classification_metrics(y, export.onnx_predict(session, prepared.test), threshold)
-        diff = export.check_parity(golden_torch, export.onnx_predict(session, golden), policy.parity_tolerance)
+    variants, benches, metrics_by_name, sessions = [], [], {}, {}
+    for name, path in exported.runnable([hw.provider]).items():
+        sessions[name] = export.make_session(path, providers=[hw.provider])
+        metrics = evaluation.classification_metrics(y, export.onnx_predict(sessions[name], prepared.test), threshold)
         result = benchmark.benchmark_variant(name, path, golden, bench, hw.provider)
         benches.append(result)
         metrics_by_name[name] = metrics
-        variants.append(_variant_report(name, path, hw, metrics, torch_metrics, diff.max_abs_diff, result))
+        variants.append(_variant_report(name, path, hw, metrics, torch_metrics, exported.max_abs_diff[name], result))
     shipped = gates.select_variant(variants, policy)
-    score = _scorer(Path(shipped.path), hw.provider)
+    shipped_session = sessions[shipped.name]
+
+    def score(data: ModelInput) -> np.ndarray:
+        return export.onnx_predict(shipped_session, data)
+
     shipped_scores = score(prepared.test)
     groups = evaluation.slice_groups(prepared.splits.test, prepared.test, spec)
     return EvaluationOutcome(
@@ -324,19 +317,9 @@ def evaluate_stage(model, prepared: Prepared, exported: ExportOutcome, spec: Dat
         reliability=evaluation.reliability_table(y, shipped_scores),
         robustness=evaluation.robustness(score, prepared.test, y, metrics_by_name[shipped.name]["pr_auc"], spec),
         behaviour=evaluation.behaviour(score, prepared.test),
-        variants=variants, benchmarks=benches, shipped=shipped,
+        variants=variants, benchmark=benchmark_rows(benches, hw.price_per_hour), shipped=shipped,
         holdout=holdout_frame(prepared.test, y, groups, spec), hardware=hw,
         seconds=time.perf_counter() - started)
-
-
-def _runs_on(variant: str, provider: str) -> bool:
-    """fp16 graphs are for GPU execution providers; on CPU they only add casts."""
-    return not (variant == "fp16" and provider == "CPUExecutionProvider")
-
-
-def _scorer(path: Path, provider: str):
-    session = export.make_session(path, providers=[provider])
-    return lambda data: export.onnx_predict(session, data)
 
 
 def _variant_report(name, path, hw: Hardware, metrics, torch_metrics, max_abs_diff, result) -> gates.VariantReport:
@@ -390,18 +373,17 @@ def write_evidence(evaluated: EvaluationOutcome, exported: ExportOutcome, out_di
                    extra: dict | None = None) -> Path:
     """Everything the gates and the model card need, as files to attach to the version."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    benchmark_rows = evaluated.benchmark_rows()
     evidence = {
         "shipped": asdict(evaluated.shipped), "fp32_parity": exported.parity.max_abs_diff,
         "variants": [asdict(v) for v in evaluated.variants], "threshold": evaluated.threshold,
         "torch_metrics": evaluated.torch_metrics, "shipped_metrics": evaluated.shipped_metrics,
         "slices": evaluated.slices, "reliability": evaluated.reliability,
         "robustness": evaluated.robustness.to_dict(), "behaviour": evaluated.behaviour.to_dict(),
-        "benchmark": benchmark_rows, "hardware": asdict(evaluated.hardware),
+        "benchmark": evaluated.benchmark, "hardware": asdict(evaluated.hardware),
         "features": features.FEATURE_NAMES, **(extra or {}),
     }
     (out_dir / "evidence.json").write_text(json.dumps(evidence, indent=2, default=float))
-    (out_dir / "benchmark.json").write_text(json.dumps(benchmark_rows, indent=2))
+    (out_dir / "benchmark.json").write_text(json.dumps(evaluated.benchmark, indent=2))
     evaluated.holdout.to_parquet(out_dir / "holdout.parquet", index=False)
     evaluation.plot_reliability(evaluated.reliability, evaluated.shipped_metrics["ece"], out_dir / "reliability.png")
     return out_dir
