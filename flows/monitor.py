@@ -19,7 +19,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from sluicegate import data, features, ingest, registry, validation
+from sluicegate import data, export, features, ingest, registry, validation
 from sluicegate import monitoring as mon
 from sluicegate.config import Settings, ensure_home
 from sluicegate.inputs import build_model_input
@@ -38,25 +38,17 @@ class MonitorParams(BaseModel):
     expectations: str = Field("expectations", description="Great Expectations context folder (data quality)")
 
 
-def monitoring_dir(settings: Settings) -> Path:
-    return settings.paths.root / "monitoring"
-
-
-def labels_dir(settings: Settings) -> Path:
-    return settings.paths.root / "labels"
-
-
 @task(name="reference-profile", cache_policy=NO_CACHE)
 def reference_profile(settings: Settings, spec: DatasetSpec, client, champion) -> mon.ReferenceProfile:
     """The champion's training window, binned; computed once per champion version and cached."""
-    cached = monitoring_dir(settings) / f"reference-v{champion.version}.json"
+    cached = settings.paths.monitoring / f"reference-v{champion.version}.json"
     if cached.exists():
         return mon.ReferenceProfile.from_json(cached.read_text())
     batch_id = champion.tags.get("batch_id")
     batch = data.read_batch(settings.paths.raw / batch_id)
     customer, merchant = features.compute_feature_tables(batch, spec)
     ref = mon.reference_frame(batch, customer, merchant, spec, mon.parse_window(champion.tags.get("train_window")))
-    onnx_path = registry.download_onnx(client, champion, monitoring_dir(settings) / f"champion-v{champion.version}")
+    onnx_path = registry.download_onnx(client, champion, settings.paths.monitoring / f"champion-v{champion.version}")
     profile = mon.build_profile(ref, spec, champion.version, batch_id, scores=_score(onnx_path, ref, spec))
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_text(profile.to_json())
@@ -64,11 +56,8 @@ def reference_profile(settings: Settings, spec: DatasetSpec, client, champion) -
 
 
 def _score(onnx_path: Path, frame: pd.DataFrame, spec: DatasetSpec) -> np.ndarray:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    x = build_model_input(frame, spec)
-    return np.asarray(session.run(None, {"numeric": x.numeric, "categorical": x.categorical})[0]).ravel()
+    session = export.make_session(onnx_path, providers=["CPUExecutionProvider"])
+    return export.onnx_predict(session, build_model_input(frame, spec))
 
 
 @task(name="data-quality", cache_policy=NO_CACHE)
@@ -135,7 +124,7 @@ def _publish(settings: Settings, report: mon.DriftReport, decision: mon.TriggerD
                           description=f"PSI per column vs. champion v{report.reference_version}")
     create_markdown_artifact(key="drift-summary", markdown=markdown, description=decision.summary())
     registry.configure(settings)
-    plot = mon.plot_drift(report, thresholds, monitoring_dir(settings) / "drift.png")
+    plot = mon.plot_drift(report, thresholds, settings.paths.monitoring / "drift.png")
     with mlflow.start_run(run_name="monitor", tags={"kind": "monitor",
                                                       "reference_version": report.reference_version,
                                                       "decision": decision.summary()[:4900]}) as run:
@@ -157,7 +146,7 @@ def monitor(params: MonitorParams | None = None) -> dict:
     ensure_home(settings.paths)
     spec = load_spec(settings.spec_path)
     thresholds = mon.load_thresholds(settings.gates_path)
-    with mon.locked_state(monitoring_dir(settings) / "state.json") as state:
+    with mon.locked_state(settings.paths.monitoring / "state.json") as state:
         since = pd.Timestamp(state.last_run_at) if state.last_run_at else None
         log = mon.read_prediction_log(settings.paths.predictions, since)
         if log.empty:
@@ -175,7 +164,7 @@ def monitor(params: MonitorParams | None = None) -> dict:
         report = mon.drift_report(log, profile, thresholds, since)
         report.quality_passed, report.quality_failures = data_quality(log, spec, Path(params.expectations))
         threshold = float(champion.tags.get("threshold", 0.5))
-        report.live = mon.live_metrics(log, mon.read_labels(labels_dir(settings), spec), spec, threshold)
+        report.live = mon.live_metrics(log, mon.read_labels(settings.paths.labels, spec), spec, threshold)
         decision, run_id = _decide_and_trigger(settings, params, report, thresholds, state)
     mlflow_run = _publish(settings, report, decision, thresholds)
     logger.info(decision.summary())

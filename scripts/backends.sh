@@ -40,11 +40,14 @@ install() {
   say "installing ${missing[*]} from Debian's packages"
   # The packages would start their own servers on the default ports: keep them from doing so.
   local policy=/usr/sbin/policy-rc.d added=""
-  if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; added=1; fi
+  # Removed on any exit too: left behind, it would keep every later package from starting its service.
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; added=1; trap "rm -f $policy" EXIT
+  fi
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  [ -n "$added" ] && rm -f "$policy"
+  if [ -n "$added" ]; then rm -f "$policy"; trap - EXIT; fi
   pg_bin >/dev/null && command -v redis-server >/dev/null || die "install failed"
 }
 
@@ -122,7 +125,7 @@ EOF
   id redis >/dev/null 2>&1 && { chown redis "$REDIS_DIR/redis.conf"; user=redis; }
   as_user "$user" redis-server "$REDIS_DIR/redis.conf"
   for _ in $(seq 100); do
-    redis-cli -h 127.0.0.1 -p "$REDIS_PORT" --no-auth-warning -a "$password" ping 2>/dev/null | grep -q PONG && break
+    REDISCLI_AUTH=$password redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG && break
     sleep 0.1
   done
   redis_pid >/dev/null || die "redis did not start; see $REDIS_DIR/redis.log"

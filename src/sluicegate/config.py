@@ -6,7 +6,10 @@ environment variables with embedded defaults. Nothing is read at import time.
 
 from __future__ import annotations
 
+import fcntl
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +91,22 @@ class HomePaths:
     def predictions(self) -> Path:
         return self.root / "predictions"
 
+    @property
+    def model_repository(self) -> Path:
+        return self.root / "model_repository"
+
+    @property
+    def locks(self) -> Path:
+        return self.root / "locks"
+
+    @property
+    def monitoring(self) -> Path:
+        return self.root / "monitoring"
+
+    @property
+    def labels(self) -> Path:
+        return self.root / "labels"
+
 
 def ensure_home(paths: HomePaths) -> HomePaths:
     """Create SLUICEGATE_HOME if missing; refuse one that is corrupt, saying what to do."""
@@ -124,3 +143,15 @@ def ensure_home(paths: HomePaths) -> HomePaths:
     if not marker.exists():
         marker.write_text(json.dumps({"layout_version": HOME_LAYOUT_VERSION}))
     return paths
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock held on `path` between processes on this machine (fcntl)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

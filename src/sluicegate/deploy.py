@@ -88,7 +88,7 @@ def gate_and_promote(settings: Settings, policy: GatePolicy, spec: DatasetSpec, 
     event = {"event": "promote", "actor": actor, "reason": decision.reason(),
              "gate_report": artifacts.get("gate_report", "")}
     try:
-        registry.move_champion(client, name, version, champion_version, event, settings.paths.root / "locks")
+        registry.move_champion(client, name, version, champion_version, event, settings.paths.locks)
     except registry.LostRace as lost:
         return DeployOutcome("lost_race", str(lost), version, champion_version, decision, report, artifacts)
     return DeployOutcome("promoted", decision.reason(), version, champion_version, decision, report, artifacts)
@@ -193,5 +193,5 @@ def rollback(settings: Settings, to_version: str | None, actor: str, reason: str
         registry.download_onnx(client, version, Path(tmp))
     event = {"event": "rollback", "actor": actor, "reason": reason}
     previous = registry.move_champion(client, name, str(target), str(current.version) if current else None,
-                                      event, settings.paths.root / "locks")
+                                      event, settings.paths.locks)
     return {"model": name, "from": previous, "to": str(target), "actor": actor, "reason": reason}

@@ -17,7 +17,6 @@ and label columns (and optionally `labelled_at`), joined to the log by id.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
@@ -31,6 +30,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from sluicegate.config import file_lock
 from sluicegate.gates import DriftThresholds
 from sluicegate.inputs import FEATURE_DEFAULTS  # the model's feature columns (features.py imports Feast)
 from sluicegate.spec import DatasetSpec
@@ -407,9 +407,8 @@ class MonitorState:
 
     @classmethod
     def load(cls, path: Path) -> MonitorState:
-        if not path.exists() or not path.read_text().strip():
-            return cls()
-        return cls(**json.loads(path.read_text()))
+        text = path.read_text() if path.exists() else ""
+        return cls(**json.loads(text)) if text.strip() else cls()
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -421,9 +420,7 @@ class MonitorState:
 @contextmanager
 def locked_state(path: Path) -> Iterator[MonitorState]:
     """Hold an exclusive lock while deciding and recording, so two monitors never both trigger."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(path.with_suffix(".lock")):
         state = MonitorState.load(path)
         yield state
         state.save(path)

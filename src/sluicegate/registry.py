@@ -6,7 +6,6 @@ candidate, `champion` the version being served.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import re
 import subprocess
@@ -21,7 +20,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from sluicegate.config import Settings
+from sluicegate.config import Settings, file_lock
 from sluicegate.export import sha256_file
 
 CHAMPION = "champion"
@@ -97,14 +96,9 @@ class LostRace(RuntimeError):
 
 @contextmanager
 def promotion_lock(lock_dir: Path):
-    """Serialize champion moves on this machine (fcntl lock under SLUICEGATE_HOME)."""
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / "promotion.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """Serialize champion moves on this machine (a file lock under SLUICEGATE_HOME)."""
+    with file_lock(lock_dir / "promotion.lock"):
+        yield
 
 
 def move_champion(client: MlflowClient, name: str, version: str, expected: str | None, event: dict,

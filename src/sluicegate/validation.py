@@ -11,7 +11,6 @@ importing this module (e.g. from the CLI) should not pay for it.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from sluicegate.config import file_lock
 from sluicegate.spec import DatasetSpec
 
 if TYPE_CHECKING:
@@ -144,14 +144,8 @@ def build_expectations(spec: DatasetSpec) -> list:
 @contextmanager
 def _context_lock(context_root: Path) -> Iterator[None]:
     """Serialize processes that build or run the same context (GX file stores are not atomic)."""
-    lock_path = context_root / LOCK_FILE
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with file_lock(context_root / LOCK_FILE):
+        yield
 
 
 def _open_context(context_root: Path) -> AbstractDataContext:

@@ -144,7 +144,7 @@ def test_stale_decision_loses_the_race(versions):
     with pytest.raises(registry.LostRace, match="champion moved"):
         registry.move_champion(client, settings.model_name, versions[0]["version"], expected="999",
                                event={"event": "promote", "actor": "t", "reason": "t"},
-                               lock_dir=settings.paths.root / "locks")
+                               lock_dir=settings.paths.locks)
     assert status()["champion"]["version"] == int(versions[1]["version"])
 
 
