@@ -84,16 +84,22 @@ def _ms(value: str) -> float:
     return float(number) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
 
 
+def parse_wrk(out: str) -> dict:
+    """Requests, req/s, p50/p99 and failed requests (non-2xx plus socket errors) from `wrk --latency` output."""
+    socket = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    non_2xx = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses:\s+(\d+)", out))
+    return {"requests": int(re.search(r"(\d+) requests in", out).group(1)),
+            "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+            "p50_ms": _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),
+            "p99_ms": _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1)),
+            "failed": non_2xx + (sum(int(n) for n in socket.groups()) if socket else 0)}
+
+
 def wrk(url: str, script: Path, connections: int, seconds: int, threads: int) -> tuple[float, float, float, int]:
     out = subprocess.run(["wrk", f"-t{min(threads, connections)}", f"-c{connections}", f"-d{seconds}s", "--latency",
                           "-s", str(script), url], capture_output=True, text=True, check=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
-    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
-    errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses:\s+(\d+)", out))
-    socket = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    errors += sum(int(n) for n in socket.groups()) if socket else 0
-    return rps, p50, p99, errors
+    result = parse_wrk(out)
+    return result["rps"], result["p50_ms"], result["p99_ms"], result["failed"]
 
 
 def start(cmd: list[str], env: dict, ready_url: str, log: Path) -> subprocess.Popen:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.serve import WRK_HINT, _ms, lua_script, start, stop, v2_body
+from bench.serve import WRK_HINT, lua_script, parse_wrk, start, stop, v2_body
 
 NAME = "fraud-detector"
 KEY = "soak-key"
@@ -76,7 +75,7 @@ def build_home(home: Path, versions: int) -> None:
             version = registry.register_candidate(client, NAME, info, mlflow.active_run().info.run_id, onnx_path,
                                                   {"threshold": "0.3", "variant": "fp32"})
     registry.move_champion(client, NAME, "1", None, {"event": "promote", "actor": "soak", "reason": "start"},
-                           settings.paths.root / "locks")
+                           settings.paths.locks)
     assert str(version.version) == str(versions)
 
 
@@ -91,13 +90,7 @@ def wrk_minute(url: str, script: Path, connections: int, seconds: int, threads: 
     out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
                           "--latency", "-s", str(script), url],
                          capture_output=True, text=True, check=True, timeout=seconds + 60).stdout
-    socket = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    non_2xx = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses:\s+(\d+)", out))
-    return {"requests": int(re.search(r"(\d+) requests in", out).group(1)),
-            "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-            "p50_ms": _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),
-            "p99_ms": _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1)),
-            "failed": non_2xx + (sum(int(n) for n in socket.groups()) if socket else 0)}
+    return parse_wrk(out)
 
 
 def promote_at(times: list[float], home: Path, base: str, log: list[dict], stop_event: threading.Event) -> None:
@@ -115,7 +108,7 @@ def promote_at(times: list[float], home: Path, base: str, log: list[dict], stop_
         moved = time.monotonic()
         registry.move_champion(client, NAME, version, previous,
                                {"event": "promote", "actor": "soak", "reason": f"promotion {i + 1}"},
-                               settings.paths.root / "locks")
+                               settings.paths.locks)
         served = None
         while served is None and time.monotonic() - moved < 120:
             answer = httpx.get(f"{base}/v2/models/{NAME}/ready", timeout=5).json()

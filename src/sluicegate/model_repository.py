@@ -9,7 +9,6 @@ served as such (Triton's default policy would serve the highest number).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -56,15 +55,11 @@ def write_version(root: Path, name: str, version: str, onnx_bytes: bytes, catego
     version_dir = model_dir / str(version)
     version_dir.mkdir(parents=True, exist_ok=True)
     target = version_dir / MODEL_FILE
-    if not target.exists() or _sha(target.read_bytes()) != _sha(onnx_bytes):
+    if not target.exists() or target.read_bytes() != onnx_bytes:
         _atomic_write(target, onnx_bytes)
     _atomic_write(model_dir / CONFIG_FILE,
                   config_pbtxt(name, version, categorical_width, max_batch_size).encode())
     return model_dir
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -83,7 +78,7 @@ def export_champion(root: Path | None = None) -> Path:
     from sluicegate.spec import load_spec
 
     settings = Settings()
-    root = root or settings.paths.root / "model_repository"
+    root = root or settings.paths.model_repository
     client = registry_client(settings)
     version = registry.version_by_alias(client, settings.model_name, registry.CHAMPION)
     if version is None:

@@ -32,7 +32,7 @@ from sluicegate.spec import load_spec
 log = logging.getLogger("sluicegate.serving")
 
 JSON = b"application/json"
-INFER_ENDPOINTS = ("v2_infer", "predict")
+HEADER_LENGTH = v2.HEADER_LENGTH.encode()
 
 
 class ClientGone(Exception):
@@ -131,7 +131,7 @@ class ServingApp:
         self.metrics.model_version.labels(model.name).set(float(model.version))
         if self.serve.export_repository:
             try:
-                model_repository.write_version(self.settings.paths.root / "model_repository", model.name,
+                model_repository.write_version(self.settings.paths.model_repository, model.name,
                                                model.version, model.onnx_bytes, len(self.cardinalities))
             except OSError as exc:  # exporting is a convenience; serving goes on
                 log.error("model repository export failed: %s", exc)
@@ -205,14 +205,18 @@ class ServingApp:
         if given is None or not any(hmac.compare_digest(given, key) for key in self.keys):
             raise BadRequest("missing or invalid API key: send 'Authorization: Bearer <key>' or 'X-API-Key'", 401)
 
-    async def _read_body(self, scope, receive) -> bytes:
+    async def _read_body(self, scope, receive) -> tuple[bytes, str | None]:
+        """The body, and v2's Inference-Header-Content-Length if sent (found in the same pass over the headers)."""
         limit = self.serve.max_body_bytes
+        header_length = None
         for name, value in scope["headers"]:
             if name == b"content-length":
                 if not value.isdigit():
                     raise BadRequest("Content-Length must be a number")
                 if int(value) > limit:
                     raise BadRequest(f"body of {int(value)} bytes exceeds the limit of {limit}", 413)
+            elif name == HEADER_LENGTH:
+                header_length = value.decode("latin-1")
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -224,7 +228,7 @@ class ServingApp:
                 raise BadRequest(f"body exceeds the limit of {limit} bytes", 413)
             chunks.append(chunk)
             if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), header_length
 
     def _serving(self) -> LoadedModel:
         model = self.manager.current
@@ -304,11 +308,7 @@ class ServingApp:
         self._method(method, "POST")
         self._authorize(scope)
         self._check_version(self._serving(), version)
-        body = await self._read_body(scope, receive)
-        header_length = None
-        for name, value in scope["headers"]:
-            if name == b"inference-header-content-length":
-                header_length = value.decode("latin-1")
+        body, header_length = await self._read_body(scope, receive)
         request = v2.parse_infer(body, header_length, self.cardinalities, self.serve.max_rows_per_request)
         probs, model = await self.v2_batcher.submit(request, request.rows)
         if version is not None and version != model.version:  # the champion moved while queued
@@ -337,7 +337,7 @@ class ServingApp:
         self._method(method, "POST")
         self._authorize(scope)
         self._serving()
-        body = await self._read_body(scope, receive)
+        body, _ = await self._read_body(scope, receive)
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError as exc:

@@ -67,14 +67,15 @@ class MicroBatcher:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
-    def _take(self) -> list[_Job]:
-        jobs, rows = [self._jobs.popleft()], 0
+    def _take(self) -> tuple[list[_Job], int]:
+        """The next batch: queued jobs up to `max_rows` rows (at least one job), and its row count."""
+        jobs = [self._jobs.popleft()]
         rows = jobs[0].rows
         while self._jobs and rows + self._jobs[0].rows <= self.max_rows:
             job = self._jobs.popleft()
             jobs.append(job)
             rows += job.rows
-        return jobs
+        return jobs, rows
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -87,9 +88,9 @@ class MicroBatcher:
                 continue
             if self.max_wait_s and sum(j.rows for j in self._jobs) < self.max_rows:
                 await asyncio.sleep(self.max_wait_s)
-            jobs = self._take()
+            jobs, rows = self._take()
             if self._on_batch:
-                self._on_batch(sum(j.rows for j in jobs))
+                self._on_batch(rows)
             payloads = [j.payload for j in jobs]
             try:
                 if self._executor is None:

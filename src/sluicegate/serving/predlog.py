@@ -59,8 +59,6 @@ class PredictionLog:
         self.flush_rows = flush_rows
         self.expand = expand or {}
         self.dropped = 0
-        self.written_rows = 0
-        self.write_errors = 0
         self.error: str | None = None  # the last write's error while writes fail; None once one succeeds
         self._on_drop = on_drop
         self._on_error = on_error
@@ -135,13 +133,11 @@ class PredictionLog:
                 tmp = final.with_name(f".{final.name}.tmp")
                 pq.write_table(table, tmp)
                 tmp.rename(final)  # readers globbing *.parquet never see a half-written file
-                self.written_rows += table.num_rows
                 self.error = None
             except Exception as exc:  # the log must never take the server down
                 if tmp is not None:
                     with contextlib.suppress(OSError):  # a half-written file is never read (dot name)
                         tmp.unlink(missing_ok=True)
-                self.write_errors += 1
                 self.error = f"{type(exc).__name__}: {exc}"
                 if self._on_error:
                     self._on_error()

@@ -193,7 +193,7 @@ def infer_response(model_name: str, version: str, request_id: str | None, probs:
     raw = np.ascontiguousarray(probs, dtype="<f4").tobytes()
     output["parameters"] = {"binary_data_size": len(raw)}
     header = orjson.dumps(head)
-    return header + raw, {"inference-header-content-length": str(len(header))}
+    return header + raw, {HEADER_LENGTH: str(len(header))}
 
 
 def model_metadata(model_name: str, version: str | None, categorical_width: int) -> dict:
