@@ -92,7 +92,8 @@ def main() -> None:
     print(f"{'torch eager':<12} {'-':<22} {base_p50:>10.3f} {1.0:>8.2f}x {base_rate:>14,.0f} {1.0:>8.2f}x "
           f"{torch_auc:>8.4f} {0.0:>+8.4f} {'-':>6}")
     for name, path in exported.variants.items():
-        for provider in export.runnable_providers(name):
+        providers = export.runnable_providers(name)
+        for provider in providers:
             session = export.make_session(path, threads=threads, providers=[provider])
             def run(d, session=session):
                 return export.onnx_predict(session, d)
@@ -101,7 +102,7 @@ def main() -> None:
             auc = roc_auc_score(y, run(test))
             print(f"{name:<12} {provider:<22} {p50:>10.3f} {base_p50 / p50:>8.2f}x {rate:>14,.0f} "
                   f"{rate / base_rate:>8.2f}x {auc:>8.4f} {auc - torch_auc:>+8.4f} {path.stat().st_size / 1024:>6.0f}")
-        if not export.runnable_providers(name):
+        if not providers:
             print(f"{name:<12} (meant for {', '.join(export.VARIANT_PROVIDERS[name])}: none present here)")
 
 

@@ -67,8 +67,8 @@ def _load_result(path: Path, train: ModelInput, cardinalities: list[int], cfg: T
     saved = torch.load(path, map_location="cpu", weights_only=False)
     model = build_model(cfg.model, train.numeric.shape[1], cardinalities, cfg)
     model.load_state_dict(saved.pop("state_dict"))
-    for row in saved["history"]:
-        if on_epoch:
+    if on_epoch:
+        for row in saved["history"]:
             on_epoch(row)
     return TrainResult(model=model.eval(), **saved)
 

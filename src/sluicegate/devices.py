@@ -86,13 +86,11 @@ def configure_backends(device: torch.device, deterministic: bool = False) -> Non
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
-def device_fingerprint(device: torch.device, policy: PrecisionPolicy | torch.dtype | None,
+def device_fingerprint(device: torch.device, policy: PrecisionPolicy,
                        compiled: bool = False, world_size: int = 1) -> dict:
     """What a training run executed on, for the MLflow record."""
     import onnxruntime as ort
 
-    if not isinstance(policy, PrecisionPolicy):
-        policy = PrecisionPolicy(str(policy).replace("torch.", "") if policy else "fp32", policy, False)
     info = {
         "device_type": device.type,
         "device_kind": device_kind(device),

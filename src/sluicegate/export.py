@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,23 +77,34 @@ def export_onnx(model: torch.nn.Module, example: ModelInput, path: Path) -> Path
         dynamic_shapes={"numeric": {0: batch}, "categorical": {0: batch}},
         verbose=False,
     )
+    return _checked(path)
+
+
+def _checked(path: Path) -> Path:
+    """path, after onnx.checker accepts the graph written there."""
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     return path
 
 
-def quantize_int8(fp32_path: Path, out_path: Path) -> Path:
-    """INT8 dynamic quantization of the matrix multiplies.
+@contextmanager
+def _preprocessed(fp32_path: Path) -> Iterator[Path]:
+    """A quant_pre_process'd copy of the graph, for the length of the block.
 
-    quant_pre_process runs first: the dynamo exporter's value_info otherwise
-    trips onnxruntime's shape inference during quantization.
+    The dynamo exporter's value_info otherwise trips onnxruntime's shape inference
+    during quantization.
     """
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre))
+        yield pre
+
+
+def quantize_int8(fp32_path: Path, out_path: Path) -> Path:
+    """INT8 dynamic quantization of the matrix multiplies."""
+    with _preprocessed(fp32_path) as pre:
         quantize_dynamic(str(pre), str(out_path), weight_type=QuantType.QInt8,
                          op_types_to_quantize=["MatMul", "Gemm"])
-    onnx.checker.check_model(onnx.load(str(out_path)), full_check=True)
-    return out_path
+    return _checked(out_path)
 
 
 class _Calibration(CalibrationDataReader):
@@ -113,16 +126,13 @@ def quantize_int8_static(fp32_path: Path, out_path: Path, calibration: ModelInpu
     normalization, embeddings, softmax and the final sigmoid stay fp32, where int8
     would cost accuracy and save little time.
     """
-    with tempfile.TemporaryDirectory() as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(fp32_path), str(pre))
+    with _preprocessed(fp32_path) as pre:
         quantize_static(str(pre), str(out_path), _Calibration(calibration, batch_size),
                         quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, per_channel=True,
                         op_types_to_quantize=["MatMul", "Gemm"],
                         calibrate_method=CalibrationMethod.MinMax)
-    onnx.checker.check_model(onnx.load(str(out_path)), full_check=True)
-    return out_path
+    return _checked(out_path)
 
 
 def convert_fp16(fp32_path: Path, out_path: Path) -> Path:
@@ -133,8 +143,7 @@ def convert_fp16(fp32_path: Path, out_path: Path) -> Path:
     model = OnnxModel(convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True))
     model.topological_sort()  # the converter appends its input casts after their consumers
     onnx.save(model.model, str(out_path))
-    onnx.checker.check_model(onnx.load(str(out_path)), full_check=True)
-    return out_path
+    return _checked(out_path)
 
 
 def export_variants(model: torch.nn.Module, example: ModelInput, calibration: ModelInput,

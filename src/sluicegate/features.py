@@ -91,15 +91,13 @@ def _rolling_before(df: pd.DataFrame, key: str, ts: str, window: str, column: st
 
 def _customer_table(tx: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
     key, ts, amount = spec.entities.customer, spec.timestamp, spec.amount
-    df = _sorted_by(tx[[key, ts, amount]], key, ts)
-    df["_one"] = 1.0
-    out = df[[key, ts]].copy()
-    out["cust_txn_count_1h"] = _rolling_before(df, key, ts, "1h", "_one").sum().to_numpy()
-    out["cust_txn_count_24h"] = _rolling_before(df, key, ts, "24h", "_one").sum().to_numpy()
+    df, out = _per_entity(tx, key, ts, amount)
+    out["cust_txn_count_1h"] = _count_before(df, key, ts, "1h")
+    out["cust_txn_count_24h"] = _count_before(df, key, ts, "24h")
     week = _rolling_before(df, key, ts, "7D", amount)
     out["cust_amount_mean_7d"] = week.mean().to_numpy()
     out["cust_amount_std_7d"] = week.std().to_numpy()
-    out = out.drop_duplicates([key, ts], keep="first").reset_index(drop=True)
+    out = _one_row_per_timestamp(out, key, ts)
     previous = out.groupby(key, sort=False)[ts].shift(1)
     out["cust_minutes_since_prev"] = (out[ts] - previous).dt.total_seconds() / 60.0
     return _with_dtypes(out, [key, ts], CUSTOMER_FEATURES)
@@ -107,13 +105,29 @@ def _customer_table(tx: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
 
 def _merchant_table(tx: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
     key, ts, label = spec.entities.merchant, spec.timestamp, spec.label
-    df = _sorted_by(tx[[key, ts, label]], key, ts)
-    df["_one"] = 1.0
-    out = df[[key, ts]].copy()
-    out["merch_txn_count_24h"] = _rolling_before(df, key, ts, "24h", "_one").sum().to_numpy()
-    out = out.drop_duplicates([key, ts], keep="first").reset_index(drop=True)
+    df, out = _per_entity(tx, key, ts, label)
+    out["merch_txn_count_24h"] = _count_before(df, key, ts, "24h")
+    out = _one_row_per_timestamp(out, key, ts)
     out["merch_fraud_rate_30d"] = _lagged_fraud_rate(df, out, key, ts, label)
     return _with_dtypes(out, [key, ts], MERCHANT_FEATURES)
+
+
+def _per_entity(tx: pd.DataFrame, key: str, ts: str, value: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(df, out): tx's key, ts and value sorted by (key, ts) with a `_one` column to count,
+    and a frame of df's (key, ts) rows to put features in."""
+    df = _sorted_by(tx[[key, ts, value]], key, ts)
+    df["_one"] = 1.0
+    return df, df[[key, ts]].copy()
+
+
+def _count_before(df: pd.DataFrame, key: str, ts: str, window: str) -> np.ndarray:
+    """Transactions of the row's key in [t - window, t), aligned to df's rows."""
+    return _rolling_before(df, key, ts, window, "_one").sum().to_numpy()
+
+
+def _one_row_per_timestamp(out: pd.DataFrame, key: str, ts: str) -> pd.DataFrame:
+    """Rows sharing (key, ts) have the same features: keep the first."""
+    return out.drop_duplicates([key, ts], keep="first").reset_index(drop=True)
 
 
 def _lagged_fraud_rate(df: pd.DataFrame, keys: pd.DataFrame, key: str, ts: str, label: str) -> np.ndarray:
@@ -366,21 +380,18 @@ def training_frame(store: feast.FeatureStore, transactions: pd.DataFrame, spec: 
     keys seen so far, timestamp), so two transactions of one customer in the
     same second at different merchants would lose a row; fewer rows also join faster.
     """
-    ts = spec.timestamp
     out = transactions.copy()
-    when = _utc(out[ts])
+    # Feast re-parses any timestamp whose tz is not pytz's UTC object, row by row.
+    when = _utc(out[spec.timestamp]).dt.tz_convert(pytz.UTC)
     service = store.get_feature_service(FEATURE_SERVICE)
     for projection in service.feature_view_projections:
         view = store.get_feature_view(projection.name)
         key = view.entity_columns[0].name
         refs = [f"{projection.name_to_use()}:{f.name}" for f in projection.features]
-        entity_df = pd.DataFrame({key: out[key].array, FEAST_EVENT_TS: when.array})
-        entity_df = entity_df.drop_duplicates(ignore_index=True)
-        # Feast re-parses any timestamp whose tz is not pytz's UTC object, row by row.
-        entity_df[FEAST_EVENT_TS] = entity_df[FEAST_EVENT_TS].dt.tz_convert(pytz.UTC)
+        lookup = pd.DataFrame({key: out[key].array, FEAST_EVENT_TS: when.array})
+        entity_df = lookup.drop_duplicates(ignore_index=True)
         found = store.get_historical_features(entity_df=entity_df, features=refs).to_df()
         found = found[[key, FEAST_EVENT_TS, *(f.name for f in projection.features)]]
-        lookup = pd.DataFrame({key: out[key].array, FEAST_EVENT_TS: when.dt.tz_convert(pytz.UTC).array})
         joined = lookup.merge(found, on=[key, FEAST_EVENT_TS], how="left", validate="many_to_one")
         for feature in projection.features:
             out[feature.name] = joined[feature.name].to_numpy()

@@ -25,17 +25,9 @@ import torch.nn.functional as F
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import nn
 
-from sluicegate.devices import (  # noqa: F401  (re-exported: the device layer's public names)
-    Precision,
-    PrecisionPolicy,
-    autocast_dtype,
-    configure_backends,
-    device_fingerprint,
-    pick_device,
-    precision_policy,
-)
+from sluicegate.devices import Precision, configure_backends, device_fingerprint, pick_device, precision_policy
 from sluicegate.inputs import ModelInput
-from sluicegate.models import FraudMLP, FTTransformer, ModelKind, build_model  # noqa: F401
+from sluicegate.models import ModelKind, build_model
 
 
 @dataclass
@@ -351,7 +343,3 @@ def _to_device(data: ModelInput, labels: np.ndarray, device: torch.device):
     return (torch.as_tensor(data.numeric, device=device),
             torch.as_tensor(data.categorical, device=device),
             torch.as_tensor(labels, dtype=torch.float32, device=device))
-
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)

@@ -1,18 +1,16 @@
 """Data-parallel training under torchrun: 2 CPU processes joined by gloo reach single-process quality."""
 
-import numpy as np
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
 from sluicegate import ddp
 from sluicegate.training import TrainConfig, predict, train_model
-from tests.unit.test_training import synthetic
+from tests.unit.test_training import split
 
 
 def test_two_gloo_processes_match_one_process(tmp_path):
-    rng = np.random.default_rng(0)
-    (train, y), (valid, yv) = synthetic(12_000, rng), synthetic(3_000, rng)
+    (train, y), (valid, yv) = split(0, 12_000, 3_000)
     cfg = TrainConfig(max_epochs=3, patience=10, batch_size=512, device="cpu")
     single = train_model(train, y, valid, yv, [5, 3], cfg, tmp_path / "single")
     seen = []
@@ -35,8 +33,7 @@ def test_world_size_follows_visible_gpus_unless_set():
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="DDP over NCCL/RCCL needs at least 2 GPUs")
 def test_two_gpus_train_with_nccl(tmp_path):
-    rng = np.random.default_rng(1)
-    (train, y), (valid, yv) = synthetic(50_000, rng), synthetic(10_000, rng)
+    (train, y), (valid, yv) = split(1, 50_000, 10_000)
     result = ddp.launch(train, y, valid, yv, [5, 3], TrainConfig(max_epochs=3, world_size=2), tmp_path)
     assert result.device["device_type"] == "cuda" and result.device["world_size"] == 2
     assert roc_auc_score(yv, predict(result.model, valid.numeric, valid.categorical)) > 0.85

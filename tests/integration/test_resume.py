@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from sluicegate.training import TrainConfig, predict, train_model
-from tests.unit.test_training import synthetic
+from tests.unit.test_training import split
 
 REPO = Path(__file__).resolve().parents[2]
 CFG = dict(max_epochs=5, patience=10, batch_size=256, device="cpu", seed=11)
@@ -22,11 +22,9 @@ KILL_AFTER = 2
 CHILD = textwrap.dedent(f"""
     import os, signal, sys
     from pathlib import Path
-    import numpy as np
     from sluicegate.training import TrainConfig, train_model
-    from tests.unit.test_training import synthetic
-    rng = np.random.default_rng(0)
-    (train, y), (valid, yv) = synthetic(4_000, rng), synthetic(1_000, rng)
+    from tests.integration.test_resume import data
+    (train, y), (valid, yv) = data()
 
     def maybe_die(row):
         if row["epoch"] == {KILL_AFTER}:
@@ -37,8 +35,7 @@ CHILD = textwrap.dedent(f"""
 
 
 def data():
-    rng = np.random.default_rng(0)
-    return synthetic(4_000, rng), synthetic(1_000, rng)
+    return split(0, 4_000, 1_000)
 
 
 def test_killed_run_resumes_from_last_checkpoint(tmp_path):

@@ -5,7 +5,8 @@ import torch
 from sluicegate.benchmark import BenchConfig, benchmark_variant, cost_per_million
 from sluicegate.export import export_onnx
 from sluicegate.inputs import ModelInput
-from sluicegate.training import FraudMLP, TrainConfig
+from sluicegate.models import FraudMLP
+from sluicegate.training import TrainConfig
 
 
 @pytest.fixture(scope="module")

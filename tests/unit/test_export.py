@@ -17,8 +17,8 @@ from sluicegate.export import (
     sha256_file,
 )
 from sluicegate.inputs import ModelInput, cardinalities
-from sluicegate.models import build_model
-from sluicegate.training import FraudMLP, TrainConfig, predict
+from sluicegate.models import FraudMLP, build_model
+from sluicegate.training import TrainConfig, predict
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from sklearn.metrics import roc_auc_score
 
 from sluicegate.models import FraudMLP, FTTransformer, build_model
 from sluicegate.training import TrainConfig, predict, train_distilled, train_model
-from tests.unit.test_training import synthetic
+from tests.unit.test_training import split, synthetic
 
 CARDS = [5, 3]
 
@@ -37,8 +37,7 @@ def test_unknown_architecture_is_refused():
 
 
 def test_ft_transformer_trains_on_cpu(tmp_path):
-    rng = np.random.default_rng(0)
-    (train, y), (valid, yv) = synthetic(6_000, rng), synthetic(2_000, rng)
+    (train, y), (valid, yv) = split(0, 6_000, 2_000)
     cfg = TrainConfig(model="ft_transformer", d_token=16, n_blocks=1, max_epochs=2, batch_size=256, device="cpu")
     result = train_model(train, y, valid, yv, CARDS, cfg, tmp_path)
     assert isinstance(result.model, FTTransformer)
@@ -46,8 +45,7 @@ def test_ft_transformer_trains_on_cpu(tmp_path):
 
 
 def test_distillation_ships_an_mlp_student_and_compares_it_with_the_teacher(tmp_path):
-    rng = np.random.default_rng(2)
-    (train, y), (valid, yv) = synthetic(5_000, rng), synthetic(2_000, rng)
+    (train, y), (valid, yv) = split(2, 5_000, 2_000)
     seen = []
     cfg = TrainConfig(d_token=16, n_blocks=1, max_epochs=2, batch_size=256, device="cpu", distill=True)
     student = train_distilled(train, y, valid, yv, CARDS, cfg, tmp_path, on_epoch=seen.append)
@@ -61,8 +59,7 @@ def test_distillation_ships_an_mlp_student_and_compares_it_with_the_teacher(tmp_
 
 
 def test_soft_labels_change_what_the_student_learns(tmp_path):
-    rng = np.random.default_rng(3)
-    (train, y), (valid, yv) = synthetic(4_000, rng), synthetic(1_000, rng)
+    (train, y), (valid, yv) = split(3, 4_000, 1_000)
     cfg = TrainConfig(max_epochs=2, batch_size=256, device="cpu", distill_alpha=1.0)
     plain = train_model(train, y, valid, yv, CARDS, cfg, tmp_path / "plain")
     inverted = train_model(train, y, valid, yv, CARDS, cfg, tmp_path / "inv", soft_targets=1 - y)

@@ -6,16 +6,9 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from sluicegate.devices import PrecisionPolicy, device_kind, precision_policy
+from sluicegate.devices import PrecisionPolicy, autocast_dtype, device_kind, pick_device, precision_policy
 from sluicegate.inputs import ModelInput
-from sluicegate.training import (
-    TrainConfig,
-    autocast_dtype,
-    checkpoint_dir_for,
-    pick_device,
-    predict,
-    train_model,
-)
+from sluicegate.training import TrainConfig, checkpoint_dir_for, predict, train_model
 
 
 def synthetic(n, rng):
@@ -26,9 +19,14 @@ def synthetic(n, rng):
     return ModelInput(numeric, categorical), y
 
 
+def split(seed, n_train, n_valid):
+    """((train, y), (valid, y_valid)) drawn from one seeded generator."""
+    rng = np.random.default_rng(seed)
+    return synthetic(n_train, rng), synthetic(n_valid, rng)
+
+
 def test_cpu_training_learns_and_keeps_best_checkpoint(tmp_path):
-    rng = np.random.default_rng(0)
-    (train, y), (valid, yv) = synthetic(20_000, rng), synthetic(5_000, rng)
+    (train, y), (valid, yv) = split(0, 20_000, 5_000)
     seen = []
     result = train_model(train, y, valid, yv, [5, 3], TrainConfig(max_epochs=6, batch_size=1024, device="cpu"),
                          tmp_path, on_epoch=seen.append)
@@ -39,8 +37,7 @@ def test_cpu_training_learns_and_keeps_best_checkpoint(tmp_path):
 
 
 def test_training_is_seeded(tmp_path):
-    rng = np.random.default_rng(1)
-    (train, y), (valid, yv) = synthetic(5_000, rng), synthetic(1_000, rng)
+    (train, y), (valid, yv) = split(1, 5_000, 1_000)
     cfg = TrainConfig(max_epochs=2, device="cpu", seed=3)
     a = train_model(train, y, valid, yv, [5, 3], cfg, tmp_path / "a")
     b = train_model(train, y, valid, yv, [5, 3], cfg, tmp_path / "b")
@@ -63,8 +60,7 @@ def test_gpu_picks_cuda_and_bf16():
 
 
 def test_bf16_autocast_path_trains_on_cpu(tmp_path):
-    rng = np.random.default_rng(4)
-    (train, y), (valid, yv) = synthetic(4_000, rng), synthetic(1_000, rng)
+    (train, y), (valid, yv) = split(4, 4_000, 1_000)
     cfg = TrainConfig(max_epochs=3, batch_size=256, device="cpu", precision="bf16")
     result = train_model(train, y, valid, yv, [5, 3], cfg, tmp_path)
     assert result.device["precision"] == "bf16" and result.device["autocast_dtype"] == "bfloat16"
@@ -81,8 +77,7 @@ def test_precision_policy_scales_gradients_only_for_fp16():
 
 
 def test_fingerprint_records_versions_precision_compile_and_determinism(tmp_path):
-    rng = np.random.default_rng(5)
-    (train, y), (valid, yv) = synthetic(2_000, rng), synthetic(500, rng)
+    (train, y), (valid, yv) = split(5, 2_000, 500)
     cfg = TrainConfig(max_epochs=1, device="cpu", deterministic=True)
     try:
         fp = train_model(train, y, valid, yv, [5, 3], cfg, tmp_path).device
@@ -104,8 +99,7 @@ def test_checkpoint_dir_is_keyed_on_data_and_config(tmp_path):
 
 
 def test_last_checkpoint_holds_everything_a_resume_needs(tmp_path):
-    rng = np.random.default_rng(6)
-    (train, y), (valid, yv) = synthetic(2_000, rng), synthetic(500, rng)
+    (train, y), (valid, yv) = split(6, 2_000, 500)
     cfg = TrainConfig(max_epochs=2, patience=5, device="cpu")
     first = train_model(train, y, valid, yv, [5, 3], cfg, tmp_path)
     state = torch.load(tmp_path / "last.pt", weights_only=False)
@@ -122,8 +116,7 @@ def test_last_checkpoint_holds_everything_a_resume_needs(tmp_path):
 @pytest.mark.skipif(os.environ.get("SLUICEGATE_SLOW_TESTS") != "1",
                     reason="torch.compile takes about a minute on 2 CPU cores; set SLUICEGATE_SLOW_TESTS=1")
 def test_compiled_training_step_trains_on_cpu(tmp_path):
-    rng = np.random.default_rng(7)
-    (train, y), (valid, yv) = synthetic(4_000, rng), synthetic(1_000, rng)
+    (train, y), (valid, yv) = split(7, 4_000, 1_000)
     result = train_model(train, y, valid, yv, [5, 3],
                          TrainConfig(max_epochs=2, batch_size=1000, device="cpu", compile=True), tmp_path)
     assert result.device["compile"] is True
@@ -133,8 +126,7 @@ def test_compiled_training_step_trains_on_cpu(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA or ROCm device on this machine")
 def test_gpu_training_records_the_gpu(tmp_path):
-    rng = np.random.default_rng(8)
-    (train, y), (valid, yv) = synthetic(20_000, rng), synthetic(5_000, rng)
+    (train, y), (valid, yv) = split(8, 20_000, 5_000)
     for model in ("mlp", "ft_transformer"):
         result = train_model(train, y, valid, yv, [5, 3], TrainConfig(model=model, max_epochs=3), tmp_path / model)
         fp = result.device
@@ -147,8 +139,7 @@ def test_gpu_training_records_the_gpu(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA or ROCm device on this machine")
 def test_fp16_with_gradient_scaling_trains_on_gpu(tmp_path):
-    rng = np.random.default_rng(9)
-    (train, y), (valid, yv) = synthetic(20_000, rng), synthetic(5_000, rng)
+    (train, y), (valid, yv) = split(9, 20_000, 5_000)
     result = train_model(train, y, valid, yv, [5, 3], TrainConfig(max_epochs=3, precision="fp16"), tmp_path)
     assert result.device["grad_scaling"] is True
     assert roc_auc_score(yv, predict(result.model, valid.numeric, valid.categorical)) > 0.85
