@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import pickle
+import time
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,7 @@ import pytest
 
 from sluicegate import model_repository
 from sluicegate.inputs import NUMERIC_INPUTS, cardinalities
-from sluicegate.serving import business, v2
+from sluicegate.serving import business, predlog, v2
 from sluicegate.serving.batcher import MicroBatcher
 from sluicegate.serving.errors import BadRequest
 from sluicegate.serving.model import ModelRejected, load_from_bytes
@@ -212,6 +213,39 @@ def test_prediction_log_writes_every_row_by_close(tmp_path):
     frame = pd.read_parquet(tmp_path / "v2")
     assert len(frame) == 100 and frame["request_id"].nunique() == 50
     assert {"log_amount", "a", "probability", "model_version", "latency_ms", "ts"} <= set(frame.columns)
+
+
+def test_prediction_log_writes_one_consistent_file_from_many_conversions(tmp_path):
+    log = PredictionLog(tmp_path, max_queue=1000, flush_seconds=3600)
+    for i, (amount, request_id) in enumerate([(3, None), (2.5, "a"), (7, None)]):
+        log.put(Record("predict", 1.7e9 + i, request_id, "m", "1", 0.5, np.array([0.2], np.float32),
+                       {"amount": [amount]}, threshold=0.1))
+        time.sleep(predlog.POLL_SECONDS * 3)  # each record is converted on its own
+    log.close()
+    assert len(list((tmp_path / "predict").glob("*.parquet"))) == 1
+    frame = pd.read_parquet(tmp_path / "predict")
+    assert frame["amount"].tolist() == [3.0, 2.5, 7.0] and frame["request_id"].tolist() == [None, "a", None]
+    assert frame["decision"].all()
+
+
+def test_prediction_log_keeps_at_most_max_queue_rows_while_the_disk_fails(tmp_path, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(predlog.pq, "write_table", disk_full)
+    log = PredictionLog(tmp_path, max_queue=5, flush_seconds=0.05)
+    for i in range(4):
+        log.put(_record(i))  # 8 rows: the queue (5 records) takes them all, a failed write keeps 5 rows
+    deadline = time.monotonic() + 5
+    while log.error is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "No space left" in log.error
+    monkeypatch.undo()
+    log.close()
+    frame = pd.read_parquet(tmp_path / "v2")
+    assert len(frame) == 5 and log.dropped == 3
+    assert frame["request_id"].tolist() == ["req-1", "req-2", "req-2", "req-3", "req-3"]  # the newest kept
+    assert log.error is None
 
 
 def test_prediction_log_drops_and_counts_when_full(tmp_path):

@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 
 import feast
 import numpy as np
-import pandas as pd
 
 from sluicegate import features
 from sluicegate.inputs import ModelInput, build_model_input
@@ -108,7 +107,8 @@ def _check(value, col) -> tuple[str | None, object]:
         return f"must be >= {col.min:g}, got {value!r}", None
     if col.max is not None and value > col.max:
         return f"must be <= {col.max:g}, got {value!r}", None
-    return None, value
+    # JSON's 42 and 42.0 are one amount: one type keeps the prediction log's columns consistent.
+    return None, value if col.dtype == "int64" else float(value)
 
 
 def _timestamp(value) -> tuple[str | None, datetime | None]:
@@ -152,11 +152,12 @@ class FeatureLookup:
 
 
 def model_input(requests: list[PredictRequest], found: dict[str, np.ndarray], spec: DatasetSpec) -> ModelInput:
-    """One frame of raw columns plus features -> the same builder training used."""
-    columns = {name: [r.fields[name] for r in requests] for name in (spec.amount, *spec.categorical_features)}
-    columns[spec.timestamp] = pd.to_datetime([r.fields[spec.timestamp] for r in requests], utc=True)
-    frame = pd.DataFrame({**columns, **found})
-    return build_model_input(frame, spec)
+    """The batch's raw columns plus its features -> the same builder training used."""
+    columns: dict = {name: [r.fields[name] for r in requests] for name in (spec.amount, *spec.categorical_features)}
+    # Aware datetimes -> naive UTC datetime64, which the builder reads as UTC.
+    columns[spec.timestamp] = np.array([r.fields[spec.timestamp].astimezone(UTC).replace(tzinfo=None)
+                                        for r in requests], dtype="datetime64[us]")
+    return build_model_input({**columns, **found}, spec)
 
 
 def feature_record(request: PredictRequest, found: dict[str, np.ndarray]) -> dict[str, list]:

@@ -1,12 +1,15 @@
 """Prediction log for monitoring: every predicted row with its features, output, model version and latency.
 
 Requests append a record to a bounded in-memory queue (a deque append: never
-waits, never does I/O); one thread turns queued records into columns and
-writes a parquet file per flush under `SLUICEGATE_HOME/predictions/<endpoint>/`.
-Columnar writes keep the writer's Python work (and so its hold on the GIL)
-small; per-row inserts from a thread were measured to stall the event loop.
+waits, never does I/O); one thread turns what is queued into an Arrow table
+every `POLL_SECONDS` and writes one parquet file per flush under
+`SLUICEGATE_HOME/predictions/<endpoint>/`. The writer's Python work holds the
+GIL, and so pauses the event loop: converting a tenth of a second of records
+at a time keeps each pause near a millisecond, where converting a whole
+second at 7,750 req/s paused requests for ~20 ms (p99 16 ms against 4 ms with
+the log off); the parquet write itself runs in Arrow without the GIL.
 A full queue drops records and counts them rather than slow a request down.
-A failed write (disk full, folder gone) keeps its records for the next flush, up to
+A failed write (disk full, folder gone) keeps its rows for the next flush, up to
 `max_queue` of them, and shows in `error` until a write succeeds again.
 `close()` writes everything queued, so a graceful shutdown loses nothing.
 
@@ -30,7 +33,7 @@ import pyarrow.parquet as pq
 
 log = logging.getLogger("sluicegate.serving")
 
-POLL_SECONDS = 0.25
+POLL_SECONDS = 0.1
 
 
 @dataclass(slots=True)
@@ -87,45 +90,50 @@ class PredictionLog:
         self._thread.join()
 
     def _write_loop(self) -> None:
-        pending: list[Record] = []
-        rows, last = 0, time.monotonic()
+        pending: dict[str, list[pa.Table]] = {}  # converted, not yet written, per endpoint
+        last = time.monotonic()
         while True:
             stopping = self._stop.wait(POLL_SECONDS)
-            while self._queue:
-                record = self._queue.popleft()
-                pending.append(record)
-                rows += len(record.probabilities)
+            self._convert(self._drain(), pending)
+            rows = sum(t.num_rows for tables in pending.values() for t in tables)
             due = rows >= self.flush_rows or time.monotonic() - last >= self.flush_seconds
-            if pending and (due or stopping):
+            if rows and (due or stopping):
                 # What could not be written waits for the next flush (flush_seconds later, not at once).
-                pending = self._keep_at_most(self._flush(pending), self.max_queue)
-                rows, last = 0, time.monotonic()
+                pending = self._flush(pending)
+                last = time.monotonic()
             if stopping and not self._queue:
                 if pending:
-                    log.error("prediction log: %d records not written at shutdown: %s", len(pending), self.error)
+                    left = sum(t.num_rows for tables in pending.values() for t in tables)
+                    log.error("prediction log: %d rows not written at shutdown: %s", left, self.error)
                 return
 
-    def _keep_at_most(self, records: list[Record], limit: int) -> list[Record]:
-        """Bound what waits for a failing disk: the oldest records beyond `limit` are dropped and counted."""
-        excess = len(records) - limit
-        if excess <= 0:
-            return records
-        self.dropped += excess
-        if self._on_drop:
-            for _ in range(excess):
-                self._on_drop()
-        return records[excess:]
+    def _drain(self) -> list[Record]:
+        records = []
+        while self._queue:
+            records.append(self._queue.popleft())
+        return records
 
-    def _flush(self, records: list[Record]) -> list[Record]:
-        """Write the records; returns those that could not be written."""
+    def _convert(self, records: list[Record], pending: dict[str, list[pa.Table]]) -> None:
         by_endpoint: dict[str, list[Record]] = {}
         for record in records:
             by_endpoint.setdefault(record.endpoint, []).append(record)
-        failed: list[Record] = []
         for endpoint, group in by_endpoint.items():
+            try:
+                pending.setdefault(endpoint, []).append(self._table(group))
+            except Exception as exc:  # these records cannot become a table: retrying would not help
+                self.error = f"{type(exc).__name__}: {exc}"
+                if self._on_error:
+                    self._on_error()
+                log.error("prediction log: lost %d %s records: %s", len(group), endpoint, exc)
+
+    def _flush(self, pending: dict[str, list[pa.Table]]) -> dict[str, list[pa.Table]]:
+        """Write one file per endpoint; returns what could not be written."""
+        failed: dict[str, list[pa.Table]] = {}
+        for endpoint, tables in pending.items():
             tmp = None
             try:
-                table = self._table(group)
+                # Chunks converted apart may type a column differently (all null, int then float).
+                table = pa.concat_tables(tables, promote_options="permissive")
                 folder = self.folder / endpoint
                 folder.mkdir(parents=True, exist_ok=True)
                 self._seq += 1
@@ -141,13 +149,26 @@ class PredictionLog:
                 self.error = f"{type(exc).__name__}: {exc}"
                 if self._on_error:
                     self._on_error()
+                rows = sum(t.num_rows for t in tables)
                 if isinstance(exc, OSError):  # disk full, folder gone: worth another try
-                    log.error("prediction log: cannot write %d %s records, kept for the next flush: %s",
-                              len(group), endpoint, exc)
-                    failed.extend(group)
-                else:  # these records cannot become a table: retrying would not help
-                    log.error("prediction log: lost %d %s records: %s", len(group), endpoint, exc)
+                    log.error("prediction log: cannot write %d %s rows, kept for the next flush: %s",
+                              rows, endpoint, exc)
+                    failed[endpoint] = self._keep_at_most(tables, self.max_queue)
+                else:
+                    log.error("prediction log: lost %d %s rows: %s", rows, endpoint, exc)
         return failed
+
+    def _keep_at_most(self, tables: list[pa.Table], limit: int) -> list[pa.Table]:
+        """Bound what waits for a failing disk: the oldest rows beyond `limit` are dropped and counted."""
+        table = pa.concat_tables(tables, promote_options="permissive")
+        excess = table.num_rows - limit
+        if excess <= 0:
+            return [table]
+        self.dropped += excess
+        if self._on_drop:
+            for _ in range(excess):
+                self._on_drop()
+        return [table.slice(excess)]
 
     def _table(self, records: list[Record]) -> pa.Table:
         counts = np.array([len(r.probabilities) for r in records])
@@ -163,7 +184,7 @@ class PredictionLog:
             "model_version": pa.array(np.repeat(np.array([r.model_version for r in records], dtype=object), counts),
                                pa.string()),
             "latency_ms": np.repeat([r.latency_ms for r in records], counts),
-            "row": np.concatenate([np.arange(n) for n in counts]),
+            "row": np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts),
             "probability": probs,
             "decision": pa.array(np.where(np.isnan(thresholds), False, probs >= thresholds),
                                  mask=np.isnan(thresholds)),
