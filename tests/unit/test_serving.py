@@ -200,7 +200,8 @@ def test_hash_mismatch_and_missing_threshold_are_refused():
 
 
 def _record(i, rows=2):
-    return Record("v2", 1.7e9 + i, f"req-{i}", "m", "1", 0.5, np.full(rows, 0.1, np.float32),
+    """One model call answering one request of `rows` rows."""
+    return Record("v2", 1.7e9 + i, "m", "1", [f"req-{i}"], [0.5], [rows], np.full(rows, 0.1, np.float32),
                   {"numeric": np.zeros((rows, 12), np.float32), "categorical": np.ones((rows, 4), np.int64)})
 
 
@@ -215,10 +216,25 @@ def test_prediction_log_writes_every_row_by_close(tmp_path):
     assert {"log_amount", "a", "probability", "model_version", "latency_ms", "ts"} <= set(frame.columns)
 
 
+def test_prediction_log_spreads_a_shared_model_call_over_its_requests(tmp_path):
+    errors = []
+    log = PredictionLog(tmp_path, max_queue=10, flush_seconds=3600, on_error=lambda: errors.append(1))
+    log.put(Record("v2", 1.7e9, "m", "1", ["a", None, "c"], [1.5, 2.5, 3.5], [2, 1, 3],
+                   np.arange(6, dtype=np.float32) / 10, {"x": np.arange(6.0)}))
+    log.put(Record("v2", 1.7e9, "m", "1", ["d"], [1.0], [2], np.zeros(3, np.float32), {"x": np.zeros(3)}))
+    log.close()
+    frame = pd.read_parquet(tmp_path / "v2")
+    assert frame["request_id"].tolist() == ["a", "a", None, "c", "c", "c"]
+    assert frame["row"].tolist() == [0, 1, 0, 0, 1, 2]
+    assert frame["latency_ms"].tolist() == [1.5, 1.5, 2.5, 3.5, 3.5, 3.5]
+    assert frame["x"].tolist() == list(np.arange(6.0))  # the record whose rows do not add up is not written
+    assert errors == [1]
+
+
 def test_prediction_log_writes_one_consistent_file_from_many_conversions(tmp_path):
     log = PredictionLog(tmp_path, max_queue=1000, flush_seconds=3600)
     for i, (amount, request_id) in enumerate([(3, None), (2.5, "a"), (7, None)]):
-        log.put(Record("predict", 1.7e9 + i, request_id, "m", "1", 0.5, np.array([0.2], np.float32),
+        log.put(Record("predict", 1.7e9 + i, "m", "1", [request_id], [0.5], [1], np.array([0.2], np.float32),
                        {"amount": [amount]}, threshold=0.1))
         time.sleep(predlog.POLL_SECONDS * 3)  # each record is converted on its own
     log.close()
@@ -254,7 +270,7 @@ def test_prediction_log_drops_and_counts_when_full(tmp_path):
     log._thread.join()
     for i in range(5):
         log.put(_record(i))
-    assert log.depth() == 3 and log.dropped == 2
+    assert log.depth() == 3 and log.dropped == 4  # rows of the two records that did not fit
 
 
 def test_model_repository_layout_and_config(tmp_path):
@@ -267,3 +283,17 @@ def test_model_repository_layout_and_config(tmp_path):
     assert "versions: [ 2 ]" in (model_dir / "config.pbtxt").read_text()
     with pytest.raises(ValueError):
         model_repository.write_version(tmp_path, "fraud-detector", "v1", b"x", 4)
+
+
+def test_metrics_stay_in_memory_when_an_import_turned_on_multiprocess_mode(tmp_path, monkeypatch):
+    from prometheus_client import values
+
+    from sluicegate.serving.metrics import Metrics
+
+    # What `import feast` leaves behind: the env variable, and prometheus_client in mmap-file mode.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.setattr(values, "ValueClass", values.MultiProcessValue())
+    metrics = Metrics()
+    metrics.observe("v2_infer", 200, 0.001)
+    assert list(tmp_path.iterdir()) == []  # no value files written
+    assert b'sluicegate_requests_total{code="200",endpoint="v2_infer"} 1.0' in metrics.render()

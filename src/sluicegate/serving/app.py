@@ -63,6 +63,7 @@ class ServingApp:
         self.serve = serve or ServeSettings()
         self.spec = load_spec(self.settings.spec_path)
         self.cardinalities = cardinalities(self.spec)
+        self._code_limits = np.asarray(self.cardinalities, dtype=np.uint64)
         self.model_name = registry.check_model_name(self.settings.model_name)
         self.keys = [k.encode() for k in self.serve.keys()]
         self.metrics = Metrics()
@@ -309,27 +310,39 @@ class ServingApp:
         self._authorize(scope)
         self._check_version(self._serving(), version)
         body, header_length = await self._read_body(scope, receive)
-        request = v2.parse_infer(body, header_length, self.cardinalities, self.serve.max_rows_per_request)
+        request = v2.parse_infer(body, header_length, self._code_limits, self.serve.max_rows_per_request)
+        request.received = started
         probs, model = await self.v2_batcher.submit(request, request.rows)
         if version is not None and version != model.version:  # the champion moved while queued
             raise Unavailable(f"version {version} was replaced by {model.version} during the request; retry")
         out, extra = v2.infer_response(model.name, model.version, request.id, probs, request.binary_output)
-        if self.predlog is not None:
-            self.predlog.put(Record("v2", time.time(), request.id, model.name, model.version,
-                                    (time.perf_counter() - started) * 1000.0, probs,
-                                    {"numeric": request.numeric, "categorical": request.categorical}))
         headers = tuple((k.encode(), v.encode()) for k, v in extra.items())
         return Answer(200, out, b"application/octet-stream" if extra else JSON, headers)
 
     def _run_v2(self, requests: list[v2.InferRequest]) -> list[tuple[np.ndarray, LoadedModel]]:
-        """Worker thread: one onnxruntime call for every queued request."""
+        """One onnxruntime call for every queued request."""
         model = self._serving()
         if len(requests) == 1:
-            return [(model.run(requests[0].numeric, requests[0].categorical), model)]
-        probs = model.run(np.concatenate([r.numeric for r in requests]),
-                          np.concatenate([r.categorical for r in requests]))
-        bounds = np.cumsum([0] + [r.rows for r in requests])
+            numeric, categorical = requests[0].numeric, requests[0].categorical
+        else:
+            numeric = np.concatenate([r.numeric for r in requests])
+            categorical = np.concatenate([r.categorical for r in requests])
+        probs = model.run(numeric, categorical)
+        rows = [r.rows for r in requests]
+        self._log("v2", requests, rows, model, probs, {"numeric": numeric, "categorical": categorical})
+        if len(requests) == 1:
+            return [(probs, model)]
+        bounds = np.cumsum([0, *rows])
         return [(probs[a:b], model) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def _log(self, endpoint: str, requests: list, rows: list[int], model: LoadedModel, probs: np.ndarray,
+             features: dict, threshold: float | None = None) -> None:
+        """One prediction-log record for the whole model call."""
+        if self.predlog is None:
+            return
+        now = time.perf_counter()
+        self.predlog.put(Record(endpoint, time.time(), model.name, model.version, [r.id for r in requests],
+                                [(now - r.received) * 1000.0 for r in requests], rows, probs, features, threshold))
 
     # ------------------------------------------------------------------ /predict
 
@@ -343,14 +356,10 @@ class ServingApp:
         except orjson.JSONDecodeError as exc:
             raise BadRequest(f"body is not valid JSON: {exc}") from None
         request = business.parse_predict(data, self.spec)
-        prob, model, found = await self.predict_batcher.submit(request, 1)
-        tx_id = request.fields[self.spec.id]
-        answer = {"transaction_id": tx_id, "fraud_probability": prob, "is_fraud": prob >= model.threshold,
+        request.received = started
+        prob, model = await self.predict_batcher.submit(request, 1)
+        answer = {"transaction_id": request.id, "fraud_probability": prob, "is_fraud": prob >= model.threshold,
                   "threshold": model.threshold, "model_name": model.name, "model_version": model.version}
-        if self.predlog is not None:
-            self.predlog.put(Record("predict", time.time(), tx_id, model.name, model.version,
-                                    (time.perf_counter() - started) * 1000.0, np.array([prob], np.float32),
-                                    business.feature_record(request, found), threshold=model.threshold))
         return _json(200, answer)
 
     def _feature_lookup(self) -> business.FeatureLookup:
@@ -364,15 +373,17 @@ class ServingApp:
                 raise Unavailable(f"online feature store unavailable: {type(exc).__name__}: {exc}") from exc
         return self._lookup
 
-    def _run_predict(self, requests: list[business.PredictRequest]) -> list[tuple[float, LoadedModel, dict]]:
-        """Worker thread: one Feast lookup, one input build and one model call for the whole batch."""
+    def _run_predict(self, requests: list[business.PredictRequest]) -> list[tuple[float, LoadedModel]]:
+        """One Feast lookup, one input build and one model call for the whole batch."""
         model = self._serving()
         lookup = self._feature_lookup()
         cust, merch = self.spec.entities.customer, self.spec.entities.merchant
         found = lookup.fetch([r.fields[cust] for r in requests], [r.fields[merch] for r in requests])
         data = business.model_input(requests, found, self.spec)
-        probs = model.run(data.numeric, data.categorical).tolist()
-        return [(probs[i], model, {k: v[i:i + 1] for k, v in found.items()}) for i in range(len(requests))]
+        probs = model.run(data.numeric, data.categorical)
+        self._log("predict", requests, [1] * len(requests), model, probs,
+                  business.feature_columns(requests, found), model.threshold)
+        return [(p, model) for p in probs.tolist()]
 
 
 def create_app(settings: Settings | None = None, serve: ServeSettings | None = None) -> ServingApp:
@@ -380,11 +391,13 @@ def create_app(settings: Settings | None = None, serve: ServeSettings | None = N
 
 
 def uvicorn_config(app: ServingApp, serve: ServeSettings):
-    """uvicorn on uvloop + httptools, no access log: the fastest stock setup."""
+    """uvicorn on uvloop + httptools, no access log, no proxy-header middleware."""
     import uvicorn
 
     return uvicorn.Config(app, host=serve.host, port=serve.port, loop="uvloop", http="httptools",
-                          access_log=False, log_level="warning", lifespan="on", timeout_graceful_shutdown=10)
+                          access_log=False, log_level="warning", lifespan="on", timeout_graceful_shutdown=10,
+                          # Nothing here reads the client address: skip the X-Forwarded-For rewrite (~7% of CPU).
+                          proxy_headers=False)
 
 
 def run(settings: Settings | None = None, serve: ServeSettings | None = None) -> None:

@@ -28,6 +28,8 @@ LATEST = datetime(2262, 4, 11, tzinfo=UTC)
 @dataclass(slots=True)
 class PredictRequest:
     fields: dict  # the spec's raw columns, validated, timestamp as an aware datetime
+    id: str | None = None  # the transaction id, echoed back
+    received: float = 0.0  # perf_counter() when the server read the request; set by the server
 
 
 def request_schema(spec: DatasetSpec) -> dict:
@@ -90,7 +92,7 @@ def parse_predict(body, spec: DatasetSpec, now: datetime | None = None) -> Predi
     if errors:
         message = "; ".join(f"{e['field']}: {e['error']}" for e in errors)
         raise BadRequest(f"invalid request: {message}", 422, errors)
-    return PredictRequest(out)
+    return PredictRequest(out, tx_id)
 
 
 def _check(value, col) -> tuple[str | None, object]:
@@ -160,9 +162,10 @@ def model_input(requests: list[PredictRequest], found: dict[str, np.ndarray], sp
     return build_model_input({**columns, **found}, spec)
 
 
-def feature_record(request: PredictRequest, found: dict[str, np.ndarray]) -> dict[str, list]:
-    """What the prediction log keeps for one /predict row: the request's fields and its online features."""
-    record = {k: [v.isoformat() if isinstance(v, datetime) else v] for k, v in request.fields.items()}
-    for name, values in found.items():
-        record[name] = values  # one-row arrays, NaN where Feast had nothing
-    return record
+def feature_columns(requests: list[PredictRequest], found: dict[str, np.ndarray]) -> dict[str, list | np.ndarray]:
+    """What the prediction log keeps for a /predict batch: the requests' fields and their online features."""
+    columns: dict[str, list | np.ndarray] = {
+        name: [v.isoformat() if isinstance(v, datetime) else v for v in (r.fields[name] for r in requests)]
+        for name in requests[0].fields}
+    columns.update(found)  # one value per row, NaN where Feast had nothing
+    return columns
