@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import hmac
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -316,7 +317,7 @@ class ServingApp:
         if version is not None and version != model.version:  # the champion moved while queued
             raise Unavailable(f"version {version} was replaced by {model.version} during the request; retry")
         out, extra = v2.infer_response(model.name, model.version, request.id, probs, request.binary_output)
-        headers = tuple((k.encode(), v.encode()) for k, v in extra.items())
+        headers = tuple((k.encode(), v.encode()) for k, v in extra.items()) if extra else ()
         return Answer(200, out, b"application/octet-stream" if extra else JSON, headers)
 
     def _run_v2(self, requests: list[v2.InferRequest]) -> list[tuple[np.ndarray, LoadedModel]]:
@@ -332,7 +333,7 @@ class ServingApp:
         self._log("v2", requests, rows, model, probs, {"numeric": numeric, "categorical": categorical})
         if len(requests) == 1:
             return [(probs, model)]
-        bounds = np.cumsum([0, *rows])
+        bounds = [0, *itertools.accumulate(rows)]
         return [(probs[a:b], model) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
     def _log(self, endpoint: str, requests: list, rows: list[int], model: LoadedModel, probs: np.ndarray,

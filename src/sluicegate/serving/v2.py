@@ -112,8 +112,7 @@ def _tensor(item, binary: bytes, offset: int, cardinalities: Sequence[int], max_
         raise BadRequest(f"{where} must have datatype {datatype}, got {item.get('datatype')!r}")
     width = len(NUMERIC_INPUTS) if name == INPUT_NAMES[0] else len(cardinalities)
     shape = item.get("shape")
-    if (not isinstance(shape, list) or len(shape) != 2
-            or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)):
+    if not isinstance(shape, list) or len(shape) != 2 or type(shape[0]) is not int or type(shape[1]) is not int:
         raise BadRequest(f"{where} shape must be [rows, {width}], got {shape!r}")
     rows = shape[0]
     if shape[1] != width or not 1 <= rows <= max_rows:
@@ -152,9 +151,9 @@ def _json_data(data, where: str, dtype: np.dtype, size: int) -> np.ndarray:
     if raw.size != size:
         raise BadRequest(f"{where} has {raw.size} values, its shape needs {size}")
     if dtype.kind == "i":  # int64 from JSON's integers cannot overflow; a uint64 wraps negative, caught later
-        return raw.astype(dtype, copy=False).reshape(-1)
+        return raw.astype(dtype, copy=False)
     with np.errstate(over="ignore"):  # overflow becomes inf, which the range check reports
-        return raw.astype(dtype, copy=False).reshape(-1)
+        return raw.astype(dtype, copy=False)
 
 
 def _check_range(name: str, array: np.ndarray, where: str, cardinalities: Sequence[int]) -> None:
