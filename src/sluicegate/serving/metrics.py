@@ -29,14 +29,16 @@ class Metrics:
         self.model_version = Gauge("sluicegate_model_version", "Version now serving (0: none)", ["model"],
                                    registry=r)
         self.reloads = Counter("sluicegate_model_reloads_total", "Champion loads", ["outcome"], registry=r)
-        self.log_dropped = Counter("sluicegate_prediction_log_dropped_total", "Log records dropped (queue full)",
+        self.log_dropped = Counter("sluicegate_prediction_log_dropped_total",
+                                   "Prediction-log rows dropped (queue full, or beyond the bound while writes fail)",
                                    registry=r)
         self.log_write_errors = Counter("sluicegate_prediction_log_write_errors_total",
                                         "Failed prediction-log writes (disk full, ...); records are kept and retried",
                                         registry=r)
         self.log_failing = Gauge("sluicegate_prediction_log_failing", "1 while prediction-log writes fail",
                                  registry=r)
-        self.log_depth = Gauge("sluicegate_prediction_log_queue_depth", "Log records waiting", registry=r)
+        self.log_depth = Gauge("sluicegate_prediction_log_queue_depth",
+                               "Prediction-log records (model calls) waiting", registry=r)
         # Children resolved once: .labels() on every request costs more than the observation.
         self._children: dict = {}
 

@@ -31,7 +31,8 @@ class ServeSettings(BaseSettings):
     metrics_auth: bool = False
     max_body_bytes: int = Field(1 << 20, ge=1024)
     max_rows_per_request: int = Field(1024, ge=1)
-    # Prediction log: bounded queue; rows beyond it are counted as dropped, never waited for.
+    # Prediction log: a queue of at most this many model calls (and, while writes fail, rows kept for
+    # the next try); what does not fit is dropped and counted, never waited for.
     log_queue_size: int = Field(100_000, ge=1)
     log_predictions: bool = True
     # A parquet file per flush under SLUICEGATE_HOME/predictions/<endpoint>/.
