@@ -83,11 +83,22 @@ def register_candidate(client: MlflowClient, name: str, model_info, run_id: str,
     return version
 
 
+# What MLflow answers for a model that is not registered yet and for an alias that is not set.
+NOT_FOUND_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
+
+
 def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    """The version `alias` points to; None when the model or the alias does not exist.
+
+    A registry that cannot answer (down, timing out) raises: read as "no champion" it would
+    let the next candidate be promoted without a comparison, or hide the outage from a server.
+    """
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if exc.error_code in NOT_FOUND_CODES:
+            return None
+        raise
 
 
 class LostRace(RuntimeError):

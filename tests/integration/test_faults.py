@@ -7,7 +7,9 @@
 - a candidate that passes every gate but fails the server's warm-up is not promoted;
 - the disk under the prediction log is full: serving goes on, /metrics and /v2/health say so, and the
   records are written once the disk is back;
-- the champion alias moved to a model whose warm-up fails: the server keeps serving the old one.
+- the champion alias moved to a model whose warm-up fails: the server keeps serving the old one;
+- MLflow down while serving: the loaded model keeps answering, the health routes say the registry
+  is unreachable until a poll succeeds again.
 
 Faults covered elsewhere: the online store down (503, recovery) and a tampered artifact in
 tests/integration/test_serving.py; a killed training process in tests/integration/test_resume.py.
@@ -363,4 +365,27 @@ def test_server_keeps_serving_when_the_new_champions_warm_up_fails(world, tmp_pa
             assert np.all(np.array(answer.json()["outputs"][0]["data"]) <= 1.0)
     finally:
         client.set_registered_model_alias(NAME, registry.CHAMPION, world["champion"])
+        running.stop()
+
+
+def test_server_keeps_serving_while_mlflow_is_down(world):
+    running = served.Running(Settings())
+    try:
+        with httpx.Client(base_url=running.url, timeout=30) as http:
+            assert http.get("/v2/health/ready").json()["version"] == world["champion"]
+            world["server"].kill()  # the registry's host crashes
+            served._wait_for(lambda: "degraded" in http.get("/v2/health/ready").json(), "a failed registry poll")
+            ready = http.get("/v2/health/ready")
+            assert ready.status_code == 200 and ready.json()["version"] == world["champion"]
+            assert "registry unreachable" in " ".join(ready.json()["degraded"])
+            for i in range(20):
+                answer = http.post(f"/v2/models/{NAME}/infer", json=served._infer_body(seed=i), headers=served.AUTH)
+                assert answer.status_code == 200 and answer.json()["model_version"] == world["champion"]
+
+            world["server"].start()  # back on the same address
+            served._wait_for(lambda: "degraded" not in http.get("/v2/health/ready").json(),
+                             "a successful poll to clear the warning")
+    finally:
+        if world["server"].proc is None:
+            world["server"].start()
         running.stop()

@@ -79,6 +79,7 @@ class ServingApp:
                                             on_batch=self.metrics.batch_rows.labels("predict").observe,
                                             in_thread=self.serve.run_in_thread)
         self.predlog: PredictionLog | None = None
+        self._registry_error: str | None = None  # the last poll's failure; None once a poll succeeds
         self._lookup: business.FeatureLookup | None = None
         self._poller: asyncio.Task | None = None
         self._openapi = orjson.dumps(openapi.document(self.spec, self.model_name, bool(self.keys),
@@ -126,7 +127,10 @@ class ServingApp:
             await asyncio.to_thread(self.manager.refresh)
         except Exception as exc:  # registry unreachable: keep serving, try again next poll
             self.manager.last_error = f"registry: {exc}"
+            self._registry_error = f"{type(exc).__name__}: {exc}"
             log.error("cannot ask the registry for the champion: %s", exc)
+        else:
+            self._registry_error = None
 
     def _on_loaded(self, model: LoadedModel) -> None:
         self.metrics.reloads.labels("loaded").inc()
@@ -248,9 +252,12 @@ class ServingApp:
 
     def _degraded(self) -> dict:
         """What still works but needs an operator: shown on the health routes, never fails them."""
+        problems = []
         if self.predlog is not None and self.predlog.error:
-            return {"degraded": [f"prediction log not written: {self.predlog.error}"]}
-        return {}
+            problems.append(f"prediction log not written: {self.predlog.error}")
+        if self._registry_error:
+            problems.append(f"registry unreachable, new champions are not picked up: {self._registry_error}")
+        return {"degraded": problems} if problems else {}
 
     async def _live(self, method, scope, receive, started) -> Answer:
         self._method(method, "GET")
