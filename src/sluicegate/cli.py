@@ -7,6 +7,8 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
@@ -38,6 +40,18 @@ def _home(settings: Settings):
     except CorruptHomeError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
+
+
+@contextmanager
+def _registry_answers() -> Iterator[None]:
+    """MLflow failing to answer (down, refusing, timing out) ends the command with its one-line reason."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        console.print(f"[red]error:[/red] the MLflow registry did not answer: {exc.message}")
+        raise typer.Exit(1) from None
 
 
 def _check_policy(settings: Settings) -> None:
@@ -150,10 +164,11 @@ def status(
 
     settings = Settings()
     _home(settings)
-    client = registry.configure(settings)
-    info = registry.status(client, settings.model_name)
-    if show_history:
-        info["history"] = registry.history(client, settings.model_name)
+    with _registry_answers():
+        client = registry.configure(settings)
+        info = registry.status(client, settings.model_name)
+        if show_history:
+            info["history"] = registry.history(client, settings.model_name)
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -190,7 +205,8 @@ def deploy_cmd(
     settings = Settings()
     _home(settings)
     _check_policy(settings)
-    result = deploy_flow(actor=actor)
+    with _registry_answers():
+        result = deploy_flow(actor=actor)
     if result["report"]:
         print(result["report"])
     colour = {"promoted": "green", "nothing_newer": "bold", "blocked": "red", "lost_race": "yellow"}[result["status"]]
@@ -210,7 +226,8 @@ def rollback(
     settings = Settings()
     _home(settings)
     try:
-        result = rollback_flow(to_version=to, actor=actor, reason=reason)
+        with _registry_answers():
+            result = rollback_flow(to_version=to, actor=actor, reason=reason)
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
