@@ -13,8 +13,8 @@ class ServeSettings(BaseSettings):
     port: int = 8080
     # Concurrent requests share one onnxruntime call, up to this many rows.
     max_batch_rows: int = Field(64, ge=1)
-    # How long the batcher waits for more requests once one is queued. 0 batches whatever
-    # arrived while the previous call ran: no added latency when idle, large batches when busy.
+    # How long the batcher waits for more requests once one is queued. 0 batches whatever arrived
+    # while the previous call ran and by the event loop's next turn: no wait when idle.
     max_wait_ms: float = Field(0.0, ge=0.0)
     # Model calls on the event loop (fastest for small models on few cores) or in a worker thread
     # (large models, GPUs: the call is long and releases the GIL).
