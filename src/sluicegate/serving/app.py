@@ -126,7 +126,6 @@ class ServingApp:
         try:
             await asyncio.to_thread(self.manager.refresh)
         except Exception as exc:  # registry unreachable: keep serving, try again next poll
-            self.manager.last_error = f"registry: {exc}"
             self._registry_error = f"{type(exc).__name__}: {exc}"
             log.error("cannot ask the registry for the champion: %s", exc)
         else:
@@ -239,7 +238,8 @@ class ServingApp:
     def _serving(self) -> LoadedModel:
         model = self.manager.current
         if model is None:
-            why = f": {self.manager.last_error}" if self.manager.last_error else ""
+            last = f"registry: {self._registry_error}" if self._registry_error else self.manager.last_error
+            why = f": {last}" if last else ""
             raise Unavailable(f"no model loaded yet for {self.model_name}@champion{why}")
         return model
 
@@ -338,8 +338,6 @@ class ServingApp:
         probs = model.run(numeric, categorical)
         rows = [r.rows for r in requests]
         self._log("v2", requests, rows, model, probs, {"numeric": numeric, "categorical": categorical})
-        if len(requests) == 1:
-            return [(probs, model)]
         bounds = [0, *itertools.accumulate(rows)]
         return [(probs[a:b], model) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 

@@ -106,7 +106,7 @@ class PredictionLog:
         while True:
             stopping = self._stop.wait(POLL_SECONDS)
             self._convert(self._drain(), pending)
-            rows = sum(t.num_rows for tables in pending.values() for t in tables)
+            rows = _rows(pending)
             due = rows >= self.flush_rows or time.monotonic() - last >= self.flush_seconds
             if rows and (due or stopping):
                 # What could not be written waits for the next flush (flush_seconds later, not at once).
@@ -114,8 +114,7 @@ class PredictionLog:
                 last = time.monotonic()
             if stopping and not self._queue:
                 if pending:
-                    left = sum(t.num_rows for tables in pending.values() for t in tables)
-                    log.error("prediction log: %d rows not written at shutdown: %s", left, self.error)
+                    log.error("prediction log: %d rows not written at shutdown: %s", _rows(pending), self.error)
                 return
 
     def _drain(self) -> list[Record]:
@@ -140,10 +139,14 @@ class PredictionLog:
             pending.setdefault(endpoint, []).append(table)
 
     def _lost(self, records: list[Record], endpoint: str, exc: Exception) -> None:
+        self._failed(exc)
+        log.error("prediction log: lost %d %s records: %s", len(records), endpoint, exc)
+
+    def _failed(self, exc: Exception) -> None:
+        """Shown in `error` (and so on the health routes) until a write succeeds."""
         self.error = f"{type(exc).__name__}: {exc}"
         if self._on_error:
             self._on_error()
-        log.error("prediction log: lost %d %s records: %s", len(records), endpoint, exc)
 
     def _flush(self, pending: dict[str, list[pa.Table]]) -> dict[str, list[pa.Table]]:
         """Write one file per endpoint; returns what could not be written."""
@@ -165,9 +168,7 @@ class PredictionLog:
                 if tmp is not None:
                     with contextlib.suppress(OSError):  # a half-written file is never read (dot name)
                         tmp.unlink(missing_ok=True)
-                self.error = f"{type(exc).__name__}: {exc}"
-                if self._on_error:
-                    self._on_error()
+                self._failed(exc)
                 rows = sum(t.num_rows for t in tables)
                 if isinstance(exc, OSError):  # disk full, folder gone: worth another try
                     log.error("prediction log: cannot write %d %s rows, kept for the next flush: %s",
@@ -222,3 +223,7 @@ class PredictionLog:
             if pa.types.is_null(column.type):
                 table = table.set_column(i, column.name, table.column(i).cast(pa.string()))
         return table
+
+
+def _rows(pending: dict[str, list[pa.Table]]) -> int:
+    return sum(t.num_rows for tables in pending.values() for t in tables)
