@@ -132,9 +132,9 @@ def champion_onnx(folder: Path) -> tuple[Path, str]:
     import onnx
     from mlflow.models import infer_signature
 
-    from sluicegate import registry
     from sluicegate.config import Settings
-    from sluicegate.serving.model import fetch_onnx, registry_client
+    from sluicegate.serve.model import fetch_onnx, registry_client
+    from sluicegate.ship import registry
 
     settings = Settings()
     client = registry_client(settings)

@@ -51,12 +51,13 @@ def build_home(home: Path, versions: int) -> None:
     """Train one small model per version (seeds differ) and register them; v1 is champion."""
     import mlflow
 
-    from sluicegate import pipeline, registry
+    from sluicegate import stages as pipeline
     from sluicegate.config import Settings, ensure_home
-    from sluicegate.data import GenerateConfig, generate_transactions
-    from sluicegate.export import export_onnx
+    from sluicegate.data.batches import GenerateConfig, generate_transactions
+    from sluicegate.ship import registry
+    from sluicegate.ship.export import export_onnx
     from sluicegate.spec import load_spec
-    from sluicegate.training import TrainConfig
+    from sluicegate.train.loop import TrainConfig
 
     os.environ["SLUICEGATE_HOME"] = str(home)
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
@@ -95,8 +96,8 @@ def wrk_minute(url: str, script: Path, connections: int, seconds: int, threads: 
 
 def promote_at(times: list[float], home: Path, base: str, log: list[dict], stop_event: threading.Event) -> None:
     """Move champion to v2, v3, ... at the given seconds from now; wait until the server serves each."""
-    from sluicegate import registry
     from sluicegate.config import Settings
+    from sluicegate.ship import registry
 
     settings = Settings(home=home)
     client = registry.configure(settings)

@@ -1,6 +1,6 @@
 """Training throughput: samples/s for each model x precision x torch.compile on the present device.
 
-Rows live on the device and batches are drawn by index, as in `sluicegate.training`.
+Rows live on the device and batches are drawn by index, as in `sluicegate.train.loop`.
 Ratios are against fp32 eager of the same model, measured in the same run.
 
     python bench/train.py [--rows 200000] [--batch 4096] [--steps 60] [--compile on|off|both]
@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sluicegate.devices import device_kind, pick_device, precision_policy
-from sluicegate.models import build_model
-from sluicegate.training import TrainConfig, _Logits
+from sluicegate.train.devices import device_kind, pick_device, precision_policy
+from sluicegate.train.loop import TrainConfig, _Logits
+from sluicegate.train.models import build_model
 
 CARDS = [5, 13, 5, 11]
 

@@ -54,12 +54,13 @@ def main() -> None:
     home = tempfile.mkdtemp(prefix="sluicegate-bench-")
     os.environ["SLUICEGATE_HOME"] = home
 
-    from sluicegate import data, export
-    from sluicegate import pipeline as stages
+    from sluicegate import stages
     from sluicegate.config import Settings, ensure_home
-    from sluicegate.gates import load_policy
+    from sluicegate.data import batches as data
+    from sluicegate.ship import export
+    from sluicegate.ship.gates import load_policy
     from sluicegate.spec import load_spec
-    from sluicegate.training import TrainConfig, predict
+    from sluicegate.train.loop import TrainConfig, predict
 
     settings = Settings()
     ensure_home(settings.paths)

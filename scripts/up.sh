@@ -76,7 +76,7 @@ else
   wait_http mlflow "http://$HOST:$MLFLOW_PORT/health" 120
 
   echo "registering deployments from prefect.yaml"
-  "$BIN/python" -m flows.deployments register
+  "$BIN/python" -m sluicegate.flows.deployments register
   echo "starting a worker on pool sluicegate-process"
   start worker "$BIN/prefect" worker start --pool sluicegate-process --type process --name "sluicegate-$(hostname)"
 

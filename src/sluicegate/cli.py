@@ -56,7 +56,7 @@ def _registry_answers() -> Iterator[None]:
 
 def _check_policy(settings: Settings) -> None:
     """A broken gates.yaml is an error before any work."""
-    from sluicegate.gates import GatePolicyError, load_policy
+    from sluicegate.ship.gates import GatePolicyError, load_policy
 
     try:
         load_policy(settings.gates_path)
@@ -76,7 +76,7 @@ def generate(
                                             "bad_dtype, duplicates or label_flip")] = "none",
 ) -> None:
     """Write a synthetic card-transaction batch under SLUICEGATE_HOME/raw."""
-    from sluicegate import data
+    from sluicegate.data import batches as data
     from sluicegate.spec import load_spec
 
     if drift not in data.DRIFTS:
@@ -108,7 +108,7 @@ def run(
     promote: Annotated[bool, typer.Option(help="Gate and promote now, or only register a challenger")] = True,
 ) -> None:
     """Run the training pipeline on a batch. Exit 0 done, 3 blocked by a gate, else error."""
-    from flows.pipeline import PipelineParams, training_pipeline
+    from sluicegate.flows.pipeline import PipelineParams, training_pipeline
 
     settings = Settings()
     _home(settings)
@@ -160,7 +160,7 @@ def status(
     show_history: Annotated[bool, typer.Option("--history", help="List promotions and rollbacks")] = False,
 ) -> None:
     """Champion and challenger versions, their metrics and variant, and the last gate decision."""
-    from sluicegate import registry
+    from sluicegate.ship import registry
 
     settings = Settings()
     _home(settings)
@@ -200,7 +200,7 @@ def deploy_cmd(
 
     Exit 0: promoted or nothing newer; 3: blocked by a gate; 4: another deploy won; other: error.
     """
-    from flows.deploy import deploy_flow
+    from sluicegate.flows.deploy import deploy_flow
 
     settings = Settings()
     _home(settings)
@@ -221,7 +221,7 @@ def rollback(
     reason: Annotated[str, typer.Option(help="Why, recorded in the history")] = "manual rollback",
 ) -> None:
     """Restore the previous champion (or --to VERSION) and record it."""
-    from flows.deploy import rollback_flow
+    from sluicegate.flows.deploy import rollback_flow
 
     settings = Settings()
     _home(settings)
@@ -243,7 +243,7 @@ def serve(
     poll_interval: Annotated[float | None, typer.Option(help="Seconds between champion checks")] = None,
 ) -> None:
     """Serve MODEL@champion: Open Inference Protocol v2, /predict, /metrics; hot-reloads the champion."""
-    from sluicegate.serving import ServeSettings, run
+    from sluicegate.serve import ServeSettings, run
 
     settings = Settings()
     _home(settings)
@@ -261,8 +261,8 @@ def monitor(
     window_days: Annotated[int, typer.Option(help="Days of newest raw data a triggered retrain uses")] = 14,
 ) -> None:
     """Drift, data quality and live precision/recall of the prediction log since the last run."""
-    from flows.monitor import MonitorParams
-    from flows.monitor import monitor as monitor_flow
+    from sluicegate.flows.monitor import MonitorParams
+    from sluicegate.flows.monitor import monitor as monitor_flow
 
     settings = Settings()
     _home(settings)
@@ -279,7 +279,7 @@ def ingest(
     days: Annotated[int, typer.Option(help="Newest N days of raw partitions to assemble")] = 14,
 ) -> None:
     """Assemble the newest N days of raw partitions (from any batch) into a window batch; prints its id."""
-    from sluicegate import ingest as ingest_mod
+    from sluicegate.operate import ingest as ingest_mod
 
     settings = Settings()
     paths = _home(settings)

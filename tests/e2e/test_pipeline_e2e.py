@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from sluicegate.config import Settings
-from sluicegate.data import GenerateConfig, generate_transactions, inject_fault, read_batch, write_batch
+from sluicegate.data.batches import GenerateConfig, generate_transactions, inject_fault, read_batch, write_batch
 
 pytestmark = pytest.mark.e2e
 
@@ -60,7 +60,7 @@ def _status() -> dict:
 
 @pytest.fixture(scope="module")
 def first_run(e2e_home, spec_module):
-    from flows.pipeline import PipelineParams, training_pipeline
+    from sluicegate.flows.pipeline import PipelineParams, training_pipeline
     batch = _write(spec_module, GenerateConfig(rows=ROWS, days=DAYS, seed=21))
     result = training_pipeline(PipelineParams(batch=batch, max_epochs=8))
     return batch, result
@@ -102,7 +102,7 @@ def test_version_carries_lineage_tags(first_run):
 def test_registered_artifact_is_the_variant_the_gate_chose(first_run):
     from pathlib import Path
 
-    from sluicegate.export import sha256_file
+    from sluicegate.ship.export import sha256_file
     _, result = first_run
     champion = _status()["champion"]
     assert champion["variant"] == result["variant"] == result["decision"]["variant"]
@@ -113,7 +113,7 @@ def test_registered_artifact_is_the_variant_the_gate_chose(first_run):
 
 
 def test_rerun_on_same_data_makes_no_second_champion(first_run):
-    from flows.pipeline import PipelineParams, training_pipeline
+    from sluicegate.flows.pipeline import PipelineParams, training_pipeline
     batch, result = first_run
     again = training_pipeline(PipelineParams(batch=batch, max_epochs=8))
     assert again["status"] == "unchanged"

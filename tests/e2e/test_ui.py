@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from sluicegate.data import GenerateConfig, generate_transactions, write_batch
+from sluicegate.data.batches import GenerateConfig, generate_transactions, write_batch
 from sluicegate.spec import load_spec
 from tests.conftest import REPO
 

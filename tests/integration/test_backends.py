@@ -22,9 +22,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from sluicegate import features, registry
 from sluicegate.config import Settings
-from sluicegate.data import GenerateConfig, generate_transactions, write_batch
+from sluicegate.data.batches import GenerateConfig, generate_transactions, write_batch
+from sluicegate.features import store as features
+from sluicegate.ship import registry
 from sluicegate.spec import load_spec
 from tests.integration import test_serving as served
 from tests.integration.test_faults import MlflowServer, _free_port
@@ -110,7 +111,7 @@ def backends(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(backends):
-    from flows.pipeline import PipelineParams, training_pipeline
+    from sluicegate.flows.pipeline import PipelineParams, training_pipeline
 
     spec = load_spec()
     cfg = GenerateConfig(rows=12_000, days=6, seed=61)

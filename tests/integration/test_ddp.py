@@ -4,9 +4,9 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from sluicegate import ddp
-from sluicegate.training import TrainConfig, predict, train_model
-from tests.unit.test_training import split
+from sluicegate.train import ddp
+from sluicegate.train.loop import TrainConfig, predict, train_model
+from tests.unit.train.test_loop import split
 
 
 def test_two_gloo_processes_match_one_process(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from sluicegate.config import Settings
-from sluicegate.data import GenerateConfig, generate_transactions, write_batch
+from sluicegate.data.batches import GenerateConfig, generate_transactions, write_batch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,7 +46,7 @@ def deploy_home(tmp_path_factory):
 @pytest.fixture(scope="module")
 def versions(deploy_home):
     """v1: a one-epoch champion; v2: a fully trained challenger, registered without promotion."""
-    from flows.pipeline import PipelineParams, training_pipeline
+    from sluicegate.flows.pipeline import PipelineParams, training_pipeline
     from sluicegate.spec import load_spec
 
     spec = load_spec()
@@ -138,7 +138,7 @@ def test_concurrent_deploys_promote_once(versions):
 def test_stale_decision_loses_the_race(versions):
     from mlflow import MlflowClient
 
-    from sluicegate import registry
+    from sluicegate.ship import registry
     settings = Settings()
     client = MlflowClient(settings.tracking_uri)
     with pytest.raises(registry.LostRace, match="champion moved"):

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from sluicegate.data import GenerateConfig, generate_transactions, write_batch
+from sluicegate.data.batches import GenerateConfig, generate_transactions, write_batch
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.timeout(900)]
@@ -66,7 +66,7 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def registered(server) -> str:
     env = {**os.environ, "PREFECT_API_URL": server["api"], "PREFECT_HOME": str(server["home"])}
-    out = subprocess.run([sys.executable, "-m", "flows.deployments", "register"], cwd=REPO, env=env,
+    out = subprocess.run([sys.executable, "-m", "sluicegate.flows.deployments", "register"], cwd=REPO, env=env,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
@@ -87,7 +87,7 @@ def test_prefect_yaml_declares_the_five_deployments_on_the_process_pool():
 
 
 def test_deployments_are_registered_with_their_schedules(server, registered):
-    from flows.deployments import declared, entrypoint_exists
+    from sluicegate.flows.deployments import declared, entrypoint_exists
 
     found = _deployments(server["api"])
     expected = {d["name"] for d in declared() if entrypoint_exists(d["entrypoint"])}
@@ -118,9 +118,9 @@ def test_an_invalid_parameter_is_refused_before_any_run_exists(server, registere
 
 def _prediction_log(spec, home: Path, champion_onnx: Path, version: str, drift: str, seed: int, name: str) -> None:
     """What the model server logs: raw columns without the label, features, score, version, latency, time."""
-    from flows.monitor import _score
-    from sluicegate import features
-    from sluicegate import monitoring as mon
+    from sluicegate.features import store as features
+    from sluicegate.flows.monitor import _score
+    from sluicegate.operate import monitor as mon
 
     batch = generate_transactions(GenerateConfig(rows=3_000, days=2, seed=seed, start="2026-10-20", drift=drift),
                                   spec)
@@ -143,10 +143,10 @@ def _triggered_runs(api: str) -> list[dict]:
 def test_monitor_no_traffic_then_drift_starts_one_retrain(server, registered, spec, home):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.monitor import MonitorParams, monitor
-    from flows.pipeline import PipelineParams, training_pipeline
-    from sluicegate import registry
     from sluicegate.config import Settings
+    from sluicegate.flows.monitor import MonitorParams, monitor
+    from sluicegate.flows.pipeline import PipelineParams, training_pipeline
+    from sluicegate.ship import registry
 
     api = server["api"]
     cfg = GenerateConfig(rows=12_000, days=6, seed=21)

@@ -35,11 +35,12 @@ import pytest
 import yaml
 from onnx import TensorProto, helper
 
-from sluicegate import pipeline, registry
+from sluicegate import stages as pipeline
 from sluicegate.config import Settings, ensure_home
-from sluicegate.data import GenerateConfig, generate_transactions, inject_fault, read_batch, write_batch
-from sluicegate.export import sha256_file
-from sluicegate.inputs import NUMERIC_INPUTS, cardinalities
+from sluicegate.data.batches import GenerateConfig, generate_transactions, inject_fault, read_batch, write_batch
+from sluicegate.features.inputs import NUMERIC_INPUTS, cardinalities
+from sluicegate.ship import registry
+from sluicegate.ship.export import sha256_file
 from sluicegate.spec import load_spec
 from tests.integration import test_serving as served
 
@@ -200,8 +201,8 @@ def _task_runs(flow_run_id) -> dict[str, object]:
 @pytest.fixture(scope="module")
 def outage(world):
     """Run the pipeline; MLflow is SIGKILLed right after evaluation, before registration, and stays down."""
-    import flows.pipeline as flow_module
-    from flows.pipeline import PipelineParams, training_pipeline
+    import sluicegate.flows.pipeline as flow_module
+    from sluicegate.flows.pipeline import PipelineParams, training_pipeline
 
     original = flow_module._log_parent_summary
 
@@ -232,7 +233,7 @@ def test_mlflow_down_mid_run_retries_then_fails_clearly(world, outage):
 
 
 def test_rerun_after_mlflow_is_back_resumes_and_promotes(world, outage):
-    from flows.pipeline import PipelineParams, training_pipeline
+    from sluicegate.flows.pipeline import PipelineParams, training_pipeline
 
     assert world["server"].proc is not None  # restarted by the test before
     result = training_pipeline(PipelineParams(batch=world["batch"], max_epochs=EPOCHS))
@@ -252,9 +253,9 @@ def test_rerun_after_mlflow_is_back_resumes_and_promotes(world, outage):
 def test_gate_passing_model_whose_warm_up_fails_is_not_promoted(world, monkeypatch):
     """A second version of the champion's own artifact and evidence: every gate passes, yet the server's
     warm-up run fails on it (injected: the runtime raises), so it must not become champion."""
-    from sluicegate.deploy import deploy_newest
-    from sluicegate.gates import load_policy
-    from sluicegate.serving import model as serving_model
+    from sluicegate.serve import model as serving_model
+    from sluicegate.ship.gates import load_policy
+    from sluicegate.ship.promote import deploy_newest
 
     settings = Settings()
     client = _client()
@@ -285,7 +286,7 @@ def test_gate_passing_model_whose_warm_up_fails_is_not_promoted(world, monkeypat
 # ------------------------------------------------------------------ the server
 
 def test_disk_full_prediction_log_keeps_serving_and_surfaces_the_error(world, monkeypatch):
-    from sluicegate.serving import predlog
+    from sluicegate.serve import predlog
 
     running = served.Running(Settings(), log_flush_s=0.2)
     tag = f"diskfull-{time.time_ns()}"

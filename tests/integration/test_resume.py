@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sluicegate.training import TrainConfig, predict, train_model
-from tests.unit.test_training import split
+from sluicegate.train.loop import TrainConfig, predict, train_model
+from tests.unit.train.test_loop import split
 
 REPO = Path(__file__).resolve().parents[2]
 CFG = dict(max_epochs=5, patience=10, batch_size=256, device="cpu", seed=11)
@@ -22,7 +22,7 @@ KILL_AFTER = 2
 CHILD = textwrap.dedent(f"""
     import os, signal, sys
     from pathlib import Path
-    from sluicegate.training import TrainConfig, train_model
+    from sluicegate.train.loop import TrainConfig, train_model
     from tests.integration.test_resume import data
     (train, y), (valid, yv) = data()
 

@@ -20,9 +20,10 @@ import mlflow
 import pytest
 import yaml
 
-from sluicegate import pipeline, registry
+from sluicegate import stages as pipeline
 from sluicegate.config import Settings, ensure_home
-from sluicegate.data import GenerateConfig, generate_transactions, write_batch
+from sluicegate.data.batches import GenerateConfig, generate_transactions, write_batch
+from sluicegate.ship import registry
 from sluicegate.spec import load_spec
 from tests.integration import test_serving as served
 
@@ -132,7 +133,7 @@ def world(tmp_path_factory):
         write_batch(generate_transactions(cfg, spec), Settings().paths.raw, cfg.batch_id, spec.timestamp)
         with prefect_test_harness(server_startup_timeout=120):
             with capture_logs() as log:
-                from flows.pipeline import PipelineParams, training_pipeline
+                from sluicegate.flows.pipeline import PipelineParams, training_pipeline
                 result = training_pipeline(PipelineParams(batch=cfg.batch_id, max_epochs=2))
             yield {"root": root, "result": result, "settings": Settings(), "spec": spec, "log": log.getvalue()}
     finally:
@@ -214,9 +215,9 @@ def _version(world, source: str, sha: str):
 
 
 def test_a_model_outside_the_registry_is_refused_even_with_the_right_hash(world, tmp_path):
-    from sluicegate.deploy import rollback
-    from sluicegate.export import sha256_file
-    from sluicegate.serving.model import ModelRejected, fetch_onnx
+    from sluicegate.serve.model import ModelRejected, fetch_onnx
+    from sluicegate.ship.export import sha256_file
+    from sluicegate.ship.promote import rollback
 
     client = mlflow.MlflowClient(world["settings"].tracking_uri)
     champion = registry.version_by_alias(client, NAME, registry.CHAMPION)
@@ -235,8 +236,8 @@ def test_a_model_outside_the_registry_is_refused_even_with_the_right_hash(world,
 def test_a_swapped_artifact_is_refused_by_its_hash(world, tmp_path):
     """A version whose stored model.onnx was replaced by another valid model: fetch, rollback and
     deploy all refuse it."""
-    from sluicegate.deploy import rollback, server_load_check
-    from sluicegate.serving.model import ModelRejected, fetch_onnx
+    from sluicegate.serve.model import ModelRejected, fetch_onnx
+    from sluicegate.ship.promote import rollback, server_load_check
     from tests.integration.test_faults import _out_of_range_onnx
 
     client = mlflow.MlflowClient(world["settings"].tracking_uri)
@@ -272,7 +273,7 @@ def test_no_route_accepts_a_model(server):
 
 @pytest.mark.parametrize("name", ["../etc", "a/b", "..", "a..b", "", ".hidden", "x" * 129, "a\\b", "café"])
 def test_unsafe_model_names_are_refused(name, tmp_path, monkeypatch):
-    from sluicegate.serving import create_app
+    from sluicegate.serve import create_app
 
     with pytest.raises(ValueError, match="not allowed"):
         registry.check_model_name(name)

@@ -19,15 +19,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sluicegate import features, pipeline, registry
+from sluicegate import stages as pipeline
 from sluicegate.config import Settings, ensure_home
-from sluicegate.data import GenerateConfig, generate_transactions
-from sluicegate.export import export_onnx, make_session, onnx_predict, sha256_file
-from sluicegate.inputs import build_model_input
-from sluicegate.serving import ServeSettings, create_app
-from sluicegate.serving.app import uvicorn_config
+from sluicegate.data.batches import GenerateConfig, generate_transactions
+from sluicegate.features import store as features
+from sluicegate.features.inputs import build_model_input
+from sluicegate.serve import ServeSettings, create_app
+from sluicegate.serve.app import uvicorn_config
+from sluicegate.ship import registry
+from sluicegate.ship.export import export_onnx, make_session, onnx_predict, sha256_file
 from sluicegate.spec import load_spec
-from sluicegate.training import TrainConfig
+from sluicegate.train.loop import TrainConfig
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}

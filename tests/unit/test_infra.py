@@ -49,7 +49,7 @@ def test_compose_has_the_whole_stack(compose):
 
 
 def test_ports_agree_with_make_up_and_the_server_defaults(compose):
-    from sluicegate.serving.settings import ServeSettings
+    from sluicegate.serve.settings import ServeSettings
 
     assert _up_default("SLUICEGATE_PREFECT_PORT") == PORTS["prefect"]
     assert _up_default("SLUICEGATE_MLFLOW_PORT") == PORTS["mlflow"]
@@ -81,7 +81,7 @@ def _env_names(compose: dict) -> set[str]:
 def test_environment_variable_names_are_read_by_the_code(compose):
     import prefect.settings
 
-    from sluicegate.serving.settings import ServeSettings
+    from sluicegate.serve.settings import ServeSettings
 
     ours = {f"SLUICEGATE_{f.upper()}" for f in Settings.model_fields}
     ours |= {f"SLUICEGATE_SERVE_{f.upper()}" for f in ServeSettings.model_fields}
@@ -101,7 +101,8 @@ def test_commands_exist_and_name_the_right_pool_and_flags(compose):
 
     pool = {d["work_pool"]["name"] for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]}
     worker = " ".join(_command(compose["prefect-worker"]))
-    assert "python -m flows.deployments register" in worker and (REPO / "flows/deployments.py").exists()
+    assert "python -m sluicegate.flows.deployments register" in worker
+    assert (REPO / "src/sluicegate/flows/deployments.py").exists()
     assert f"prefect worker start --pool {pool.pop()} --type process" in worker
     mlflow_cmd = _command(compose["mlflow"])
     assert mlflow_cmd[:2] == ["mlflow", "server"]
@@ -149,12 +150,12 @@ def test_image_names_agree(compose):
     assert container["image"] == IMAGE
     values = yaml.safe_load((INFRA / "k8s/prefect-worker-values.yaml").read_text())["worker"]
     assert f"{values['image']['repository']}:{values['image']['prefectTag']}" == IMAGE
-    from flows.deployments import PoolOverride
+    from sluicegate.flows.deployments import PoolOverride
     assert PoolOverride("x").image == IMAGE
 
 
 def test_kubernetes_worker_and_model_server_agree_with_the_code():
-    from sluicegate.serving.settings import ServeSettings
+    from sluicegate.serve.settings import ServeSettings
 
     values = yaml.safe_load((INFRA / "k8s/prefect-worker-values.yaml").read_text())["worker"]
     assert values["config"]["type"] == "kubernetes"
@@ -166,7 +167,7 @@ def test_kubernetes_worker_and_model_server_agree_with_the_code():
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["ports"][0]["containerPort"] == ServeSettings().port
     probe = container["readinessProbe"]["httpGet"]["path"]
-    assert probe in (REPO / "src/sluicegate/serving/app.py").read_text()
+    assert probe in (REPO / "src/sluicegate/serve/app.py").read_text()
 
 
 def test_readme_says_docker_does_not_run_here():

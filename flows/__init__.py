@@ -1,1 +1,0 @@
-"""Prefect flows: thin wiring of sluicegate's stage functions."""

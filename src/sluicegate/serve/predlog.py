@@ -1,0 +1,229 @@
+"""Prediction log for monitoring: every predicted row with its features, output, model version and latency.
+
+Requests append a record to a bounded in-memory queue (a deque append: never
+waits, never does I/O); one thread turns what is queued into an Arrow table
+every `POLL_SECONDS` and writes one parquet file per flush under
+`SLUICEGATE_HOME/predictions/<endpoint>/`. The writer's Python work holds the
+GIL, and so pauses the event loop: converting a tenth of a second of records
+at a time keeps each pause near a millisecond, where converting a whole
+second at 7,750 req/s paused requests for ~20 ms (p99 16 ms against 4 ms with
+the log off); the parquet write itself runs in Arrow without the GIL.
+A full queue drops records and counts them rather than slow a request down.
+A failed write (disk full, folder gone) keeps its rows for the next flush, up to
+`max_queue` of them, and shows in `error` until a write succeeds again.
+`close()` writes everything queued, so a graceful shutdown loses nothing.
+
+Read it back with `pandas.read_parquet(SLUICEGATE_HOME/predictions/v2)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger("sluicegate.serve")
+
+POLL_SECONDS = 0.1
+
+
+@dataclass(slots=True)
+class Record:
+    """One model call: the rows of the requests it answered.
+
+    `request_ids`, `latency_ms` (arrival to model answer) and `rows` hold one
+    entry per request; `probabilities` and `features` one per row. `features`
+    maps a name to a list, a 1-D array, or a 2-D array whose columns the log
+    names through `PredictionLog(expand=...)`. One record per call rather than
+    per request keeps the log's share of a busy server's CPU small: a micro-batch
+    of 8 costs one append and one conversion instead of 8.
+    """
+
+    endpoint: str
+    ts: float
+    model_name: str
+    model_version: str
+    request_ids: list[str | None]
+    latency_ms: list[float]
+    rows: list[int]
+    probabilities: np.ndarray
+    features: dict
+    threshold: float | None = None
+
+
+class PredictionLog:
+    def __init__(self, folder: Path, max_queue: int, flush_seconds: float = 5.0, flush_rows: int = 100_000,
+                 expand: dict[str, list[str]] | None = None, on_drop: Callable[[int], None] | None = None,
+                 on_error: Callable[[], None] | None = None):
+        self.folder = folder
+        self.max_queue = max_queue
+        self.flush_seconds = flush_seconds
+        self.flush_rows = flush_rows
+        self.expand = expand or {}
+        self.dropped = 0  # rows
+        self.error: str | None = None  # the last write's error while writes fail; None once one succeeds
+        self._on_drop = on_drop
+        self._on_error = on_error
+        self._queue: deque[Record] = deque()
+        self._stop = threading.Event()
+        self._seq = 0
+        folder.mkdir(parents=True, exist_ok=True)
+        self._thread = threading.Thread(target=self._write_loop, name="prediction-log", daemon=True)
+        self._thread.start()
+
+    def put(self, record: Record) -> None:
+        """Never blocks: a full queue (`max_queue` records) drops the record and counts its rows."""
+        if len(self._queue) >= self.max_queue:
+            self._count_dropped(len(record.probabilities))
+            return
+        self._queue.append(record)  # deque.append is atomic: no lock on the hot path
+
+    def _count_dropped(self, rows: int) -> None:
+        self.dropped += rows
+        if self._on_drop:
+            self._on_drop(rows)
+
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def close(self) -> None:
+        """Write everything queued so far, then stop the writer."""
+        self._stop.set()
+        self._thread.join()
+
+    def _write_loop(self) -> None:
+        pending: dict[str, list[pa.Table]] = {}  # converted, not yet written, per endpoint
+        last = time.monotonic()
+        while True:
+            stopping = self._stop.wait(POLL_SECONDS)
+            self._convert(self._drain(), pending)
+            rows = _rows(pending)
+            due = rows >= self.flush_rows or time.monotonic() - last >= self.flush_seconds
+            if rows and (due or stopping):
+                # What could not be written waits for the next flush (flush_seconds later, not at once).
+                pending = self._flush(pending)
+                last = time.monotonic()
+            if stopping and not self._queue:
+                if pending:
+                    log.error("prediction log: %d rows not written at shutdown: %s", _rows(pending), self.error)
+                return
+
+    def _drain(self) -> list[Record]:
+        records = []
+        while self._queue:
+            records.append(self._queue.popleft())
+        return records
+
+    def _convert(self, records: list[Record], pending: dict[str, list[pa.Table]]) -> None:
+        by_endpoint: dict[str, list[Record]] = {}
+        for record in records:
+            if sum(record.rows) != len(record.probabilities):
+                self._lost([record], record.endpoint, ValueError("request row counts do not add up to the rows"))
+                continue
+            by_endpoint.setdefault(record.endpoint, []).append(record)
+        for endpoint, group in by_endpoint.items():
+            try:
+                table = self._table(group)
+            except Exception as exc:  # these records cannot become a table: retrying would not help
+                self._lost(group, endpoint, exc)
+                continue
+            pending.setdefault(endpoint, []).append(table)
+
+    def _lost(self, records: list[Record], endpoint: str, exc: Exception) -> None:
+        self._failed(exc)
+        log.error("prediction log: lost %d %s records: %s", len(records), endpoint, exc)
+
+    def _failed(self, exc: Exception) -> None:
+        """Shown in `error` (and so on the health routes) until a write succeeds."""
+        self.error = f"{type(exc).__name__}: {exc}"
+        if self._on_error:
+            self._on_error()
+
+    def _flush(self, pending: dict[str, list[pa.Table]]) -> dict[str, list[pa.Table]]:
+        """Write one file per endpoint; returns what could not be written."""
+        failed: dict[str, list[pa.Table]] = {}
+        for endpoint, tables in pending.items():
+            tmp = None
+            try:
+                # Chunks converted apart may type a column differently (all null, int then float).
+                table = pa.concat_tables(tables, promote_options="permissive")
+                folder = self.folder / endpoint
+                folder.mkdir(parents=True, exist_ok=True)
+                self._seq += 1
+                final = folder / f"part-{time.time_ns()}-{self._seq:06d}.parquet"
+                tmp = final.with_name(f".{final.name}.tmp")
+                pq.write_table(table, tmp)
+                tmp.rename(final)  # readers globbing *.parquet never see a half-written file
+                self.error = None
+            except Exception as exc:  # the log must never take the server down
+                if tmp is not None:
+                    with contextlib.suppress(OSError):  # a half-written file is never read (dot name)
+                        tmp.unlink(missing_ok=True)
+                self._failed(exc)
+                rows = sum(t.num_rows for t in tables)
+                if isinstance(exc, OSError):  # disk full, folder gone: worth another try
+                    log.error("prediction log: cannot write %d %s rows, kept for the next flush: %s",
+                              rows, endpoint, exc)
+                    failed[endpoint] = self._keep_at_most(tables, self.max_queue)
+                else:
+                    log.error("prediction log: lost %d %s rows: %s", rows, endpoint, exc)
+        return failed
+
+    def _keep_at_most(self, tables: list[pa.Table], limit: int) -> list[pa.Table]:
+        """Bound what waits for a failing disk: the oldest rows beyond `limit` are dropped and counted."""
+        table = pa.concat_tables(tables, promote_options="permissive")
+        excess = table.num_rows - limit
+        if excess <= 0:
+            return [table]
+        self._count_dropped(excess)
+        return [table.slice(excess)]
+
+    def _table(self, records: list[Record]) -> pa.Table:
+        per_call = np.array([len(r.probabilities) for r in records])
+        per_request = np.array([n for r in records for n in r.rows])
+        probs = np.concatenate([r.probabilities for r in records]).astype(np.float64)
+        thresholds = np.repeat([np.nan if r.threshold is None else r.threshold for r in records], per_call)
+        columns = {
+            "ts": pa.array((np.repeat([r.ts for r in records], per_call) * 1e6).astype(np.int64),
+                           pa.timestamp("us", tz="UTC")),
+            "request_id": pa.array(np.repeat(np.array([i for r in records for i in r.request_ids], dtype=object),
+                                             per_request), pa.string()),
+            "model_name": pa.array(np.repeat(np.array([r.model_name for r in records], dtype=object), per_call),
+                                   pa.string()),
+            "model_version": pa.array(np.repeat(np.array([r.model_version for r in records], dtype=object),
+                                                per_call), pa.string()),
+            "latency_ms": np.repeat([ms for r in records for ms in r.latency_ms], per_request),
+            "row": np.arange(per_request.sum()) - np.repeat(np.cumsum(per_request) - per_request, per_request),
+            "probability": probs,
+            "decision": pa.array(np.where(np.isnan(thresholds), False, probs >= thresholds),
+                                 mask=np.isnan(thresholds)),
+        }
+        for name in records[0].features:
+            values = [r.features[name] for r in records]
+            if isinstance(values[0], np.ndarray) and values[0].ndim == 2:
+                block = np.concatenate(values)
+                for j, column in enumerate(self.expand.get(name) or [f"{name}_{j}" for j in range(block.shape[1])]):
+                    columns[column] = block[:, j]
+            elif isinstance(values[0], np.ndarray):
+                columns[name] = np.concatenate(values)
+            else:
+                columns[name] = [v for chunk in values for v in chunk]
+        table = pa.table(columns)
+        # A column with no value in this file (all None) is typed string, so files read back together.
+        for i, column in enumerate(table.schema):
+            if pa.types.is_null(column.type):
+                table = table.set_column(i, column.name, table.column(i).cast(pa.string()))
+        return table
+
+
+def _rows(pending: dict[str, list[pa.Table]]) -> int:
+    return sum(t.num_rows for tables in pending.values() for t in tables)

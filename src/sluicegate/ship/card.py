@@ -1,0 +1,69 @@
+"""The model card of a version, generated from its evidence and gate decision."""
+
+from __future__ import annotations
+
+from sluicegate.ship.gates import GateDecision
+
+
+def render(name: str, version: str, tags: dict, evidence: dict, decision: GateDecision) -> str:
+    shipped = evidence["shipped"]
+    torch_metrics, metrics = evidence["torch_metrics"], evidence["shipped_metrics"]
+    lines = [
+        f"# Model card: {name} v{version}",
+        "",
+        "## Intended use",
+        "Scores card transactions for fraud risk at authorization time. The score is a calibrated probability; "
+        f"the decision threshold chosen on the validation window is {evidence['threshold']:.4f}. "
+        "Meant to rank transactions for review or step-up authentication, not to block customers on its own.",
+        "",
+        "## Training data",
+        f"- batch: `{tags.get('batch_id', 'unknown')}`; data hash `{tags.get('data_hash', 'unknown')}`",
+        f"- training window: {tags.get('train_window', 'unknown')}; test window: {tags.get('test_window', 'unknown')}",
+        f"- feature service: `{tags.get('feature_service', 'unknown')}`; code: `{tags.get('git_commit', 'unknown')}`",
+        f"- features: {', '.join(evidence.get('features', []))}",
+        "",
+        "## Metrics (test window)",
+        "| model | PR-AUC | ROC-AUC | precision | recall | F1 | ECE |",
+        "|---|---|---|---|---|---|---|",
+        _metric_row("torch", torch_metrics),
+        _metric_row(f"shipped ({shipped['name']})", metrics),
+        "",
+        "## Metrics per slice (shipped variant)",
+        "| slice | value | support | positives | PR-AUC | recall | trusted |",
+        "|---|---|---|---|---|---|---|",
+        *[f"| {r['slice']} | {r['value']} | {r['support']} | {r['positives']} | {_f(r['pr_auc'])} | "
+          f"{_f(r['recall'])} | {'yes' if r['trusted'] else 'no'} |" for r in evidence["slices"]],
+        "",
+        "## Calibration",
+        f"ECE {metrics['ece']:.4f} over 15 bins; reliability diagram: `reliability.png`.",
+        "",
+        "## Robustness and behaviour",
+        *[f"- {k.replace('_', ' ')}: {v:+.4f}" for k, v in evidence["robustness"].items()],
+        *[f"- {k.replace('_', ' ')}: {v:.4f}" for k, v in evidence["behaviour"].items()],
+        "",
+        f"## Benchmark ({evidence['hardware']['provider']}, MLPerf Inference scenarios)",
+        "| variant | scenario | batch | p50 ms | p90 ms | p99 ms | samples/s | $ per 1M |",
+        "|---|---|---|---|---|---|---|---|",
+        *[f"| {r['variant']} | {r['scenario']} | {r['batch_size']} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | "
+          f"{r['p99_ms']:.3f} | {r['samples_per_s']:,.0f} | {r['cost_per_million']:.4f} |"
+          for r in evidence["benchmark"]],
+        "",
+        "## Limitations",
+        "- Trained on one data window; fraud patterns shift, so drift is monitored and the model retrained.",
+        "- Online features lag by the entity's latest transaction; velocity at serving time is a lower bound.",
+        "- Slices with fewer than the policy's minimum support are reported but not gated.",
+        "- Labels arrive late (chargebacks); the merchant fraud rate uses only labels known at scoring time.",
+        "",
+        "## Gate results",
+        decision.to_markdown(title=f"{name} v{version}").split("\n", 2)[2],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _metric_row(label: str, m: dict) -> str:
+    return (f"| {label} | {_f(m['pr_auc'])} | {_f(m['roc_auc'])} | {_f(m['precision'])} | {_f(m['recall'])} | "
+            f"{_f(m['f1'])} | {_f(m['ece'])} |")
+
+
+def _f(value) -> str:
+    return "n/a" if value is None or value != value else f"{value:.4f}"

@@ -1,0 +1,248 @@
+"""The gate policy and the promotion decision.
+
+Every threshold comes from gates.yaml; the decision lists each gate with its
+threshold, measured value, verdict and evidence, so a reviewer sees exactly why.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sluicegate.ship.evaluate import Comparison
+
+# Evidence a version must carry before it may be promoted (artifacts of its MLflow run).
+REQUIRED_EVIDENCE = ("evidence.json", "holdout.parquet", "benchmark.json", "reliability.png")
+
+
+class GatePolicyError(ValueError):
+    """gates.yaml is missing, incomplete or names an unknown gate."""
+
+
+class DriftThresholds(BaseModel):
+    """The `drift:` block of gates.yaml. Monitoring reads it; defaults apply when the block is absent."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    psi_warn: float = Field(0.1, gt=0, description="PSI above which a feature is reported as drifting")
+    psi_retrain: float = Field(0.25, gt=0, description="PSI of any feature that triggers a retrain")
+    score_psi_retrain: float = Field(0.25, gt=0, description="PSI of the score that triggers a retrain")
+    min_recall: float = Field(0.5, ge=0, le=1, description="Live recall on late labels below which we retrain")
+    cooldown_hours: float = Field(6.0, ge=0, description="At most one triggered retrain per this many hours")
+    min_rows: int = Field(500, ge=1, description="Fewer logged rows than this: report, never trigger")
+
+
+class GatePolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_pr_auc: float = Field(ge=0, le=1)
+    max_ece: float = Field(ge=0, le=1)
+    max_quantization_drop: float = Field(ge=0)
+    parity_tolerance: float = Field(gt=0)
+    max_robustness_drop: float = Field(ge=0)
+    max_directional_violation_rate: float = Field(ge=0, le=1)
+    latency_slo_p99_ms: float = Field(gt=0)
+    slo_target_qps: float = Field(gt=0)
+    max_regression_vs_champion: float = Field(ge=0)
+    max_slice_regression: float = Field(ge=0)
+    min_slice_support: int = Field(ge=1)
+    min_slice_positives: int = Field(ge=1)
+    bootstrap_samples: int = Field(ge=50)
+    confidence: float = Field(gt=0.5, lt=1)
+    drift: DriftThresholds = Field(default_factory=DriftThresholds)
+
+
+def load_policy(path: Path) -> GatePolicy:
+    """Read gates.yaml, failing before any work with what is wrong in it."""
+    if not path.exists():
+        raise GatePolicyError(f"gate policy {path} not found")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise GatePolicyError(f"{path}: expected a mapping of gate names to thresholds")
+    try:
+        return GatePolicy.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "missing":
+                problems.append(f"missing gate '{key}'")
+            elif err["type"] == "extra_forbidden":
+                problems.append(f"unknown gate '{key}'")
+            else:
+                problems.append(f"'{key}': {err['msg']}")
+        known = ", ".join(GatePolicy.model_fields)
+        raise GatePolicyError(f"{path}: {'; '.join(problems)} (known gates: {known})") from None
+
+
+@dataclass
+class VariantReport:
+    """One exported variant of the candidate, measured on the test window and the target hardware."""
+
+    name: str  # "fp32", "fp16", "int8", "int8_qdq"
+    path: str
+    provider: str
+    pr_auc: float
+    roc_auc: float
+    ece: float
+    pr_auc_drop: float  # torch PR-AUC minus this variant's
+    roc_auc_drop: float
+    max_abs_diff: float  # against torch on the golden batch
+    size_bytes: int
+    p50_ms_batch1: float  # MLPerf SingleStream
+    p90_ms_batch1: float
+    p99_ms_batch1: float
+    server_p99_ms: float  # MLPerf Server at the SLO's target rate
+    rows_per_s: float  # MLPerf Offline
+    memory_mb: float
+    cost_per_million: float
+
+
+@dataclass
+class Evidence:
+    """The measurements the gates judge."""
+
+    shipped: VariantReport
+    fp32_parity: float
+    robustness_worst: float
+    directional_violation_rate: float
+    champion_version: str | None = None
+    comparisons: list[Comparison] = field(default_factory=list)  # overall first; empty without a champion
+    missing: list[str] = field(default_factory=list)  # required evidence not found
+
+
+@dataclass
+class GateResult:
+    gate: str
+    threshold: float
+    measured: float | None
+    passed: bool
+    detail: str
+    evidence: str = ""
+
+
+@dataclass
+class GateDecision:
+    variant: str
+    results: list[GateResult] = field(default_factory=list)
+
+    @property
+    def promote(self) -> bool:
+        """Promote only when every gate passed."""
+        return all(r.passed for r in self.results)
+
+    @property
+    def failed(self) -> list[GateResult]:
+        return [r for r in self.results if not r.passed]
+
+    def reason(self) -> str:
+        if self.promote:
+            return f"all {len(self.results)} gates passed"
+        return "; ".join(f"{r.gate}: {r.detail}" for r in self.failed)
+
+    def to_dict(self) -> dict:
+        return {"promote": self.promote, "variant": self.variant, "reason": self.reason(),
+                "gates": [asdict(r) for r in self.results]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_markdown(self, title: str = "Gate decision") -> str:
+        verdict = "PROMOTE" if self.promote else "BLOCKED"
+        lines = [f"# {title}: {verdict}", "", f"Shipped variant: `{self.variant}`. {self.reason()}.", "",
+                 "| gate | threshold | measured | result | detail | evidence |", "|---|---|---|---|---|---|"]
+        for r in self.results:
+            measured = "n/a" if r.measured is None else f"{r.measured:.6g}"
+            lines.append(f"| {r.gate} | {r.threshold:.6g} | {measured} | "
+                         f"{'pass' if r.passed else '**FAIL**'} | {r.detail} | {r.evidence} |")
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> GateDecision:
+        return cls(variant=raw["variant"], results=[GateResult(**r) for r in raw["gates"]])
+
+
+def select_variant(variants: list[VariantReport], policy: GatePolicy) -> VariantReport:
+    """The fastest variant whose accuracy stays within the policy.
+
+    Fastest means the highest Offline throughput on the target's provider: it sets
+    the cost per prediction, while single-row latency differences between variants
+    are tens of microseconds and the latency SLO is gated separately. Falls back to
+    fp32 so that a failing quantization is reported by the gates, never silently shipped.
+    """
+    ok = [v for v in variants if v.pr_auc_drop <= policy.max_quantization_drop
+          and (v.name != "fp32" or v.max_abs_diff <= policy.parity_tolerance)]
+    if ok:
+        return max(ok, key=lambda v: v.rows_per_s)
+    return next(v for v in variants if v.name == "fp32")
+
+
+def decide(policy: GatePolicy, evidence: Evidence, links: dict[str, str] | None = None) -> GateDecision:
+    """Apply every gate; promote only if all pass."""
+    links = links or {}
+    v = evidence.shipped
+    results = [
+        _evidence_gate(evidence),
+        _at_least("min_pr_auc", policy.min_pr_auc, v.pr_auc, "test-window PR-AUC", links.get("metrics", "")),
+        _at_most("max_ece", policy.max_ece, v.ece, "expected calibration error", links.get("calibration", "")),
+        _at_most("max_quantization_drop", policy.max_quantization_drop, v.pr_auc_drop,
+                 f"PR-AUC lost by shipping {v.name} instead of torch", links.get("variants", "")),
+        _at_most("parity_tolerance", policy.parity_tolerance, evidence.fp32_parity,
+                 "max |p_onnx - p_torch| of the fp32 export", links.get("variants", "")),
+        _at_most("max_robustness_drop", policy.max_robustness_drop, evidence.robustness_worst,
+                 "worst PR-AUC drop under noise, a missing feature or a shuffled category",
+                 links.get("robustness", "")),
+        _at_most("max_directional_violation_rate", policy.max_directional_violation_rate,
+                 evidence.directional_violation_rate, "share of rows scored lower when velocity rises",
+                 links.get("robustness", "")),
+        _at_most("latency_slo_p99_ms", policy.latency_slo_p99_ms, v.server_p99_ms,
+                 f"Server-scenario p99 (ms) at {policy.slo_target_qps:g} q/s on {v.provider}",
+                 links.get("benchmark", "")),
+        *_champion_gates(policy, evidence, links.get("comparison", "")),
+    ]
+    return GateDecision(variant=v.name, results=results)
+
+
+def _evidence_gate(evidence: Evidence) -> GateResult:
+    missing = evidence.missing
+    detail = "all required evidence present" if not missing else f"missing evidence: {', '.join(missing)}"
+    return GateResult("required_evidence", 0, float(len(missing)), not missing, detail, ", ".join(REQUIRED_EVIDENCE))
+
+
+def _at_least(gate: str, threshold: float, measured: float, what: str, link: str) -> GateResult:
+    passed = bool(measured >= threshold)
+    verb = "meets" if passed else "is below"
+    return GateResult(gate, threshold, measured, passed, f"{what} {measured:.4g} {verb} {threshold:.4g}", link)
+
+
+def _at_most(gate: str, threshold: float, measured: float, what: str, link: str) -> GateResult:
+    passed = bool(measured <= threshold)
+    verb = "within" if passed else "exceeds"
+    return GateResult(gate, threshold, measured, passed, f"{what} {measured:.4g} {verb} {threshold:.4g}", link)
+
+
+def _champion_gates(policy: GatePolicy, evidence: Evidence, link: str) -> list[GateResult]:
+    overall_gate, slice_gate = "max_regression_vs_champion", "max_slice_regression"
+    if not evidence.comparisons:
+        return [GateResult(overall_gate, policy.max_regression_vs_champion, None, True, "no champion yet", link),
+                GateResult(slice_gate, policy.max_slice_regression, None, True, "no champion yet", link)]
+    overall, slices = evidence.comparisons[0], evidence.comparisons[1:]
+    level = f"{policy.confidence:.0%}"
+    passed = bool(overall.ci_high >= -policy.max_regression_vs_champion)
+    detail = (f"PR-AUC {overall.challenger:.4f} vs champion v{evidence.champion_version} {overall.champion:.4f}: "
+              f"diff {overall.diff:+.4f}, {level} CI [{overall.ci_low:+.4f}, {overall.ci_high:+.4f}]"
+              f"{'' if passed else ' — significantly worse'}")
+    results = [GateResult(overall_gate, policy.max_regression_vs_champion, overall.diff, passed, detail, link)]
+    worse = [c for c in slices if c.ci_high < -policy.max_slice_regression]
+    if worse:
+        named = ", ".join(f"{c.scope} {c.diff:+.4f} (CI high {c.ci_high:+.4f}, n={c.support})" for c in worse)
+        detail = f"significantly worse on {len(worse)} of {len(slices)} slices: {named}"
+    else:
+        detail = f"no significant regression on any of {len(slices)} slices with enough support"
+    worst = min((c.ci_high for c in slices), default=0.0)
+    results.append(GateResult(slice_gate, policy.max_slice_regression, worst, not worse, detail, link))
+    return results

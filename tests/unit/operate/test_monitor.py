@@ -1,0 +1,178 @@
+"""Drift statistics on known distributions, the prediction-log reader, and the
+retrain trigger's thresholds, cooldown and dedupe."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sluicegate.operate import monitor as m
+
+NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+T = m.DriftThresholds(psi_warn=0.1, psi_retrain=0.25, score_psi_retrain=0.25, min_recall=0.5,
+                      cooldown_hours=6, min_rows=100)
+
+
+def test_psi_is_zero_for_identical_shares_and_matches_the_formula():
+    assert m.psi([0.5, 0.5], [0.5, 0.5]) == 0.0
+    # (0.6-0.5)ln(0.6/0.5) + (0.4-0.5)ln(0.4/0.5)
+    assert m.psi([0.5, 0.5], [0.6, 0.4]) == pytest.approx(0.1 * np.log(1.2) - 0.1 * np.log(0.8))
+
+
+def test_numeric_psi_small_for_same_normal_and_large_for_shifted_one():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(0, 1, 50_000)
+    edges = m.numeric_edges(ref)
+    expected = m.numeric_shares(ref, edges)
+    assert len(edges) == 9 and expected[:-1] == pytest.approx(np.full(10, 0.1), abs=1e-3)
+    same = m.psi(expected, m.numeric_shares(rng.normal(0, 1, 20_000), edges))
+    # A one-sigma shift of a normal has a PSI near 1 with decile bins.
+    shifted = m.psi(expected, m.numeric_shares(rng.normal(1, 1, 20_000), edges))
+    assert same < 0.01
+    assert 0.7 < shifted < 1.3
+
+
+def test_numeric_bins_are_fixed_by_the_reference_and_missing_values_have_their_own_bin():
+    edges = m.numeric_edges(np.arange(100.0))
+    shares = m.numeric_shares(np.array([1000.0, np.nan, -5.0, np.nan]), edges)
+    assert shares[-1] == 0.5  # missing
+    assert shares[0] == 0.25 and shares[-2] == 0.25  # out of range falls into the open outer bins
+
+
+def test_categorical_psi_and_chi_square_see_a_shift_and_an_unseen_category():
+    cats = ["a", "b", "c"]
+    ref = pd.Series(["a"] * 500 + ["b"] * 300 + ["c"] * 200)
+    expected = m.categorical_shares(ref, cats)
+    assert expected.tolist() == [0.5, 0.3, 0.2, 0.0, 0.0]
+    same = pd.Series(["a"] * 250 + ["b"] * 150 + ["c"] * 100)
+    flipped = pd.Series(["a"] * 100 + ["b"] * 150 + ["c"] * 250)
+    assert m.psi(expected, m.categorical_shares(same, cats)) == pytest.approx(0.0, abs=1e-9)
+    assert m.psi(expected, m.categorical_shares(flipped, cats)) > 0.25
+    assert m.chi_square_p(expected, m.categorical_shares(same, cats) * 500) > 0.9
+    assert m.chi_square_p(expected, m.categorical_shares(flipped, cats) * 500) < 1e-6
+    unseen = pd.Series(["a"] * 499 + ["zz"])
+    assert m.chi_square_p(expected, m.categorical_shares(unseen, cats) * 500) == 0.0
+
+
+def _log(n: int, amount_mu: float = 3.4, score_shift: float = 0.0, seed: int = 1) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({
+        "transaction_id": [f"t{i}" for i in range(n)],
+        "amount": rng.lognormal(amount_mu, 0.7, n),
+        "channel": rng.choice(["pos", "online", "mobile", "atm"], n, p=[0.5, 0.25, 0.2, 0.05]),
+        "score": np.clip(rng.beta(1, 30, n) + score_shift, 0, 1),
+        "model_version": "3",
+        "latency_ms": 1.0,
+        "logged_at": pd.Timestamp(NOW) - pd.to_timedelta(np.arange(n)[::-1], unit="s"),
+    })
+
+
+def _profile(spec) -> m.ReferenceProfile:
+    ref = _log(20_000, seed=0)
+    return m.build_profile(ref, spec, model_version="3", batch_id="b", scores=ref["score"].to_numpy())
+
+
+def test_drift_report_flags_the_shifted_column_and_nothing_else(spec):
+    report = m.drift_report(_log(5_000, amount_mu=4.4), _profile(spec), T)
+    status = {c.name: c.status for c in report.columns}
+    assert status == {"amount": "drift", "channel": "ok"}
+    assert report.score.status == "ok"
+    assert m.retrain_reasons(report, T) == [f"amount PSI {report.columns[0].psi:.3f} >= 0.25"]
+    assert "| amount | numeric |" in report.to_markdown()
+
+
+def test_live_metrics_at_the_threshold(spec):
+    log = pd.DataFrame({"transaction_id": ["a", "b", "c", "d", "e"], "score": [0.9, 0.8, 0.1, 0.2, 0.7]})
+    labels = pd.DataFrame({"transaction_id": ["a", "b", "c", "d"], "is_fraud": [1, 0, 1, 0]})
+    live = m.live_metrics(log, labels, spec, threshold=0.5)
+    assert (live.labelled, live.positives, live.precision, live.recall) == (4, 2, 0.5, 0.5)
+    assert m.live_metrics(log, labels.iloc[:0], spec, 0.5).recall is None
+
+
+def test_prediction_log_reader_reads_only_new_rows_and_skips_broken_files(tmp_path):
+    folder = tmp_path / "predictions"
+    (folder / "date=2026-11-20").mkdir(parents=True)
+    log = _log(10)
+    log.iloc[:6].to_parquet(folder / "date=2026-11-20" / "a.parquet")
+    log.iloc[6:].drop(columns=["logged_at"]).to_parquet(folder / "b.parquet")  # dated by mtime
+    (folder / "broken.parquet").write_bytes(b"not parquet")
+    assert len(m.read_prediction_log(folder)) == 10
+    since = log["logged_at"].iloc[2]
+    assert len(m.read_prediction_log(folder, since=since)) == 7
+    assert m.read_prediction_log(tmp_path / "absent").empty
+
+
+def _report(rows: int, amount_psi: float) -> m.DriftReport:
+    col = m.ColumnDrift("amount", "numeric", amount_psi, None, "drift" if amount_psi >= 0.25 else "ok")
+    return m.DriftReport(rows=rows, since=None, until=None, model_versions=["3"], reference_version="3",
+                         columns=[col], score=None)
+
+
+def test_no_trigger_below_thresholds_or_with_too_little_traffic():
+    state = m.MonitorState()
+    assert not m.decide_trigger(_report(1_000, 0.05), T, state, NOW).fire
+    few = m.decide_trigger(_report(50, 0.9), T, state, NOW)
+    assert not few.fire and "min_rows" in few.suppressed
+
+
+def test_a_crossed_threshold_fires_and_says_why():
+    decision = m.decide_trigger(_report(1_000, 0.4), T, m.MonitorState(), NOW)
+    assert decision.fire and decision.reasons == ["amount PSI 0.400 >= 0.25"]
+    assert decision.key.startswith("sluicegate-drift-v3-")
+    assert "retrain triggered: amount PSI 0.400" in decision.summary()
+
+
+def test_a_flapping_signal_triggers_at_most_once_per_cooldown():
+    state = m.MonitorState()
+    fired = []
+    # Drift on and off every 20 minutes for 13 hours: two cooldowns of 6 h fit, and a bit.
+    for step in range(40):
+        now = NOW + timedelta(minutes=20 * step)
+        decision = m.decide_trigger(_report(1_000, 0.4 if step % 2 == 0 else 0.01), T, state, now)
+        if decision.fire:
+            m.record_trigger(state, decision, now, flow_run_id=f"run-{step}")
+            fired.append(now)
+    assert len(fired) == 3
+    assert all(b - a >= timedelta(hours=6) for a, b in zip(fired, fired[1:], strict=False))
+    assert state.triggers == 3
+
+
+def test_dedupe_key_and_in_flight_runs_suppress_a_second_trigger():
+    state = m.MonitorState()
+    first = m.decide_trigger(_report(1_000, 0.4), T, state, NOW)
+    m.record_trigger(state, first, NOW, "run-1")
+    state.last_trigger_at = None  # even with the cooldown forgotten, the same key does not fire twice
+    again = m.decide_trigger(_report(1_000, 0.4), T, state, NOW + timedelta(minutes=1))
+    assert not again.fire and "already triggered" in again.suppressed
+    busy = m.decide_trigger(_report(1_000, 0.4), T, m.MonitorState(), NOW, active_runs=1)
+    assert not busy.fire and "in flight" in busy.suppressed
+
+
+def test_state_round_trips_under_the_lock(tmp_path):
+    path = tmp_path / "monitoring" / "state.json"
+    with m.locked_state(path) as state:
+        state.last_run_at = "2026-11-20T12:00:00+00:00"
+    with m.locked_state(path) as state:
+        assert state.last_run_at == "2026-11-20T12:00:00+00:00"
+
+
+def test_thresholds_come_from_the_drift_block_of_gates_yaml_and_default_without_it(tmp_path):
+    gates = tmp_path / "gates.yaml"
+    gates.write_text("min_pr_auc: 0.3\ndrift:\n  psi_retrain: 0.3\n  cooldown_hours: 12\n")
+    t = m.load_thresholds(gates)
+    assert (t.psi_retrain, t.cooldown_hours, t.psi_warn) == (0.3, 12, 0.1)
+    gates.write_text("min_pr_auc: 0.3\n")
+    assert m.load_thresholds(gates) == m.DriftThresholds()
+    gates.write_text("drift:\n  psi_retrian: 0.3\n")
+    with pytest.raises(ValueError, match="psi_retrian"):
+        m.load_thresholds(gates)
+
+
+def test_plot_is_written(tmp_path, spec):
+    report = m.drift_report(_log(2_000, amount_mu=4.4), _profile(spec), T)
+    path = m.plot_drift(report, T, tmp_path / "drift.png")
+    assert path.stat().st_size > 1000 and os.path.getsize(path) == path.stat().st_size

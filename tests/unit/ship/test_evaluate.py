@@ -1,0 +1,114 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from sluicegate.features.inputs import NUMERIC_INPUTS, ModelInput
+from sluicegate.ship.evaluate import (
+    average_precision,
+    behaviour,
+    choose_threshold,
+    classification_metrics,
+    expected_calibration_error,
+    paired_bootstrap,
+    plot_reliability,
+    reliability_table,
+    robustness,
+    slice_groups,
+    slice_metrics,
+)
+
+
+def test_perfectly_calibrated_scores_have_near_zero_ece():
+    rng = np.random.default_rng(0)
+    p = rng.random(200_000)
+    y = (rng.random(200_000) < p).astype(float)
+    assert expected_calibration_error(y, p) < 0.01
+    assert expected_calibration_error(y, np.clip(p + 0.2, 0, 1)) > 0.15
+
+
+def test_metrics_on_known_case():
+    y = np.array([0, 0, 1, 1])
+    s = np.array([0.1, 0.6, 0.4, 0.9])
+    m = classification_metrics(y, s, threshold=0.5)
+    assert m["roc_auc"] == pytest.approx(0.75)
+    assert m["precision"] == pytest.approx(0.5) and m["recall"] == pytest.approx(0.5)
+
+
+def test_threshold_maximizes_f1():
+    y = np.array([0, 0, 0, 1, 1])
+    s = np.array([0.1, 0.2, 0.3, 0.8, 0.9])
+    t = choose_threshold(y, s)
+    assert 0.3 < t <= 0.8
+    assert classification_metrics(y, s, t)["f1"] == 1.0
+
+
+def test_slices_cover_every_value_with_support():
+    groups = {"channel": np.array(["pos"] * 300 + ["atm"] * 10)}
+    y = np.r_[np.tile([0, 1], 150), np.zeros(10)]
+    s = np.r_[np.tile([0.2, 0.7], 150), np.full(10, 0.1)]
+    rows = slice_metrics(groups, y, s, 0.5)
+    by = {(r["slice"], r["value"]): r for r in rows}
+    assert by[("channel", "pos")]["support"] == 300 and by[("channel", "pos")]["trusted"]
+    assert not by[("channel", "atm")]["trusted"] and by[("channel", "atm")]["positives"] == 0
+
+
+def test_slice_groups_from_the_spec(spec):
+    frame = pd.DataFrame({"channel": ["pos", "atm", "pos"], "country": ["US", "GB", "US"],
+                          spec.amount: [10.0, 150.0, 900.0]})
+    numeric = np.zeros((3, len(NUMERIC_INPUTS)), np.float32)
+    numeric[0, NUMERIC_INPUTS.index("has_history")] = 1.0
+    groups = slice_groups(frame, ModelInput(numeric, np.zeros((3, 4), np.int64)), spec)
+    assert list(groups["amount_band"]) == ["<25", "100-500", ">=500"]
+    assert list(groups["customer"]) == ["returning", "new", "new"]
+    assert list(groups["channel"]) == ["pos", "atm", "pos"]
+
+
+def test_average_precision_matches_sklearn():
+    from sklearn.metrics import average_precision_score
+    rng = np.random.default_rng(3)
+    y = (rng.random(5000) < 0.05).astype(float)
+    s = np.round(rng.random(5000) + y * 0.3, 2)  # ties on purpose
+    assert average_precision(y, s) == pytest.approx(average_precision_score(y, s), abs=1e-12)
+
+
+def test_paired_bootstrap_interval_contains_the_difference():
+    rng = np.random.default_rng(4)
+    y = (rng.random(8000) < 0.1).astype(float)
+    a = y * 0.5 + rng.random(8000)
+    comp = paired_bootstrap(y, a, a + y * 0.3, samples=200, confidence=0.95)
+    assert comp.diff > 0 and comp.ci_low <= comp.diff <= comp.ci_high and comp.ci_low > 0
+    same = paired_bootstrap(y, a, a, samples=100, confidence=0.95)
+    assert same.diff == 0 and same.ci_low == 0 == same.ci_high
+
+
+def test_robustness_and_behaviour_of_a_velocity_model(spec):
+    rng = np.random.default_rng(5)
+    n = 6000
+    numeric = rng.normal(size=(n, len(NUMERIC_INPUTS))).astype(np.float32)
+    vel = NUMERIC_INPUTS.index("log_cust_count_1h")
+    numeric[:, vel] = np.log1p(rng.poisson(1.0, n))
+    y = (rng.random(n) < 1 / (1 + np.exp(-(3 * numeric[:, vel] - 4)))).astype(float)
+    inputs = ModelInput(numeric, rng.integers(1, 5, (n, 4)))
+    score = lambda x: 1 / (1 + np.exp(-(3 * x.numeric[:, vel] - 4)))  # noqa: E731
+    base = average_precision(y, score(inputs))
+    rob = robustness(score, inputs, y, base, spec)
+    assert rob.missing_velocity_pr_auc_drop > 0.1  # the model depends on velocity
+    assert abs(rob.shuffled_category_pr_auc_drop) < 1e-9  # and not on the category
+    beh = behaviour(score, inputs)
+    assert beh.directional_violation_rate == 0 and beh.directional_mean_delta > 0
+    assert beh.invariance_max_delta == 0
+
+
+def test_reliability_plot_is_written(tmp_path):
+    rng = np.random.default_rng(1)
+    s = rng.random(1000)
+    table = reliability_table((rng.random(1000) < s).astype(float), s)
+    path = plot_reliability(table, 0.01, tmp_path / "r.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reliability_table_counts_add_up():
+    rng = np.random.default_rng(1)
+    s = rng.random(1000)
+    table = reliability_table((rng.random(1000) < s).astype(float), s)
+    assert sum(r["count"] for r in table) == 1000

@@ -1,0 +1,166 @@
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from sluicegate.ship.evaluate import compare_models
+from sluicegate.ship.gates import (
+    Evidence,
+    GateDecision,
+    GatePolicyError,
+    VariantReport,
+    decide,
+    load_policy,
+    select_variant,
+)
+
+REPO_GATES = Path(__file__).resolve().parents[3] / "gates.yaml"
+
+
+@pytest.fixture
+def policy():
+    return load_policy(REPO_GATES)
+
+
+def variant(name="int8", **kw):
+    base = dict(name=name, path=f"/m/{name}.onnx", provider="CPUExecutionProvider", pr_auc=0.6, roc_auc=0.95,
+                ece=0.005, pr_auc_drop=0.001, roc_auc_drop=0.0005, max_abs_diff=1e-3, size_bytes=1000,
+                p50_ms_batch1=0.05, p90_ms_batch1=0.08, p99_ms_batch1=0.2, server_p99_ms=0.4, rows_per_s=1e6,
+                memory_mb=3.0, cost_per_million=0.0001)
+    return VariantReport(**{**base, **kw})
+
+
+def evidence(**kw):
+    base = dict(shipped=variant(), fp32_parity=1e-6, robustness_worst=0.01, directional_violation_rate=0.0)
+    return Evidence(**{**base, **kw})
+
+
+def test_good_candidate_is_promoted_and_every_gate_is_listed(policy):
+    decision = decide(policy, evidence())
+    assert decision.promote and not decision.failed
+    listed = {r.gate for r in decision.results}
+    gated = {"min_pr_auc", "max_ece", "max_quantization_drop", "parity_tolerance", "max_robustness_drop",
+             "max_directional_violation_rate", "latency_slo_p99_ms", "max_regression_vs_champion",
+             "max_slice_regression", "required_evidence"}
+    assert listed == gated
+
+
+@pytest.mark.parametrize("change, gate", [
+    (dict(shipped=variant(pr_auc=0.1)), "min_pr_auc"),
+    (dict(shipped=variant(ece=0.2)), "max_ece"),
+    (dict(shipped=variant(pr_auc_drop=0.05)), "max_quantization_drop"),
+    (dict(fp32_parity=0.5), "parity_tolerance"),
+    (dict(robustness_worst=0.3), "max_robustness_drop"),
+    (dict(directional_violation_rate=0.2), "max_directional_violation_rate"),
+    (dict(missing=["holdout.parquet"]), "required_evidence"),
+])
+def test_each_gate_blocks_with_its_reason(policy, change, gate):
+    decision = decide(policy, evidence(**change))
+    assert not decision.promote
+    assert [r.gate for r in decision.failed] == [gate]
+    assert gate in decision.reason()
+
+
+def test_latency_slo_blocks_a_slow_variant(policy):
+    decision = decide(policy, evidence(shipped=variant(server_p99_ms=policy.latency_slo_p99_ms * 3)))
+    assert [r.gate for r in decision.failed] == ["latency_slo_p99_ms"]
+    assert "Server-scenario p99" in decision.reason()
+
+
+def _scores(rng, y, quality):
+    """Scores whose ranking quality grows with `quality`."""
+    return 1 / (1 + np.exp(-(quality * (y - 0.5) * 2 + rng.normal(0, 1, len(y)))))
+
+
+@pytest.fixture
+def labelled():
+    rng = np.random.default_rng(0)
+    n = 20_000
+    y = (rng.random(n) < 0.05).astype(float)
+    groups = {"channel": np.where(rng.random(n) < 0.15, "atm", "pos")}
+    return rng, y, groups
+
+
+def test_better_challenger_passes_the_champion_gates(policy, labelled):
+    rng, y, groups = labelled
+    comps = compare_models(y, _scores(rng, y, 1.0), _scores(rng, y, 1.5), groups, 200, 0.95, 500, 20)
+    decision = decide(policy, evidence(comparisons=comps, champion_version="3"))
+    assert decision.promote, decision.reason()
+    assert comps[0].diff > 0 and comps[0].ci_low > 0
+
+
+def test_slightly_worse_challenger_is_blocked_with_the_reason(policy, labelled):
+    rng, y, groups = labelled
+    champion = _scores(rng, y, 1.5)
+    challenger = champion + rng.normal(0, 0.35, len(y))  # the same model, degraded a little
+    comps = compare_models(y, champion, challenger, groups, 200, 0.95, 500, 20)
+    decision = decide(policy, evidence(comparisons=comps, champion_version="3"))
+    assert not decision.promote
+    assert "max_regression_vs_champion" in [r.gate for r in decision.failed]
+    assert "significantly worse" in decision.reason() and "champion v3" in decision.reason()
+
+
+def test_slice_regression_blocks_even_when_overall_improves(policy, labelled):
+    rng, y, groups = labelled
+    champion = _scores(rng, y, 1.5)
+    challenger = _scores(rng, y, 3.0)
+    atm = groups["channel"] == "atm"
+    challenger[atm] = _scores(rng, y[atm], 0.0)  # no signal at all on ATM transactions
+    comps = compare_models(y, champion, challenger, groups, 200, 0.95, 500, 20)
+    decision = decide(policy, evidence(comparisons=comps, champion_version="3"))
+    assert comps[0].diff > 0  # better overall
+    assert [r.gate for r in decision.failed] == ["max_slice_regression"]
+    assert "channel=atm" in decision.reason()
+
+
+def test_report_lists_every_gate_with_evidence(policy):
+    decision = decide(policy, evidence(shipped=variant(ece=0.3)), links={"calibration": "reliability.png"})
+    md = decision.to_markdown()
+    assert "BLOCKED" in md and "**FAIL**" in md and md.count("\n| ") == len(decision.results) + 1
+    assert "reliability.png" in md
+    assert GateDecision.from_dict(decision.to_dict()).to_markdown() == md
+
+
+def test_select_fastest_variant_within_tolerance(policy):
+    fp32 = variant("fp32", rows_per_s=5e5, pr_auc_drop=0.0, max_abs_diff=1e-7)
+    int8 = variant("int8", rows_per_s=8e5)
+    assert select_variant([fp32, int8], policy).name == "int8"
+    lossy = replace(int8, pr_auc_drop=0.02)
+    assert select_variant([fp32, lossy], policy).name == "fp32"
+
+
+def test_incomplete_policy_is_a_clear_error(tmp_path):
+    raw = yaml.safe_load(REPO_GATES.read_text())
+    raw.pop("max_ece")
+    raw["min_accuracy"] = 0.9
+    bad = tmp_path / "gates.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(GatePolicyError) as err:
+        load_policy(bad)
+    assert "missing gate 'max_ece'" in str(err.value) and "unknown gate 'min_accuracy'" in str(err.value)
+
+
+def test_out_of_range_threshold_is_an_error(tmp_path):
+    raw = yaml.safe_load(REPO_GATES.read_text())
+    raw["confidence"] = 1.5
+    bad = tmp_path / "gates.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(GatePolicyError, match="confidence"):
+        load_policy(bad)
+
+
+def test_missing_policy_file(tmp_path):
+    with pytest.raises(GatePolicyError, match="not found"):
+        load_policy(tmp_path / "nope.yaml")
+
+
+def test_drift_block_is_validated(tmp_path):
+    raw = yaml.safe_load(REPO_GATES.read_text())
+    assert load_policy(REPO_GATES).drift.psi_retrain == raw["drift"]["psi_retrain"]
+    raw["drift"]["psi_retrian"] = 0.3
+    bad = tmp_path / "gates.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(GatePolicyError, match="unknown gate 'drift.psi_retrian'"):
+        load_policy(bad)
