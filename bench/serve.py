@@ -133,8 +133,8 @@ def champion_onnx(folder: Path) -> tuple[Path, str]:
     from mlflow.models import infer_signature
 
     from sluicegate.config import Settings
-    from sluicegate.serve.model import fetch_onnx, registry_client
     from sluicegate.ship import registry
+    from sluicegate.ship.loader import fetch_onnx, registry_client
 
     settings = Settings()
     client = registry_client(settings)

@@ -57,7 +57,7 @@ def build_home(home: Path, versions: int) -> None:
     from sluicegate.ship import registry
     from sluicegate.ship.export import export_onnx
     from sluicegate.spec import load_spec
-    from sluicegate.train.loop import TrainConfig
+    from sluicegate.train.config import TrainConfig
 
     os.environ["SLUICEGATE_HOME"] = str(home)
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"

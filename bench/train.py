@@ -17,8 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sluicegate.train.config import TrainConfig
 from sluicegate.train.devices import device_kind, pick_device, precision_policy
-from sluicegate.train.loop import TrainConfig, _Logits
+from sluicegate.train.loop import _Logits
 from sluicegate.train.models import build_model
 
 CARDS = [5, 13, 5, 11]

@@ -54,13 +54,13 @@ def main() -> None:
     home = tempfile.mkdtemp(prefix="sluicegate-bench-")
     os.environ["SLUICEGATE_HOME"] = home
 
-    from sluicegate import stages
+    from sluicegate import runtime, stages
     from sluicegate.config import Settings, ensure_home
     from sluicegate.data import batches as data
-    from sluicegate.ship import export
-    from sluicegate.ship.gates import load_policy
+    from sluicegate.policy import load_policy
     from sluicegate.spec import load_spec
-    from sluicegate.train.loop import TrainConfig, predict
+    from sluicegate.train.config import TrainConfig
+    from sluicegate.train.loop import predict
 
     settings = Settings()
     ensure_home(settings.paths)
@@ -93,18 +93,18 @@ def main() -> None:
     print(f"{'torch eager':<12} {'-':<22} {base_p50:>10.3f} {1.0:>8.2f}x {base_rate:>14,.0f} {1.0:>8.2f}x "
           f"{torch_auc:>8.4f} {0.0:>+8.4f} {'-':>6}")
     for name, path in exported.variants.items():
-        providers = export.runnable_providers(name)
+        providers = runtime.runnable_providers(name)
         for provider in providers:
-            session = export.make_session(path, threads=threads, providers=[provider])
+            session = runtime.make_session(path, threads=threads, providers=[provider])
             def run(d, session=session):
-                return export.onnx_predict(session, d)
+                return runtime.onnx_predict(session, d)
             p50 = p50_batch1_ms(run, singles)
             rate = rows_per_s(run, big, args.batch)
             auc = roc_auc_score(y, run(test))
             print(f"{name:<12} {provider:<22} {p50:>10.3f} {base_p50 / p50:>8.2f}x {rate:>14,.0f} "
                   f"{rate / base_rate:>8.2f}x {auc:>8.4f} {auc - torch_auc:>+8.4f} {path.stat().st_size / 1024:>6.0f}")
         if not providers:
-            print(f"{name:<12} (meant for {', '.join(export.VARIANT_PROVIDERS[name])}: none present here)")
+            print(f"{name:<12} (meant for {', '.join(runtime.VARIANT_PROVIDERS[name])}: none present here)")
 
 
 if __name__ == "__main__":

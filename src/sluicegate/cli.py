@@ -56,7 +56,7 @@ def _registry_answers() -> Iterator[None]:
 
 def _check_policy(settings: Settings) -> None:
     """A broken gates.yaml is an error before any work."""
-    from sluicegate.ship.gates import GatePolicyError, load_policy
+    from sluicegate.policy import GatePolicyError, load_policy
 
     try:
         load_policy(settings.gates_path)

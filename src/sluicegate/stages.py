@@ -12,20 +12,24 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
+from sluicegate import runtime
 from sluicegate.config import Settings
 from sluicegate.data import batches as data
 from sluicegate.data import validate as validation
+from sluicegate.features import catalog
 from sluicegate.features import store as features
 from sluicegate.features.inputs import NUMERIC_INPUTS, ModelInput, build_model_input, cardinalities
+from sluicegate.hardware import Hardware
+from sluicegate.policy import GatePolicy
 from sluicegate.ship import benchmark, export, gates
 from sluicegate.ship import evaluate as evaluation
 from sluicegate.ship.benchmark import BenchConfig, VariantBenchmark
 from sluicegate.ship.export import Parity
 from sluicegate.spec import DatasetSpec
 from sluicegate.train import ddp
-from sluicegate.train.loop import TrainConfig, TrainResult, predict, train_distilled, train_model
+from sluicegate.train.config import TrainConfig
+from sluicegate.train.loop import TrainResult, predict, train_distilled, train_model
 
 SPLITS = (0.70, 0.85)  # time quantiles ending train and validation; the rest is test
 
@@ -125,7 +129,7 @@ def feature_stage(settings: Settings, spec: DatasetSpec, transactions: pd.DataFr
 
 def fingerprint(data_hash: str, cfg: TrainConfig, spec: DatasetSpec, target: str = "cpu") -> str:
     """Identity of a training run's inputs: same data, config, spec and target hardware."""
-    payload = json.dumps({"data": data_hash, "config": asdict(cfg), "spec": spec.model_dump(), "target": target},
+    payload = json.dumps({"data": data_hash, "config": cfg.model_dump(), "spec": spec.model_dump(), "target": target},
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 
@@ -200,7 +204,7 @@ class ExportOutcome:
 
     def runnable(self, providers: list[str] | None = None) -> dict[str, Path]:
         """The variants meant for one of these (default: the present) execution providers."""
-        return {name: path for name, path in self.variants.items() if export.runnable_providers(name, providers)}
+        return {name: path for name, path in self.variants.items() if runtime.runnable_providers(name, providers)}
 
     def summary(self) -> str:
         sizes = ", ".join(f"{name} {path.stat().st_size / 1024:.0f} KiB (|diff| {self.max_abs_diff.get(name, 0):.1e})"
@@ -210,14 +214,14 @@ class ExportOutcome:
                 f"(tolerance {self.parity.tolerance:.0e}): {'ok' if self.parity.passed else 'FAILED'}")
 
 
-def export_stage(model, prepared: Prepared, out_dir: Path, policy: gates.GatePolicy) -> ExportOutcome:
+def export_stage(model, prepared: Prepared, out_dir: Path, policy: GatePolicy) -> ExportOutcome:
     """Export every variant; fp32 must match torch on the golden batch (test rows), and static
     int8 is calibrated on rows of the feature-store training set."""
     variants = export.export_variants(model, prepared.train, export.calibration_sample(prepared.train), out_dir)
     golden = export.golden_batch(prepared.test)
     reference = predict(model, golden.numeric, golden.categorical)
     cpu = ["CPUExecutionProvider"]  # parity is about the graph, so every variant is checked on one provider
-    diffs = {name: export.check_parity(reference, export.onnx_predict(export.make_session(path, providers=cpu),
+    diffs = {name: export.check_parity(reference, runtime.onnx_predict(runtime.make_session(path, providers=cpu),
                                                                       golden), policy.parity_tolerance)
              for name, path in variants.items()}
     parity = diffs["fp32"]
@@ -227,33 +231,10 @@ def export_stage(model, prepared: Prepared, out_dir: Path, policy: gates.GatePol
             f"(tolerance {policy.parity_tolerance:.0e}); the export is wrong, nothing is registered")
     return ExportOutcome(variants=variants, parity=parity,
                          max_abs_diff={name: p.max_abs_diff for name, p in diffs.items()},
-                         providers={name: list(export.VARIANT_PROVIDERS[name]) for name in variants})
+                         providers={name: list(runtime.VARIANT_PROVIDERS[name]) for name in variants})
 
 
 # --- evaluation ----------------------------------------------------------------------------------
-
-HARDWARE_PATH = Path(__file__).with_name("hardware.yaml")
-
-
-@dataclass
-class Hardware:
-    target: str
-    provider: str
-    profile: str
-    price_per_hour: float
-
-
-def hardware(settings: Settings) -> Hardware:
-    """The target's execution provider and the profile's price per hour (overridable)."""
-    table = yaml.safe_load(HARDWARE_PATH.read_text())
-    if settings.target not in table["targets"]:
-        raise ValueError(f"unknown target {settings.target!r}; choose one of {sorted(table['targets'])}")
-    if settings.hardware_profile not in table["profiles"]:
-        raise ValueError(f"unknown hardware profile {settings.hardware_profile!r}; "
-                         f"choose one of {sorted(table['profiles'])} in {HARDWARE_PATH}")
-    price = settings.price_per_hour or table["profiles"][settings.hardware_profile]["price_per_hour"]
-    return Hardware(settings.target, table["targets"][settings.target], settings.hardware_profile, price)
-
 
 @dataclass
 class EvaluationOutcome:
@@ -289,7 +270,7 @@ def benchmark_rows(benches: list[VariantBenchmark], price_per_hour: float) -> li
 
 
 def evaluate_stage(model, prepared: Prepared, exported: ExportOutcome, spec: DatasetSpec,
-                   policy: gates.GatePolicy, hw: Hardware, bench: BenchConfig | None = None) -> EvaluationOutcome:
+                   policy: GatePolicy, hw: Hardware, bench: BenchConfig | None = None) -> EvaluationOutcome:
     """Score torch and every ONNX variant on the test window, benchmark them on the
     target's execution provider, and pick the variant to ship."""
     started = time.perf_counter()
@@ -302,8 +283,8 @@ def evaluate_stage(model, prepared: Prepared, exported: ExportOutcome, spec: Dat
     golden = export.golden_batch(prepared.test)
     variants, benches, metrics_by_name, sessions = [], [], {}, {}
     for name, path in exported.runnable([hw.provider]).items():
-        sessions[name] = export.make_session(path, providers=[hw.provider])
-        metrics = evaluation.classification_metrics(y, export.onnx_predict(sessions[name], prepared.test), threshold)
+        sessions[name] = runtime.make_session(path, providers=[hw.provider])
+        metrics = evaluation.classification_metrics(y, runtime.onnx_predict(sessions[name], prepared.test), threshold)
         result = benchmark.benchmark_variant(name, path, golden, bench, hw.provider)
         benches.append(result)
         metrics_by_name[name] = metrics
@@ -312,7 +293,7 @@ def evaluate_stage(model, prepared: Prepared, exported: ExportOutcome, spec: Dat
     shipped_session = sessions[shipped.name]
 
     def score(data: ModelInput) -> np.ndarray:
-        return export.onnx_predict(shipped_session, data)
+        return runtime.onnx_predict(shipped_session, data)
 
     shipped_scores = score(prepared.test)
     groups = evaluation.slice_groups(prepared.splits.test, prepared.test, spec)
@@ -365,11 +346,11 @@ def read_holdout(frame: pd.DataFrame, spec: DatasetSpec) -> tuple[ModelInput, np
 
 
 def compare_on_holdout(champion_onnx: Path, challenger_onnx: Path, holdout: pd.DataFrame, spec: DatasetSpec,
-                       policy: gates.GatePolicy) -> list[evaluation.Comparison]:
+                       policy: GatePolicy) -> list[evaluation.Comparison]:
     """Both models scored on the challenger's held-out rows; overall and per-slice paired bootstrap."""
     inputs, y, groups = read_holdout(holdout, spec)
-    champion = export.onnx_predict(export.make_session(champion_onnx), inputs)
-    challenger = export.onnx_predict(export.make_session(challenger_onnx), inputs)
+    champion = runtime.onnx_predict(runtime.make_session(champion_onnx), inputs)
+    challenger = runtime.onnx_predict(runtime.make_session(challenger_onnx), inputs)
     return evaluation.compare_models(y, champion, challenger, groups, policy.bootstrap_samples, policy.confidence,
                                      policy.min_slice_support, policy.min_slice_positives)
 
@@ -385,7 +366,7 @@ def write_evidence(evaluated: EvaluationOutcome, exported: ExportOutcome, out_di
         "slices": evaluated.slices, "reliability": evaluated.reliability,
         "robustness": evaluated.robustness.to_dict(), "behaviour": evaluated.behaviour.to_dict(),
         "benchmark": evaluated.benchmark, "hardware": asdict(evaluated.hardware),
-        "features": features.FEATURE_NAMES, **(extra or {}),
+        "features": catalog.FEATURE_NAMES, **(extra or {}),
     }
     (out_dir / "evidence.json").write_text(json.dumps(evidence, indent=2, default=float))
     (out_dir / "benchmark.json").write_text(json.dumps(evaluated.benchmark, indent=2))

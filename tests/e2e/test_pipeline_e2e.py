@@ -102,7 +102,7 @@ def test_version_carries_lineage_tags(first_run):
 def test_registered_artifact_is_the_variant_the_gate_chose(first_run):
     from pathlib import Path
 
-    from sluicegate.ship.export import sha256_file
+    from sluicegate.runtime import sha256_file
     _, result = first_run
     champion = _status()["champion"]
     assert champion["variant"] == result["variant"] == result["decision"]["variant"]

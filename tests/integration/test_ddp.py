@@ -5,7 +5,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from sluicegate.train import ddp
-from sluicegate.train.loop import TrainConfig, predict, train_model
+from sluicegate.train.config import TrainConfig
+from sluicegate.train.loop import predict, train_model
 from tests.unit.train.test_loop import split
 
 

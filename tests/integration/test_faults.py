@@ -39,8 +39,8 @@ from sluicegate import stages as pipeline
 from sluicegate.config import Settings, ensure_home
 from sluicegate.data.batches import GenerateConfig, generate_transactions, inject_fault, read_batch, write_batch
 from sluicegate.features.inputs import NUMERIC_INPUTS, cardinalities
+from sluicegate.runtime import sha256_file
 from sluicegate.ship import registry
-from sluicegate.ship.export import sha256_file
 from sluicegate.spec import load_spec
 from tests.integration import test_serving as served
 
@@ -253,8 +253,8 @@ def test_rerun_after_mlflow_is_back_resumes_and_promotes(world, outage):
 def test_gate_passing_model_whose_warm_up_fails_is_not_promoted(world, monkeypatch):
     """A second version of the champion's own artifact and evidence: every gate passes, yet the server's
     warm-up run fails on it (injected: the runtime raises), so it must not become champion."""
-    from sluicegate.serve import model as serving_model
-    from sluicegate.ship.gates import load_policy
+    from sluicegate.policy import load_policy
+    from sluicegate.ship import loader as serving_model
     from sluicegate.ship.promote import deploy_newest
 
     settings = Settings()

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sluicegate.train.loop import TrainConfig, predict, train_model
+from sluicegate.train.config import TrainConfig
+from sluicegate.train.loop import predict, train_model
 from tests.unit.train.test_loop import split
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,7 +23,8 @@ KILL_AFTER = 2
 CHILD = textwrap.dedent(f"""
     import os, signal, sys
     from pathlib import Path
-    from sluicegate.train.loop import TrainConfig, train_model
+    from sluicegate.train.config import TrainConfig
+    from sluicegate.train.loop import train_model
     from tests.integration.test_resume import data
     (train, y), (valid, yv) = data()
 

@@ -215,8 +215,8 @@ def _version(world, source: str, sha: str):
 
 
 def test_a_model_outside_the_registry_is_refused_even_with_the_right_hash(world, tmp_path):
-    from sluicegate.serve.model import ModelRejected, fetch_onnx
-    from sluicegate.ship.export import sha256_file
+    from sluicegate.runtime import sha256_file
+    from sluicegate.ship.loader import ModelRejected, fetch_onnx
     from sluicegate.ship.promote import rollback
 
     client = mlflow.MlflowClient(world["settings"].tracking_uri)
@@ -236,7 +236,7 @@ def test_a_model_outside_the_registry_is_refused_even_with_the_right_hash(world,
 def test_a_swapped_artifact_is_refused_by_its_hash(world, tmp_path):
     """A version whose stored model.onnx was replaced by another valid model: fetch, rollback and
     deploy all refuse it."""
-    from sluicegate.serve.model import ModelRejected, fetch_onnx
+    from sluicegate.ship.loader import ModelRejected, fetch_onnx
     from sluicegate.ship.promote import rollback, server_load_check
     from tests.integration.test_faults import _out_of_range_onnx
 

@@ -24,12 +24,13 @@ from sluicegate.config import Settings, ensure_home
 from sluicegate.data.batches import GenerateConfig, generate_transactions
 from sluicegate.features import store as features
 from sluicegate.features.inputs import build_model_input
+from sluicegate.runtime import make_session, onnx_predict, sha256_file
 from sluicegate.serve import ServeSettings, create_app
 from sluicegate.serve.app import uvicorn_config
 from sluicegate.ship import registry
-from sluicegate.ship.export import export_onnx, make_session, onnx_predict, sha256_file
+from sluicegate.ship.export import export_onnx
 from sluicegate.spec import load_spec
-from sluicegate.train.loop import TrainConfig
+from sluicegate.train.config import TrainConfig
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}

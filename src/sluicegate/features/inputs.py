@@ -8,12 +8,12 @@ sees the same transformation everywhere. Normalization lives inside the model
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 
+from sluicegate.runtime import ModelInput
 from sluicegate.spec import DatasetSpec
 
 # Value a feature takes when an entity has no history yet.
@@ -34,16 +34,6 @@ NUMERIC_INPUTS: list[str] = [
 ]
 
 
-@dataclass
-class ModelInput:
-    numeric: np.ndarray  # float32 [N, len(NUMERIC_INPUTS)]
-    categorical: np.ndarray  # int64 [N, len(spec.categorical_features)], 0 = unknown
-
-    def __len__(self) -> int:
-        return len(self.numeric)
-
-    def take(self, index: np.ndarray) -> ModelInput:
-        return ModelInput(self.numeric[index], self.categorical[index])
 
 
 def cardinalities(spec: DatasetSpec) -> list[int]:

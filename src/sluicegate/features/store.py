@@ -30,24 +30,19 @@ from feast.repo_config import RegistryConfig
 from feast.types import Float64, Int64
 
 from sluicegate.config import Settings
+from sluicegate.features.catalog import (
+    CUSTOMER_ENTITY,
+    CUSTOMER_FEATURES,
+    CUSTOMER_VIEW,
+    FEATURE_NAMES,
+    FEATURE_SERVICE,
+    MERCHANT_ENTITY,
+    MERCHANT_FEATURES,
+    MERCHANT_VIEW,
+    PROJECT,
+)
 from sluicegate.spec import DatasetSpec, load_spec
 
-PROJECT = "sluicegate"
-FEATURE_SERVICE = "fraud_model_v1"
-CUSTOMER_VIEW = "customer_activity"
-MERCHANT_VIEW = "merchant_risk"
-CUSTOMER_ENTITY = "customer"
-MERCHANT_ENTITY = "merchant"
-
-CUSTOMER_FEATURES = [
-    "cust_txn_count_1h",
-    "cust_txn_count_24h",
-    "cust_amount_mean_7d",
-    "cust_amount_std_7d",
-    "cust_minutes_since_prev",
-]
-MERCHANT_FEATURES = ["merch_txn_count_24h", "merch_fraud_rate_30d"]
-FEATURE_NAMES = CUSTOMER_FEATURES + MERCHANT_FEATURES
 # Counts are never missing (no history is 0); the rest may be NaN.
 COUNT_FEATURES = {"cust_txn_count_1h", "cust_txn_count_24h", "merch_txn_count_24h"}
 

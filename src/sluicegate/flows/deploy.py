@@ -7,8 +7,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from sluicegate.config import Settings, ensure_home
 from sluicegate.flows.pipeline import publish_model_repository
+from sluicegate.policy import load_policy
 from sluicegate.ship import promote as deploy
-from sluicegate.ship.gates import load_policy
 from sluicegate.spec import load_spec
 
 

@@ -19,6 +19,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
+from sluicegate import runtime
 from sluicegate.config import Settings, ensure_home
 from sluicegate.data import batches as data
 from sluicegate.data import validate as validation
@@ -26,7 +27,8 @@ from sluicegate.features import store as features
 from sluicegate.features.inputs import build_model_input
 from sluicegate.operate import ingest
 from sluicegate.operate import monitor as mon
-from sluicegate.ship import export, registry
+from sluicegate.policy import load_policy
+from sluicegate.ship import registry
 from sluicegate.spec import DatasetSpec, load_spec
 
 RETRAIN_TAG = "drift-retrain"
@@ -60,8 +62,8 @@ def reference_profile(settings: Settings, spec: DatasetSpec, client, champion) -
 
 
 def _score(onnx_path: Path, frame: pd.DataFrame, spec: DatasetSpec) -> np.ndarray:
-    session = export.make_session(onnx_path, providers=["CPUExecutionProvider"])
-    return export.onnx_predict(session, build_model_input(frame, spec))
+    session = runtime.make_session(onnx_path, providers=["CPUExecutionProvider"])
+    return runtime.onnx_predict(session, build_model_input(frame, spec))
 
 
 @task(name="data-quality", cache_policy=NO_CACHE)
@@ -149,7 +151,7 @@ def monitor(params: MonitorParams | None = None) -> dict:
     settings = Settings()
     ensure_home(settings.paths)
     spec = load_spec(settings.spec_path)
-    thresholds = mon.load_thresholds(settings.gates_path)
+    thresholds = load_policy(settings.gates_path).drift
     with mon.locked_state(settings.paths.monitoring / "state.json") as state:
         since = pd.Timestamp(state.last_run_at) if state.last_run_at else None
         log = mon.read_prediction_log(settings.paths.predictions, since)

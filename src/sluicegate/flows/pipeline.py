@@ -19,12 +19,14 @@ from pydantic import BaseModel, Field
 
 from sluicegate import stages
 from sluicegate.config import Settings, ensure_home
-from sluicegate.features.store import FEATURE_SERVICE
+from sluicegate.features.catalog import FEATURE_SERVICE
+from sluicegate.hardware import hardware
+from sluicegate.policy import GatePolicy, load_policy
 from sluicegate.ship import model_repository, registry
-from sluicegate.ship.gates import GatePolicy, load_policy
 from sluicegate.ship.promote import gate_and_promote
 from sluicegate.spec import DatasetSpec, load_spec
-from sluicegate.train.loop import TrainConfig, checkpoint_dir_for
+from sluicegate.train.config import TrainConfig
+from sluicegate.train.loop import checkpoint_dir_for
 
 
 class PipelineParams(BaseModel):
@@ -238,7 +240,7 @@ def _run_stages(settings, spec, policy, params, cfg, batch_dir, work_dir, parent
     clock.lap("train")
     exported = export_model(trained.model, prepared, work_dir, policy, parent)
     clock.lap("export")
-    hw = stages.hardware(settings.model_copy(update={"target": params.target}))
+    hw = hardware(settings.model_copy(update={"target": params.target}))
     evaluated = evaluate(trained.model, prepared, exported, spec, policy, hw, parent)
     clock.lap("evaluate")
     tags = {"batch_id": batch_dir.name, "data_hash": feats.data_hash, "fingerprint": fp,

@@ -28,11 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from sluicegate.config import file_lock
 from sluicegate.features.inputs import FEATURE_DEFAULTS  # the model's feature columns (features.py imports Feast)
-from sluicegate.ship.gates import DriftThresholds
+from sluicegate.policy import DriftThresholds
 from sluicegate.spec import DatasetSpec
 
 LOG_COLUMNS = ("score", "model_version", "latency_ms", "logged_at")
@@ -45,16 +44,6 @@ NUMERIC_BINS = 10  # reference deciles
 REFERENCE_ROWS = 50_000  # enough for stable deciles; keeps the reference profile cheap
 MISSING = "__missing__"
 OTHER = "__other__"
-
-
-# --- thresholds ------------------------------------------------------------------------------------
-
-
-def load_thresholds(gates_path: Path) -> DriftThresholds:
-    """Read only the `drift:` mapping of gates.yaml; the rest belongs to the gate policy."""
-    raw = yaml.safe_load(gates_path.read_text()) if gates_path.exists() else None
-    block = (raw or {}).get("drift") or {}
-    return DriftThresholds.model_validate(block)
 
 
 # --- drift statistics ------------------------------------------------------------------------------

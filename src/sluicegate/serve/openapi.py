@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from sluicegate.runtime import INPUT_NAMES, OUTPUT_NAME
 from sluicegate.serve.predict import request_schema
-from sluicegate.ship.export import INPUT_NAMES, OUTPUT_NAME
 from sluicegate.spec import DatasetSpec
 
 ERROR = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}

@@ -10,14 +10,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
-import feast
 import numpy as np
 
-from sluicegate.features import store as features
+from sluicegate.features import catalog as features
 from sluicegate.features.inputs import ModelInput, build_model_input
 from sluicegate.serve.errors import BadRequest, Unavailable
 from sluicegate.spec import DatasetSpec
+
+if TYPE_CHECKING:  # Feast is imported only by the first /predict, through features.store
+    import feast
 
 MAX_ID_LENGTH = 128
 # Timestamps a pandas column can hold; outside them the feature builder would fail with a 500.

@@ -13,8 +13,8 @@ import numpy as np
 import orjson
 
 from sluicegate.features.inputs import NUMERIC_INPUTS
+from sluicegate.runtime import INPUT_NAMES, OUTPUT_NAME
 from sluicegate.serve.errors import BadRequest
-from sluicegate.ship.export import INPUT_NAMES, OUTPUT_NAME
 
 HEADER_LENGTH = "inference-header-content-length"
 DTYPES = {INPUT_NAMES[0]: ("FP32", np.dtype(np.float32)), INPUT_NAMES[1]: ("INT64", np.dtype(np.int64))}

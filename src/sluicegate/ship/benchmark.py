@@ -22,8 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import psutil
 
-from sluicegate.features.inputs import ModelInput
-from sluicegate.ship.export import INPUT_NAMES, OUTPUT_NAME, make_session
+from sluicegate.runtime import INPUT_NAMES, OUTPUT_NAME, ModelInput, make_session
 
 
 @dataclass(frozen=True)

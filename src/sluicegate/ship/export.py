@@ -14,7 +14,6 @@ Variants, and the execution providers each is meant for:
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -35,19 +33,9 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from sluicegate.features.inputs import ModelInput
+from sluicegate.runtime import INPUT_NAMES, OUTPUT_NAME, ModelInput
 
 OPSET = 18  # pinned: supported by onnxruntime >= 1.14, Triton and KServe runtimes alike
-INPUT_NAMES = ("numeric", "categorical")
-OUTPUT_NAME = "probability"
-GPU_PROVIDERS = ("CUDAExecutionProvider", "ROCMExecutionProvider", "TensorrtExecutionProvider")
-CPU_PROVIDERS = ("CPUExecutionProvider",)
-VARIANT_PROVIDERS: dict[str, tuple[str, ...]] = {
-    "fp32": CPU_PROVIDERS + GPU_PROVIDERS,
-    "fp16": GPU_PROVIDERS,
-    "int8": CPU_PROVIDERS,
-    "int8_qdq": CPU_PROVIDERS + ("TensorrtExecutionProvider",),
-}
 
 
 class ParityError(RuntimeError):
@@ -158,10 +146,6 @@ def export_variants(model: torch.nn.Module, example: ModelInput, calibration: Mo
     }
 
 
-def runnable_providers(variant: str, providers: list[str] | None = None) -> list[str]:
-    """The present execution providers a variant is meant for, in preference order."""
-    present = providers if providers is not None else available_providers()
-    return [p for p in present if p in VARIANT_PROVIDERS.get(variant, CPU_PROVIDERS + GPU_PROVIDERS)]
 
 
 def calibration_sample(train: ModelInput, rows: int = 2048, seed: int = 1) -> ModelInput:
@@ -169,30 +153,10 @@ def calibration_sample(train: ModelInput, rows: int = 2048, seed: int = 1) -> Mo
     return golden_batch(train, rows=rows, seed=seed)
 
 
-def make_session(path: Path, threads: int = 0, providers: list[str] | None = None) -> ort.InferenceSession:
-    """An onnxruntime session with full graph optimization.
-
-    threads=0 lets onnxruntime use every core; benchmarks set it explicitly.
-    """
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=providers or available_providers())
 
 
-def available_providers() -> list[str]:
-    """Execution providers in preference order, limited to what this onnxruntime has."""
-    preferred = ["CUDAExecutionProvider", "ROCMExecutionProvider", "CPUExecutionProvider"]
-    have = set(ort.get_available_providers())
-    return [p for p in preferred if p in have]
 
 
-def onnx_predict(session: ort.InferenceSession, data: ModelInput, batch_size: int = 65536) -> np.ndarray:
-    out = [session.run([OUTPUT_NAME], {INPUT_NAMES[0]: data.numeric[i:i + batch_size],
-                                       INPUT_NAMES[1]: data.categorical[i:i + batch_size]})[0]
-           for i in range(0, len(data), batch_size)]
-    return np.concatenate(out).reshape(-1)
 
 
 def check_parity(torch_scores: np.ndarray, onnx_scores: np.ndarray, tolerance: float) -> Parity:
@@ -206,11 +170,3 @@ def golden_batch(data: ModelInput, rows: int = 2048, seed: int = 0) -> ModelInpu
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(len(data), size=min(rows, len(data)), replace=False))
     return data.take(idx)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from sluicegate.features.inputs import NUMERIC_INPUTS
-from sluicegate.ship.export import INPUT_NAMES, OUTPUT_NAME
+from sluicegate.runtime import INPUT_NAMES, OUTPUT_NAME
 
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.pbtxt"
@@ -73,8 +73,8 @@ def export_champion(root: Path | None = None) -> Path:
     """Fetch the registry's champion (hash-checked) and write it into the repository."""
     from sluicegate.config import Settings
     from sluicegate.features.inputs import cardinalities
-    from sluicegate.serve.model import fetch_onnx, registry_client
     from sluicegate.ship import registry
+    from sluicegate.ship.loader import fetch_onnx, registry_client
     from sluicegate.spec import load_spec
 
     settings = Settings()

@@ -20,6 +20,8 @@ from mlflow.entities.model_registry import ModelVersion
 
 from sluicegate.config import Settings
 from sluicegate.features.inputs import cardinalities
+from sluicegate.hardware import hardware
+from sluicegate.policy import GatePolicy
 from sluicegate.ship import card as modelcard
 from sluicegate.ship import registry
 from sluicegate.ship.evaluate import Comparison
@@ -27,13 +29,12 @@ from sluicegate.ship.gates import (
     REQUIRED_EVIDENCE,
     Evidence,
     GateDecision,
-    GatePolicy,
     GateResult,
     VariantReport,
     decide,
 )
 from sluicegate.spec import DatasetSpec
-from sluicegate.stages import compare_on_holdout, hardware
+from sluicegate.stages import compare_on_holdout
 
 EXIT_CODES = {"promoted": 0, "nothing_newer": 0, "blocked": 3, "lost_race": 4}
 
@@ -115,9 +116,9 @@ def _load_as_served(settings: Settings, spec: DatasetSpec, client: MlflowClient,
                     version: ModelVersion) -> tuple[GateResult, bytes | None]:
     """The server_load gate, and the hash-checked ONNX bytes when they could be fetched
     (the champion comparison scores these same bytes, so the artifact is downloaded once)."""
-    from sluicegate.serve.model import ModelRejected, choose_providers, fetch_onnx, load_from_bytes
+    from sluicegate.ship.loader import ModelRejected, choose_providers, fetch_onnx, load_from_bytes
 
-    evidence = "sluicegate.serve.model.load_from_bytes"
+    evidence = "sluicegate.ship.loader.load_from_bytes"
     data = None
     try:
         data = fetch_onnx(client, version)

@@ -21,7 +21,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from sluicegate.config import Settings, file_lock
-from sluicegate.ship.export import sha256_file
+from sluicegate.runtime import sha256_file
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"

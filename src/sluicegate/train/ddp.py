@@ -12,15 +12,15 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from sluicegate.features.inputs import ModelInput
-from sluicegate.train.loop import TrainConfig, TrainResult, train_model
+from sluicegate.runtime import ModelInput
+from sluicegate.train.config import TrainConfig
+from sluicegate.train.loop import TrainResult, train_model
 from sluicegate.train.models import build_model
 
 
@@ -48,7 +48,7 @@ def launch(train: ModelInput, y_train: np.ndarray, valid: ModelInput, y_valid: n
     if soft_targets is not None:
         arrays["soft_targets"] = soft_targets
     np.savez(work / "inputs.npz", **arrays)
-    (work / "job.json").write_text(json.dumps({"config": asdict(replace(cfg, world_size=nproc)),
+    (work / "job.json").write_text(json.dumps({"config": cfg.model_copy(update={"world_size": nproc}).model_dump(),
                                                "cardinalities": cardinalities,
                                                "checkpoint_dir": str(checkpoint_dir)}))
     (work / "result.pt").unlink(missing_ok=True)

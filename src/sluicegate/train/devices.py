@@ -9,11 +9,10 @@ from __future__ import annotations
 import os
 import platform
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
+from sluicegate.train.config import Precision
 
 
 def pick_device(preference: str = "auto") -> torch.device:

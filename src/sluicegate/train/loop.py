@@ -25,38 +25,10 @@ import torch.nn.functional as F
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import nn
 
-from sluicegate.features.inputs import ModelInput
-from sluicegate.train.devices import Precision, configure_backends, device_fingerprint, pick_device, precision_policy
-from sluicegate.train.models import ModelKind, build_model
-
-
-@dataclass
-class TrainConfig:
-    model: ModelKind = "mlp"
-    # MLP
-    hidden: int = 128
-    layers: int = 2
-    embedding_dim: int = 8
-    # FT-Transformer: small, because tabular rows have few tokens and serving is latency-bound
-    d_token: int = 32
-    n_blocks: int = 2
-    n_heads: int = 4
-    ffn_factor: float = 2.0
-    dropout: float = 0.1
-    lr: float = 3e-3
-    weight_decay: float = 1e-5
-    batch_size: int = 2048  # global: split across processes under DDP
-    max_epochs: int = 20
-    patience: int = 3
-    seed: int = 0
-    device: str = "auto"
-    precision: Precision = "auto"
-    compile: bool = False
-    deterministic: bool = False
-    world_size: int = 0  # processes for DDP; 0 = one per visible GPU (one process without GPUs)
-    distill: bool = False  # train an MLP student on an FT-Transformer teacher's soft labels
-    distill_alpha: float = 0.5  # weight of the teacher's soft labels in the student's loss
-    distill_temperature: float = 2.0
+from sluicegate.runtime import ModelInput
+from sluicegate.train.config import TrainConfig
+from sluicegate.train.devices import configure_backends, device_fingerprint, pick_device, precision_policy
+from sluicegate.train.models import build_model
 
 
 @dataclass
@@ -89,7 +61,7 @@ def checkpoint_dir_for(root: Path, data_hash: str, cfg: TrainConfig) -> Path:
     Keyed on content rather than a run id, so a retried or re-run flow finds the
     killed run's `last.pt` and resumes it.
     """
-    payload = json.dumps({"data": data_hash, "config": asdict(cfg)}, sort_keys=True, default=str)
+    payload = json.dumps({"data": data_hash, "config": cfg.model_dump()}, sort_keys=True, default=str)
     return root / hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -313,13 +285,13 @@ def train_distilled(
 ) -> TrainResult:
     """An FT-Transformer teacher, then an MLP student on its soft labels; returns the student,
     with the student-vs-teacher comparison in `distillation`. `fit` is train_model or a DDP launcher."""
-    teacher_cfg = replace(cfg, model="ft_transformer", distill=False)
+    teacher_cfg = cfg.model_copy(update={"model": "ft_transformer", "distill": False})
     prefixed = (lambda row: on_epoch({k if k == "epoch" else f"teacher_{k}": v for k, v in row.items()})) \
         if on_epoch else None
     teacher = fit(train, y_train, valid, y_valid, cardinalities, teacher_cfg, checkpoint_dir / "teacher",
                   on_epoch=prefixed)
     soft = predict(teacher.model, train.numeric, train.categorical)
-    student = fit(train, y_train, valid, y_valid, cardinalities, replace(cfg, model="mlp"),
+    student = fit(train, y_train, valid, y_valid, cardinalities, cfg.model_copy(update={"model": "mlp"}),
                   checkpoint_dir / "student", on_epoch=on_epoch, soft_targets=soft)
     student.distillation = compare_models(teacher.model, student.model, valid, y_valid)
     return student

@@ -6,17 +6,18 @@ model input and nothing is re-implemented at serving time.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from sluicegate.train.loop import TrainConfig
+from sluicegate.train.config import ModelKind
 
-ModelKind = Literal["mlp", "ft_transformer"]
+if TYPE_CHECKING:
+    from sluicegate.train.config import TrainConfig
+
 
 
 class _Normalized(nn.Module):

@@ -4,7 +4,9 @@ retrain trigger's thresholds, cooldown and dedupe."""
 from __future__ import annotations
 
 import os
+import re
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,6 +17,9 @@ from sluicegate.operate import monitor as m
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 T = m.DriftThresholds(psi_warn=0.1, psi_retrain=0.25, score_psi_retrain=0.25, min_recall=0.5,
                       cooldown_hours=6, min_rows=100)
+
+
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_psi_is_zero_for_identical_shares_and_matches_the_formula():
@@ -161,15 +166,18 @@ def test_state_round_trips_under_the_lock(tmp_path):
 
 
 def test_thresholds_come_from_the_drift_block_of_gates_yaml_and_default_without_it(tmp_path):
+    from sluicegate.policy import GatePolicyError, load_policy
+
+    base = re.sub(r"(?ms)^drift:.*?(?=^\S|\Z)", "", (REPO / "gates.yaml").read_text())
     gates = tmp_path / "gates.yaml"
-    gates.write_text("min_pr_auc: 0.3\ndrift:\n  psi_retrain: 0.3\n  cooldown_hours: 12\n")
-    t = m.load_thresholds(gates)
+    gates.write_text(base + "drift:\n  psi_retrain: 0.3\n  cooldown_hours: 12\n")
+    t = load_policy(gates).drift
     assert (t.psi_retrain, t.cooldown_hours, t.psi_warn) == (0.3, 12, 0.1)
-    gates.write_text("min_pr_auc: 0.3\n")
-    assert m.load_thresholds(gates) == m.DriftThresholds()
-    gates.write_text("drift:\n  psi_retrian: 0.3\n")
-    with pytest.raises(ValueError, match="psi_retrian"):
-        m.load_thresholds(gates)
+    gates.write_text(base)
+    assert load_policy(gates).drift == m.DriftThresholds()
+    gates.write_text(base + "drift:\n  psi_retrian: 0.3\n")
+    with pytest.raises(GatePolicyError, match="psi_retrian"):
+        load_policy(gates)
 
 
 def test_plot_is_written(tmp_path, spec):

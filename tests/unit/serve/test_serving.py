@@ -16,9 +16,9 @@ from sluicegate.serve import predict as business
 from sluicegate.serve import predlog, v2
 from sluicegate.serve.batcher import MicroBatcher
 from sluicegate.serve.errors import BadRequest
-from sluicegate.serve.model import ModelRejected, load_from_bytes
 from sluicegate.serve.predlog import PredictionLog, Record
 from sluicegate.ship import model_repository
+from sluicegate.ship.loader import ModelRejected, load_from_bytes
 
 
 @pytest.fixture

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from sluicegate.features.inputs import ModelInput
+from sluicegate.runtime import ModelInput
 from sluicegate.ship.benchmark import BenchConfig, benchmark_variant, cost_per_million
 from sluicegate.ship.export import export_onnx
-from sluicegate.train.loop import TrainConfig
+from sluicegate.train.config import TrainConfig
 from sluicegate.train.models import FraudMLP
 
 

@@ -4,20 +4,10 @@ import pytest
 import torch
 
 from sluicegate.features.inputs import ModelInput, cardinalities
-from sluicegate.ship.export import (
-    OPSET,
-    VARIANT_PROVIDERS,
-    calibration_sample,
-    check_parity,
-    export_onnx,
-    golden_batch,
-    make_session,
-    onnx_predict,
-    quantize_int8,
-    runnable_providers,
-    sha256_file,
-)
-from sluicegate.train.loop import TrainConfig, predict
+from sluicegate.runtime import VARIANT_PROVIDERS, make_session, onnx_predict, runnable_providers, sha256_file
+from sluicegate.ship.export import OPSET, calibration_sample, check_parity, export_onnx, golden_batch, quantize_int8
+from sluicegate.train.config import TrainConfig
+from sluicegate.train.loop import predict
 from sluicegate.train.models import FraudMLP, build_model
 
 

@@ -5,14 +5,13 @@ import numpy as np
 import pytest
 import yaml
 
+from sluicegate.policy import GatePolicyError, load_policy
 from sluicegate.ship.evaluate import compare_models
 from sluicegate.ship.gates import (
     Evidence,
     GateDecision,
-    GatePolicyError,
     VariantReport,
     decide,
-    load_policy,
     select_variant,
 )
 

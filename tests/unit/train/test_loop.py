@@ -6,9 +6,10 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from sluicegate.features.inputs import ModelInput
+from sluicegate.runtime import ModelInput
+from sluicegate.train.config import TrainConfig
 from sluicegate.train.devices import PrecisionPolicy, autocast_dtype, device_kind, pick_device, precision_policy
-from sluicegate.train.loop import TrainConfig, checkpoint_dir_for, predict, train_model
+from sluicegate.train.loop import checkpoint_dir_for, predict, train_model
 
 
 def synthetic(n, rng):

@@ -3,7 +3,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from sluicegate.train.loop import TrainConfig, predict, train_distilled, train_model
+from sluicegate.train.config import TrainConfig
+from sluicegate.train.loop import predict, train_distilled, train_model
 from sluicegate.train.models import FraudMLP, FTTransformer, build_model
 from tests.unit.train.test_loop import split, synthetic
 

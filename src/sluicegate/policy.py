@@ -1,0 +1,71 @@
+"""The promotion policy: the schema of gates.yaml, its `drift:` block included.
+
+Read once per run; the gates (ship) and the monitor (operate) take the parsed policy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class GatePolicyError(ValueError):
+    """gates.yaml is missing, incomplete or names an unknown gate."""
+
+
+class DriftThresholds(BaseModel):
+    """The `drift:` block of gates.yaml. Monitoring reads it; defaults apply when the block is absent."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    psi_warn: float = Field(0.1, gt=0, description="PSI above which a feature is reported as drifting")
+    psi_retrain: float = Field(0.25, gt=0, description="PSI of any feature that triggers a retrain")
+    score_psi_retrain: float = Field(0.25, gt=0, description="PSI of the score that triggers a retrain")
+    min_recall: float = Field(0.5, ge=0, le=1, description="Live recall on late labels below which we retrain")
+    cooldown_hours: float = Field(6.0, ge=0, description="At most one triggered retrain per this many hours")
+    min_rows: int = Field(500, ge=1, description="Fewer logged rows than this: report, never trigger")
+
+
+class GatePolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_pr_auc: float = Field(ge=0, le=1)
+    max_ece: float = Field(ge=0, le=1)
+    max_quantization_drop: float = Field(ge=0)
+    parity_tolerance: float = Field(gt=0)
+    max_robustness_drop: float = Field(ge=0)
+    max_directional_violation_rate: float = Field(ge=0, le=1)
+    latency_slo_p99_ms: float = Field(gt=0)
+    slo_target_qps: float = Field(gt=0)
+    max_regression_vs_champion: float = Field(ge=0)
+    max_slice_regression: float = Field(ge=0)
+    min_slice_support: int = Field(ge=1)
+    min_slice_positives: int = Field(ge=1)
+    bootstrap_samples: int = Field(ge=50)
+    confidence: float = Field(gt=0.5, lt=1)
+    drift: DriftThresholds = Field(default_factory=DriftThresholds)
+
+
+def load_policy(path: Path) -> GatePolicy:
+    """Read gates.yaml, failing before any work with what is wrong in it."""
+    if not path.exists():
+        raise GatePolicyError(f"gate policy {path} not found")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise GatePolicyError(f"{path}: expected a mapping of gate names to thresholds")
+    try:
+        return GatePolicy.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "missing":
+                problems.append(f"missing gate '{key}'")
+            elif err["type"] == "extra_forbidden":
+                problems.append(f"unknown gate '{key}'")
+            else:
+                problems.append(f"'{key}': {err['msg']}")
+        known = ", ".join(GatePolicy.model_fields)
+        raise GatePolicyError(f"{path}: {'; '.join(problems)} (known gates: {known})") from None
