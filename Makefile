@@ -48,8 +48,9 @@ deploy: setup ## Gate the newest challenger against the champion; exit 0 promote
 rollback: setup ## Restore the previous champion (or VERSION=n) and record it
 	$(BIN)/sluicegate rollback $(if $(VERSION),--to $(VERSION),)
 
-lint: setup ## Check style with ruff
-	$(BIN)/ruff check src flows tests
+lint: setup ## Style (ruff) and the import contracts: phases import only earlier phases (import-linter)
+	$(BIN)/ruff check src flows tests bench
+	$(BIN)/lint-imports
 
 clean: ## Delete run-time state (.sluicegate/) and generated reports
 	rm -rf .sluicegate expectations/uncommitted .pytest_cache .ruff_cache

@@ -51,12 +51,13 @@ def build_home(home: Path, versions: int) -> None:
     """Train one small model per version (seeds differ) and register them; v1 is champion."""
     import mlflow
 
-    from sluicegate import stages as pipeline
     from sluicegate.config import Settings, ensure_home
     from sluicegate.data.batches import GenerateConfig, generate_transactions
+    from sluicegate.features import stages as features_stages
     from sluicegate.ship import registry
     from sluicegate.ship.export import export_onnx
     from sluicegate.spec import load_spec
+    from sluicegate.train import stages as train_stages
     from sluicegate.train.config import TrainConfig
 
     os.environ["SLUICEGATE_HOME"] = str(home)
@@ -65,11 +66,11 @@ def build_home(home: Path, versions: int) -> None:
     ensure_home(settings.paths)
     spec = load_spec()
     frame = generate_transactions(GenerateConfig(rows=6000, days=4, seed=3), spec)
-    prepared = pipeline.prepare(pipeline.feature_stage(settings, spec, frame).frame, spec)
+    prepared = train_stages.prepare(features_stages.feature_stage(settings, spec, frame).frame, spec)
     client = registry.configure(settings)
     for seed in range(versions):
         cfg = TrainConfig(max_epochs=1, hidden=32, device="cpu", precision="fp32", seed=seed)
-        trained = pipeline.train_stage(prepared, spec, cfg, home / f"ckpt-{seed}")
+        trained = train_stages.train_stage(prepared, spec, cfg, home / f"ckpt-{seed}")
         onnx_path = export_onnx(trained.model, prepared.train, home / "work" / f"model-{seed}.onnx")
         with mlflow.start_run():
             info = registry.log_onnx_model(onnx_path)

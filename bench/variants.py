@@ -54,11 +54,14 @@ def main() -> None:
     home = tempfile.mkdtemp(prefix="sluicegate-bench-")
     os.environ["SLUICEGATE_HOME"] = home
 
-    from sluicegate import runtime, stages
+    from sluicegate import runtime
     from sluicegate.config import Settings, ensure_home
     from sluicegate.data import batches as data
+    from sluicegate.features import stages as features_stages
     from sluicegate.policy import load_policy
+    from sluicegate.ship import stages as ship_stages
     from sluicegate.spec import load_spec
+    from sluicegate.train import stages as train_stages
     from sluicegate.train.config import TrainConfig
     from sluicegate.train.loop import predict
 
@@ -68,12 +71,12 @@ def main() -> None:
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     frame = data.generate_transactions(data.GenerateConfig(rows=args.rows, days=30, seed=7), spec)
-    feats = stages.feature_stage(settings, spec, frame)
-    prepared = stages.prepare(feats.frame, spec)
+    feats = features_stages.feature_stage(settings, spec, frame)
+    prepared = train_stages.prepare(feats.frame, spec)
     cfg = TrainConfig(model=args.model, max_epochs=args.epochs, device="cpu")
-    trained = stages.train_stage(prepared, spec, cfg, Path(home) / "checkpoints")
+    trained = train_stages.train_stage(prepared, spec, cfg, Path(home) / "checkpoints")
     model = trained.model
-    exported = stages.export_stage(model, prepared, Path(home) / "export", load_policy(REPO / "gates.yaml"))
+    exported = ship_stages.export_stage(model, prepared, Path(home) / "export", load_policy(REPO / "gates.yaml"))
 
     test, y = prepared.test, prepared.y_test
     big = test.take(np.arange(args.batch) % len(test))

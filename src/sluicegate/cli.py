@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import os
@@ -96,14 +98,36 @@ def generate(
     print(cfg.batch_id)
 
 
+def _with_train_options(command):
+    """One `--option` per TrainConfig field, with its default and description: the CLI, the Prefect run
+    form and the MLflow params all come from that model, so they cannot disagree. Typer reads options
+    from a function's signature, so the signature is built from the model's fields."""
+    from sluicegate.train.config import TrainConfig
+
+    own = [p for p in inspect.signature(command).parameters.values() if p.name != "train"]
+    hints = {p.name: p.annotation for p in own}
+    extra = []
+    for name, field in TrainConfig.model_fields.items():
+        hints[name] = Annotated[field.annotation, typer.Option(help=field.description)]
+        extra.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=field.default,
+                                       annotation=hints[name]))
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        train = {name: kwargs.pop(name) for name in TrainConfig.model_fields}
+        return command(train=train, **kwargs)
+
+    wrapper.__signature__ = inspect.Signature(
+        [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints[p.name]) for p in own] + extra)
+    wrapper.__annotations__ = hints
+    return wrapper
+
+
 @app.command()
+@_with_train_options
 def run(
+    train: dict,
     batch: Annotated[str | None, typer.Option(help="Raw batch id; default: the newest")] = None,
-    max_epochs: Annotated[int, typer.Option(help="Upper bound on training epochs")] = 20,
-    seed: Annotated[int, typer.Option(help="Training seed")] = 0,
-    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
-    model: Annotated[str, typer.Option(help="mlp or ft_transformer")] = "mlp",
     target: Annotated[str, typer.Option(help="Where the model will run: cpu, cuda or rocm")] = "cpu",
     promote: Annotated[bool, typer.Option(help="Gate and promote now, or only register a challenger")] = True,
 ) -> None:
@@ -114,8 +138,7 @@ def run(
     _home(settings)
     _check_policy(settings)
     try:
-        params = PipelineParams(batch=batch, max_epochs=max_epochs, seed=seed, precision=precision, device=device,
-                                model=model, target=target, promote=promote, actor="cli")
+        params = PipelineParams(**train, batch=batch, target=target, promote=promote, actor="cli")
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None

@@ -119,14 +119,14 @@ def test_an_invalid_parameter_is_refused_before_any_run_exists(server, registere
 def _prediction_log(spec, home: Path, champion_onnx: Path, version: str, drift: str, seed: int, name: str) -> None:
     """What the model server logs: raw columns without the label, features, score, version, latency, time."""
     from sluicegate.features import store as features
-    from sluicegate.flows.monitor import _score
     from sluicegate.operate import monitor as mon
+    from sluicegate.operate.stages import score
 
     batch = generate_transactions(GenerateConfig(rows=3_000, days=2, seed=seed, start="2026-10-20", drift=drift),
                                   spec)
     cust, merch = features.compute_feature_tables(batch, spec)
     frame = mon.reference_frame(batch, cust, merch, spec, None)
-    frame["score"] = _score(champion_onnx, frame, spec)
+    frame["score"] = score(champion_onnx, frame, spec)
     frame["model_version"], frame["latency_ms"] = version, 1.5
     frame["logged_at"] = pd.Timestamp(datetime.now(UTC))
     folder = home / "predictions" / "v2"

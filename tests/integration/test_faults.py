@@ -35,8 +35,8 @@ import pytest
 import yaml
 from onnx import TensorProto, helper
 
-from sluicegate import stages as pipeline
 from sluicegate.config import Settings, ensure_home
+from sluicegate.data import stages as data_stages
 from sluicegate.data.batches import GenerateConfig, generate_transactions, inject_fault, read_batch, write_batch
 from sluicegate.features.inputs import NUMERIC_INPUTS, cardinalities
 from sluicegate.runtime import sha256_file
@@ -102,15 +102,15 @@ def test_poisoned_batch_is_blocked_before_training(home, clean_batch, gx_context
     poisoned = POISON[poison](clean, spec).reset_index(drop=True)
     batch_dir = write_batch(poisoned, settings.paths.raw, f"2026-10-01_{poison}", spec.timestamp)
 
-    outcome, frame = pipeline.validate_stage(settings, spec, batch_dir, gx_context)
+    outcome, frame = data_stages.validate_stage(settings, spec, batch_dir, gx_context)
 
     assert not outcome.passed and frame is None, poison
     assert outcome.report.failures, poison
     quarantined = outcome.quarantined_to
     assert len(read_batch(quarantined)) == len(poisoned)  # kept whole, for a person to look at
     assert (quarantined / "validation_report.json").exists() and (quarantined / "validation_report.md").exists()
-    with pytest.raises(pipeline.NoBatchError):  # the next run cannot pick it up by default
-        pipeline.find_batch(settings, None)
+    with pytest.raises(data_stages.NoBatchError):  # the next run cannot pick it up by default
+        data_stages.find_batch(settings, None)
 
 
 # ------------------------------------------------------------------ a real MLflow server

@@ -20,8 +20,8 @@ import mlflow
 import pytest
 import yaml
 
-from sluicegate import stages as pipeline
 from sluicegate.config import Settings, ensure_home
+from sluicegate.data import stages as data_stages
 from sluicegate.data.batches import GenerateConfig, generate_transactions, write_batch
 from sluicegate.ship import registry
 from sluicegate.spec import load_spec
@@ -304,5 +304,5 @@ def test_a_batch_id_cannot_leave_the_raw_folder(home):
     ensure_home(settings.paths)
     outside = settings.paths.quarantine / "not-a-raw-batch"
     outside.mkdir(parents=True)
-    with pytest.raises(pipeline.NoBatchError):
-        pipeline.find_batch(settings, "../quarantine/not-a-raw-batch")
+    with pytest.raises(data_stages.NoBatchError):
+        data_stages.find_batch(settings, "../quarantine/not-a-raw-batch")

@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sluicegate import stages as pipeline
 from sluicegate.config import Settings, ensure_home
 from sluicegate.data.batches import GenerateConfig, generate_transactions
+from sluicegate.features import stages as features_stages
 from sluicegate.features import store as features
 from sluicegate.features.inputs import build_model_input
 from sluicegate.runtime import make_session, onnx_predict, sha256_file
@@ -30,6 +30,7 @@ from sluicegate.serve.app import uvicorn_config
 from sluicegate.ship import registry
 from sluicegate.ship.export import export_onnx
 from sluicegate.spec import load_spec
+from sluicegate.train import stages as train_stages
 from sluicegate.train.config import TrainConfig
 
 KEY = "test-key-123"
@@ -50,9 +51,9 @@ def world(tmp_path_factory):
     ensure_home(settings.paths)
     spec = load_spec()
     frame = generate_transactions(GenerateConfig(rows=4000, days=4, seed=11), spec)
-    feats = pipeline.feature_stage(settings, spec, frame)
-    prepared = pipeline.prepare(feats.frame, spec)
-    trained = pipeline.train_stage(prepared, spec, TrainConfig(max_epochs=1, hidden=16, device="cpu",
+    feats = features_stages.feature_stage(settings, spec, frame)
+    prepared = train_stages.prepare(feats.frame, spec)
+    trained = train_stages.train_stage(prepared, spec, TrainConfig(max_epochs=1, hidden=16, device="cpu",
                                                                precision="fp32"), home / "ckpt")
     onnx_path = export_onnx(trained.model, prepared.train, home / "work" / "model.onnx")
     client = registry.configure(settings)

@@ -16,3 +16,32 @@ def test_status_with_mlflow_down_says_so_in_one_line(tmp_path, monkeypatch):
     assert result.exit_code == 1
     assert "the MLflow registry did not answer" in result.output and f"127.0.0.1:{port}" in result.output
     assert "Traceback" not in result.output
+
+
+def _run_options() -> set[str]:
+    import typer.main
+
+    return {p.name for p in typer.main.get_command(app).commands["run"].params}
+
+
+def test_run_options_the_prefect_forms_and_the_training_settings_are_the_same_fields():
+    from sluicegate.flows.pipeline import PipelineParams
+    from sluicegate.flows.retrain import RetrainParams
+    from sluicegate.train.config import TrainConfig
+
+    training = set(TrainConfig.model_fields)
+    assert {"patience", "compile", "distill", "max_epochs", "model"} <= training
+    assert training <= _run_options()
+    assert training <= set(PipelineParams.model_json_schema()["properties"])
+    assert training <= set(RetrainParams.model_json_schema()["properties"])
+    # what the CLI adds beyond the training settings is exactly what the run form adds
+    run_only = _run_options() - training
+    form_only = set(PipelineParams.model_fields) - training - {"actor", "expectations"}
+    assert run_only == form_only
+
+
+def test_run_rejects_a_bad_training_setting_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLUICEGATE_HOME", str(tmp_path / "home"))
+    result = CliRunner().invoke(app, ["run", "--patience", "0"])
+    assert result.exit_code == 2
+    assert "patience" in result.output

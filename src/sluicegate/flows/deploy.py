@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 
 from sluicegate.config import Settings, ensure_home
-from sluicegate.flows.pipeline import publish_model_repository
 from sluicegate.policy import load_policy
-from sluicegate.ship import promote as deploy
+from sluicegate.ship import promote
 from sluicegate.spec import load_spec
+
+
+@task(name="model-repository", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+def publish_model_repository() -> str:
+    """The champion as a Triton/KServe model repository, so the same artifact runs there too."""
+    path = promote.publish_model_repository_stage()
+    get_run_logger().info(f"model repository: {path}")
+    return str(path)
 
 
 @flow(name="deploy", log_prints=True)
@@ -18,11 +26,11 @@ def deploy_flow(actor: str = "deploy") -> dict:
     settings = Settings()
     policy = load_policy(settings.gates_path)  # a broken policy fails before any work
     ensure_home(settings.paths)
-    outcome = deploy.deploy_newest(settings, policy, load_spec(settings.spec_path), actor)
+    outcome = promote.deploy_newest(settings, policy, load_spec(settings.spec_path), actor)
     if outcome.report:
         create_markdown_artifact(key="gate-decision", markdown=outcome.report,
                                  description=f"{settings.model_name} v{outcome.version}: {outcome.status}")
-    get_run_logger().info(f"deploy: {outcome.status}: {outcome.reason}")
+    get_run_logger().info(outcome.summary())
     if outcome.status == "promoted":
         publish_model_repository()
     return outcome.to_dict() | {"report": outcome.report}
@@ -34,7 +42,7 @@ def rollback_flow(to_version: str | None = None, actor: str = "rollback",
     """Restore the previous champion, or a named version, and record who and why."""
     settings = Settings()
     ensure_home(settings.paths)
-    result = deploy.rollback(settings, to_version, actor, reason)
+    result = promote.rollback(settings, to_version, actor, reason)
     get_run_logger().info(f"rollback: {result['model']} champion v{result['from']} -> v{result['to']}")
     publish_model_repository()
     return result

@@ -40,6 +40,9 @@ class Window:
     sources: dict[str, str]  # day -> source batch id
     reused: bool  # an identical window already existed
 
+    def to_dict(self) -> dict:
+        return {**asdict(self), "path": str(self.path)}
+
     def summary(self) -> str:
         verb = "reused" if self.reused else "assembled"
         return (f"ingest: {verb} {self.batch_id}: {len(self.days)} days {self.days[0]}..{self.days[-1]} "
@@ -120,7 +123,3 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-
-
-def describe(window: Window) -> dict:
-    return {**asdict(window), "path": str(window.path)}

@@ -33,8 +33,9 @@ from sluicegate.ship.gates import (
     VariantReport,
     decide,
 )
+from sluicegate.ship.holdout import compare_on_holdout
+from sluicegate.ship.model_repository import export_champion
 from sluicegate.spec import DatasetSpec
-from sluicegate.stages import compare_on_holdout
 
 EXIT_CODES = {"promoted": 0, "nothing_newer": 0, "blocked": 3, "lost_race": 4}
 
@@ -52,6 +53,16 @@ class DeployOutcome:
     @property
     def exit_code(self) -> int:
         return EXIT_CODES[self.status]
+
+    def summary(self) -> str:
+        return f"gate: {self.status.upper()} v{self.version}: {self.reason}"
+
+    def pipeline_result(self, variant: str, report_path: Path) -> dict:
+        """The training pipeline's answer after the gates ("blocked" is the model's, not the data's)."""
+        status = {"promoted": "promoted", "blocked": "blocked_model", "lost_race": "lost_race"}[self.status]
+        return {"status": status, "version": self.version, "previous_champion": self.champion_before,
+                "variant": variant, "reason": self.reason, "gate_report": str(report_path),
+                "decision": self.decision.to_dict() if self.decision else None}
 
     def to_dict(self) -> dict:
         return {"status": self.status, "reason": self.reason, "version": self.version,
@@ -102,6 +113,20 @@ def gate_and_promote(settings: Settings, policy: GatePolicy, spec: DatasetSpec, 
     except registry.LostRace as lost:
         return DeployOutcome("lost_race", str(lost), version, champion_version, decision, report, artifacts)
     return DeployOutcome("promoted", decision.reason(), version, champion_version, decision, report, artifacts)
+
+
+def gate_stage(settings: Settings, policy: GatePolicy, spec: DatasetSpec, client: MlflowClient,
+               version: ModelVersion, actor: str, work_dir: Path) -> DeployOutcome:
+    """Every gate of gates.yaml against the current champion; promoted only if all pass. The gate
+    report lands in the run's folder either way, and a new champion is published as a model repository."""
+    outcome = gate_and_promote(settings, policy, spec, client, version, actor)
+    (work_dir / "gate_report.md").write_text(outcome.report)
+    return outcome
+
+
+def publish_model_repository_stage() -> Path:
+    """The champion as a Triton/KServe model repository, so the same artifact runs there too."""
+    return export_champion()
 
 
 def server_load_check(settings: Settings, spec: DatasetSpec, client: MlflowClient,

@@ -42,6 +42,24 @@ class TrainResult:
     device: dict = field(default_factory=dict)
     resumed_from_epoch: int = 0  # 0 = a fresh run
     distillation: dict = field(default_factory=dict)
+    config: TrainConfig | None = None  # set by train.stages.train_stage
+
+    def tags(self) -> dict:
+        """The hardware and the resume point, as MLflow tags of the train stage run."""
+        return ({f"hw.{k}": v for k, v in self.device.items()}
+                | {"resumed_from_epoch": self.resumed_from_epoch})
+
+    def summary(self) -> str:
+        cfg = self.config or TrainConfig()
+        resumed = f", resumed after epoch {self.resumed_from_epoch}" if self.resumed_from_epoch else ""
+        line = (f"train: {cfg.model}{' (distilled)' if cfg.distill else ''}, best epoch {self.best_epoch} of "
+                f"{self.epochs_run}{resumed}, valid PR-AUC {self.best_valid_pr_auc:.4f} on "
+                f"{self.device.get('device_kind')} x{self.device.get('world_size')} ({self.device.get('precision')}, "
+                f"compile {'on' if cfg.compile else 'off'}) in {self.seconds:.1f}s")
+        if d := self.distillation:
+            line += (f"; distillation: student ROC-AUC {d['student_valid_roc_auc']:.4f} vs teacher "
+                     f"{d['teacher_valid_roc_auc']:.4f}, {d['student_speedup']:.1f}x the teacher's rows/s")
+        return line
 
 
 def seed_everything(seed: int) -> None:

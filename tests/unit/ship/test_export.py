@@ -68,8 +68,9 @@ def test_sha256_changes_with_content(tmp_path):
 @pytest.fixture(scope="module")
 def all_variants(tmp_path_factory):
     """Every shipped variant of both architectures, through the pipeline's export stage."""
+    from sluicegate.ship.stages import export_stage
     from sluicegate.spec import load_spec
-    from sluicegate.stages import Prepared, export_stage
+    from sluicegate.train.stages import Prepared
 
     spec = load_spec()
     rng = np.random.default_rng(1)

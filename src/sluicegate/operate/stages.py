@@ -1,0 +1,171 @@
+"""The operating phase's entry points: the champion's reference profile, the monitor's check of
+logged traffic (drift, data quality, live metrics) and the retrain window.
+
+Plain functions; `flows/monitor.py` and `flows/retrain.py` wire them to Prefect and MLflow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+
+from sluicegate import runtime
+from sluicegate.config import Settings
+from sluicegate.data import batches as data
+from sluicegate.data import validate as validation
+from sluicegate.features import store as features
+from sluicegate.features.inputs import build_model_input
+from sluicegate.operate import ingest
+from sluicegate.operate import monitor as mon
+from sluicegate.policy import DriftThresholds
+from sluicegate.ship import registry
+from sluicegate.spec import DatasetSpec
+
+
+def reference_profile(settings: Settings, spec: DatasetSpec, client: MlflowClient,
+                      champion: ModelVersion) -> mon.ReferenceProfile:
+    """The champion's training window, binned; computed once per champion version and cached."""
+    cached = settings.paths.monitoring / f"reference-v{champion.version}.json"
+    if cached.exists():
+        return mon.ReferenceProfile.from_json(cached.read_text())
+    batch_id = champion.tags.get("batch_id")
+    batch = data.read_batch(settings.paths.raw / batch_id)
+    customer, merchant = features.compute_feature_tables(batch, spec)
+    ref = mon.reference_frame(batch, customer, merchant, spec, mon.parse_window(champion.tags.get("train_window")))
+    onnx_path = registry.download_onnx(client, champion, settings.paths.monitoring / f"champion-v{champion.version}")
+    profile = mon.build_profile(ref, spec, champion.version, batch_id, scores=score(onnx_path, ref, spec))
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_text(profile.to_json())
+    return profile
+
+
+def score(onnx_path: Path, frame: pd.DataFrame, spec: DatasetSpec) -> np.ndarray:
+    session = runtime.make_session(onnx_path, providers=["CPUExecutionProvider"])
+    return runtime.onnx_predict(session, build_model_input(frame, spec))
+
+
+def data_quality(log: pd.DataFrame, spec: DatasetSpec, context_root: Path) -> tuple[bool, list[str]]:
+    """The same GX suite as the training gate, on the logged raw columns."""
+    frame = mon.quality_frame(log, spec)
+    ts = frame[spec.timestamp].dropna()
+    start = ts.min() if len(ts) else pd.Timestamp.now(tz="UTC")
+    end = (ts.max() if len(ts) else start) + pd.Timedelta(seconds=1)
+    report = validation.validate_batch(frame, spec, f"live-{datetime.now(UTC):%Y%m%dT%H%M%S}", start, end,
+                                       context_root)
+    failures = mon.quality_failures(report.failures, log, spec)
+    return not failures, failures
+
+
+def check_traffic(settings: Settings, spec: DatasetSpec, thresholds: DriftThresholds, log: pd.DataFrame,
+                  profile: mon.ReferenceProfile, champion: ModelVersion, since: pd.Timestamp | None,
+                  context_root: Path) -> mon.DriftReport:
+    """Drift against the champion's reference, data quality and live metrics on late labels."""
+    report = mon.drift_report(log, profile, thresholds, since)
+    report.quality_passed, report.quality_failures = data_quality(log, spec, context_root)
+    threshold = float(champion.tags.get("threshold", 0.5))
+    report.live = mon.live_metrics(log, mon.read_labels(settings.paths.labels, spec), spec, threshold)
+    return report
+
+
+def retrain_window(settings: Settings, days: int) -> ingest.Window:
+    """The newest `days` of raw partitions, linked into one window batch for a retrain."""
+    return ingest.assemble_window(settings.paths.raw, days)
+
+
+class Trigger(Protocol):
+    """How the monitor starts a retrain; the Prefect flow provides it (the package knows no Prefect)."""
+
+    name: str  # the deployment it starts
+
+    def active_runs(self) -> int | None:
+        """Retrains this monitor started that are still in flight; None when the deployment is not registered."""
+
+    def fire(self, decision: mon.TriggerDecision) -> str:
+        """Start the retrain (deduplicated on decision.key); its flow run id."""
+
+
+@dataclass
+class MonitorOutcome:
+    status: str  # no_traffic, no_champion, checked or triggered
+    reason: str
+    rows: int
+    report: mon.DriftReport | None = None
+    decision: mon.TriggerDecision | None = None
+    flow_run_id: str | None = None
+
+    def summary(self) -> str:
+        return f"monitor: {self.status}: {self.reason}"
+
+    def to_dict(self) -> dict:
+        out = {"status": self.status, "reason": self.reason, "rows": self.rows}
+        if self.report is not None:
+            out |= {"flow_run_id": self.flow_run_id, "quality_passed": self.report.quality_passed,
+                    "drifting": [c.name for c in self.report.columns if c.status == "drift"]}
+        return out
+
+
+def monitor_stage(settings: Settings, spec: DatasetSpec, thresholds: DriftThresholds, context_root: Path,
+                  trigger: Trigger | None) -> MonitorOutcome:
+    """The traffic logged since the last run against the champion's reference; a retrain started through
+    `trigger` when a threshold is crossed, at most once per cooldown. `trigger=None`: report only."""
+    with mon.locked_state(settings.paths.monitoring / "state.json") as state:
+        since = pd.Timestamp(state.last_run_at) if state.last_run_at else None
+        log = mon.read_prediction_log(settings.paths.predictions, since)
+        if log.empty:
+            return MonitorOutcome("no_traffic", f"no traffic since {since or 'the start of the log'}: "
+                                  "nothing to monitor", 0)
+        state.last_run_at = str(log[mon.LOGGED_AT].max())
+        client = registry.configure(settings)
+        champion = registry.version_by_alias(client, settings.model_name, registry.CHAMPION)
+        if champion is None:
+            return MonitorOutcome("no_champion", f"{len(log):,} predictions but no champion to compare them with",
+                                  len(log))
+        profile = reference_profile(settings, spec, client, champion)
+        report = check_traffic(settings, spec, thresholds, log, profile, champion, since, context_root)
+        decision, run_id = _decide_and_trigger(report, thresholds, state, trigger)
+    return MonitorOutcome("triggered" if decision.fire else "checked", decision.summary(), report.rows,
+                          report, decision, run_id)
+
+
+def _decide_and_trigger(report: mon.DriftReport, thresholds: DriftThresholds, state: mon.MonitorState,
+                        trigger: Trigger | None) -> tuple[mon.TriggerDecision, str | None]:
+    now = datetime.now(UTC)
+    active = trigger.active_runs() if trigger is not None else 0
+    decision = mon.decide_trigger(report, thresholds, state, now, active_runs=active or 0)
+    if not decision.fire:
+        return decision, None
+    if trigger is None:
+        decision.fire, decision.suppressed = False, "triggering is off for this run (trigger=false)"
+        return decision, None
+    if active is None:
+        decision.fire = False
+        decision.suppressed = f"deployment {trigger.name!r} is not registered (run `make up`)"
+        return decision, None
+    run_id = trigger.fire(decision)
+    mon.record_trigger(state, decision, now, run_id)
+    return decision, run_id
+
+
+def record_report(settings: Settings, report: mon.DriftReport, decision: mon.TriggerDecision,
+                  thresholds: DriftThresholds) -> str:
+    """The report as an MLflow run with its plot; returns the run id."""
+    registry.configure(settings)
+    plot = mon.plot_drift(report, thresholds, settings.paths.monitoring / "drift.png")
+    with mlflow.start_run(run_name="monitor", tags={"kind": "monitor",
+                                                      "reference_version": report.reference_version,
+                                                      "decision": decision.summary()[:4900]}) as run:
+        mlflow.log_metrics({f"psi_{c['column']}": c["psi"] for c in report.table()} | {"rows": report.rows})
+        if report.live is not None and report.live.recall is not None:
+            mlflow.log_metrics({"live_recall": report.live.recall, "live_precision": report.live.precision or 0.0})
+        mlflow.log_dict(report.to_dict(), "drift_report.json")
+        mlflow.log_text(report.to_markdown(decision), "drift_report.md")
+        mlflow.log_artifact(str(plot))
+    return run.info.run_id
