@@ -52,7 +52,7 @@ def build_home(home: Path, versions: int) -> None:
     import mlflow
 
     from sluicegate.config import Settings, ensure_home
-    from sluicegate.data.batches import GenerateConfig, generate_transactions
+    from sluicegate.data.synthetic import GenerateConfig, generate_transactions
     from sluicegate.features import stages as features_stages
     from sluicegate.ship import registry
     from sluicegate.ship.export import export_onnx

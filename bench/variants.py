@@ -56,7 +56,7 @@ def main() -> None:
 
     from sluicegate import runtime
     from sluicegate.config import Settings, ensure_home
-    from sluicegate.data import batches as data
+    from sluicegate.data import synthetic
     from sluicegate.features import stages as features_stages
     from sluicegate.policy import load_policy
     from sluicegate.ship import stages as ship_stages
@@ -70,7 +70,7 @@ def main() -> None:
     spec = load_spec(settings.spec_path)
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    frame = data.generate_transactions(data.GenerateConfig(rows=args.rows, days=30, seed=7), spec)
+    frame = synthetic.generate_transactions(synthetic.GenerateConfig(rows=args.rows, days=30, seed=7), spec)
     feats = features_stages.feature_stage(settings, spec, frame)
     prepared = train_stages.prepare(feats.frame, spec)
     cfg = TrainConfig(model=args.model, max_epochs=args.epochs, device="cpu")

@@ -79,19 +79,20 @@ def generate(
 ) -> None:
     """Write a synthetic card-transaction batch under SLUICEGATE_HOME/raw."""
     from sluicegate.data import batches as data
+    from sluicegate.data import synthetic
     from sluicegate.spec import load_spec
 
-    if drift not in data.DRIFTS:
-        raise typer.BadParameter(f"--drift must be one of {', '.join(data.DRIFTS)}, not {drift!r}")
-    if fault not in data.FAULTS:
-        raise typer.BadParameter(f"--fault must be one of {', '.join(data.FAULTS)}, not {fault!r}")
+    if drift not in synthetic.DRIFTS:
+        raise typer.BadParameter(f"--drift must be one of {', '.join(synthetic.DRIFTS)}, not {drift!r}")
+    if fault not in synthetic.FAULTS:
+        raise typer.BadParameter(f"--fault must be one of {', '.join(synthetic.FAULTS)}, not {fault!r}")
     settings = Settings()
     paths = _home(settings)
     spec = load_spec(settings.spec_path)
-    cfg = data.GenerateConfig(rows=rows, days=days, seed=seed, start=start, drift=drift, fault=fault)
+    cfg = synthetic.GenerateConfig(rows=rows, days=days, seed=seed, start=start, drift=drift, fault=fault)
     started = time.perf_counter()
     with console.status(f"generating {rows:,} transactions over {days} days"):
-        frame = data.inject_fault(data.generate_transactions(cfg, spec), cfg.fault, spec, seed)
+        frame = synthetic.inject_fault(synthetic.generate_transactions(cfg, spec), cfg.fault, spec, seed)
         batch_dir = data.write_batch(frame, paths.raw, cfg.batch_id, spec.timestamp)
     console.print(f"generate: {len(frame):,} transactions, label rate {frame[spec.label].mean():.2%}, "
                   f"{days} day partitions -> {batch_dir} in {time.perf_counter() - started:.1f}s")

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from sluicegate.config import Settings
-from sluicegate.data.batches import GenerateConfig, generate_transactions, inject_fault, read_batch, write_batch
+from sluicegate.data.batches import read_batch, write_batch
+from sluicegate.data.synthetic import GenerateConfig, generate_transactions, inject_fault
 
 pytestmark = pytest.mark.e2e
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from sluicegate.data.batches import GenerateConfig, generate_transactions, write_batch
+from sluicegate.data.batches import write_batch
+from sluicegate.data.synthetic import GenerateConfig, generate_transactions
 from sluicegate.spec import load_spec
 from tests.conftest import REPO
 

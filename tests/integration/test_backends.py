@@ -23,7 +23,8 @@ import pytest
 import yaml
 
 from sluicegate.config import Settings
-from sluicegate.data.batches import GenerateConfig, generate_transactions, write_batch
+from sluicegate.data.batches import write_batch
+from sluicegate.data.synthetic import GenerateConfig, generate_transactions
 from sluicegate.features import store as features
 from sluicegate.ship import registry
 from sluicegate.spec import load_spec

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from sluicegate.config import Settings
-from sluicegate.data.batches import GenerateConfig, generate_transactions, write_batch
+from sluicegate.data.batches import write_batch
+from sluicegate.data.synthetic import GenerateConfig, generate_transactions
 
 REPO = Path(__file__).resolve().parents[2]
 

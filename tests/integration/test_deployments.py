@@ -19,7 +19,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from sluicegate.data.batches import GenerateConfig, generate_transactions, write_batch
+from sluicegate.data.batches import write_batch
+from sluicegate.data.synthetic import GenerateConfig, generate_transactions
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.timeout(900)]

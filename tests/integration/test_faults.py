@@ -37,7 +37,8 @@ from onnx import TensorProto, helper
 
 from sluicegate.config import Settings, ensure_home
 from sluicegate.data import stages as data_stages
-from sluicegate.data.batches import GenerateConfig, generate_transactions, inject_fault, read_batch, write_batch
+from sluicegate.data.batches import read_batch, write_batch
+from sluicegate.data.synthetic import GenerateConfig, generate_transactions, inject_fault
 from sluicegate.features.inputs import NUMERIC_INPUTS, cardinalities
 from sluicegate.runtime import sha256_file
 from sluicegate.ship import registry

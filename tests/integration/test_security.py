@@ -22,7 +22,8 @@ import yaml
 
 from sluicegate.config import Settings, ensure_home
 from sluicegate.data import stages as data_stages
-from sluicegate.data.batches import GenerateConfig, generate_transactions, write_batch
+from sluicegate.data.batches import write_batch
+from sluicegate.data.synthetic import GenerateConfig, generate_transactions
 from sluicegate.ship import registry
 from sluicegate.spec import load_spec
 from tests.integration import test_serving as served

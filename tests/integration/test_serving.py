@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 
 from sluicegate.config import Settings, ensure_home
-from sluicegate.data.batches import GenerateConfig, generate_transactions
+from sluicegate.data.synthetic import GenerateConfig, generate_transactions
 from sluicegate.features import stages as features_stages
 from sluicegate.features import store as features
 from sluicegate.features.inputs import build_model_input

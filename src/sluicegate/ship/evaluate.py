@@ -244,7 +244,7 @@ def paired_bootstrap(y: np.ndarray, champion: np.ndarray, challenger: np.ndarray
                       ci_low=float(low), ci_high=float(high))
 
 
-def compare_models(y: np.ndarray, champion: np.ndarray, challenger: np.ndarray, groups: dict[str, np.ndarray],
+def compare_with_champion(y: np.ndarray, champion: np.ndarray, challenger: np.ndarray, groups: dict[str, np.ndarray],
                    samples: int, confidence: float, min_support: int, min_positives: int) -> list[Comparison]:
     """Overall comparison first, then one per slice with enough support and positives."""
     out = [paired_bootstrap(y, champion, challenger, samples, confidence)]

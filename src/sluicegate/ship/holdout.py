@@ -42,5 +42,5 @@ def compare_on_holdout(champion_onnx: Path, challenger_onnx: Path, holdout: pd.D
     inputs, y, groups = read_holdout(holdout, spec)
     champion = runtime.onnx_predict(runtime.make_session(champion_onnx), inputs)
     challenger = runtime.onnx_predict(runtime.make_session(challenger_onnx), inputs)
-    return evaluation.compare_models(y, champion, challenger, groups, policy.bootstrap_samples, policy.confidence,
-                                     policy.min_slice_support, policy.min_slice_positives)
+    return evaluation.compare_with_champion(y, champion, challenger, groups, policy.bootstrap_samples,
+                                            policy.confidence, policy.min_slice_support, policy.min_slice_positives)

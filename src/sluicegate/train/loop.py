@@ -311,11 +311,11 @@ def train_distilled(
     soft = predict(teacher.model, train.numeric, train.categorical)
     student = fit(train, y_train, valid, y_valid, cardinalities, cfg.model_copy(update={"model": "mlp"}),
                   checkpoint_dir / "student", on_epoch=on_epoch, soft_targets=soft)
-    student.distillation = compare_models(teacher.model, student.model, valid, y_valid)
+    student.distillation = compare_teacher_student(teacher.model, student.model, valid, y_valid)
     return student
 
 
-def compare_models(teacher: nn.Module, student: nn.Module, valid: ModelInput, y_valid: np.ndarray) -> dict:
+def compare_teacher_student(teacher: nn.Module, student: nn.Module, valid: ModelInput, y_valid: np.ndarray) -> dict:
     """Validation accuracy and CPU torch-eager speed of student against teacher."""
     out = {}
     for name, model in (("teacher", teacher), ("student", student)):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sluicegate.data.batches import FAULTS, GenerateConfig, generate_transactions, inject_fault
+from sluicegate.data.synthetic import FAULTS, GenerateConfig, generate_transactions, inject_fault
 from sluicegate.data.validate import (
     ValidationReport,
     build_context,

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from sluicegate.config import Settings, ensure_home
-from sluicegate.data.batches import GenerateConfig, generate_transactions
+from sluicegate.data.synthetic import GenerateConfig, generate_transactions
 from sluicegate.features import store as F
 from sluicegate.spec import load_spec
 

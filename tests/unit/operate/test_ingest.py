@@ -7,7 +7,8 @@ import os
 import pandas as pd
 import pytest
 
-from sluicegate.data.batches import GenerateConfig, generate_transactions, read_batch, write_batch
+from sluicegate.data.batches import read_batch, write_batch
+from sluicegate.data.synthetic import GenerateConfig, generate_transactions
 from sluicegate.operate import ingest
 
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from sluicegate.policy import GatePolicyError, load_policy
-from sluicegate.ship.evaluate import compare_models
+from sluicegate.ship.evaluate import compare_with_champion
 from sluicegate.ship.gates import (
     Evidence,
     GateDecision,
@@ -84,7 +84,7 @@ def labelled():
 
 def test_better_challenger_passes_the_champion_gates(policy, labelled):
     rng, y, groups = labelled
-    comps = compare_models(y, _scores(rng, y, 1.0), _scores(rng, y, 1.5), groups, 200, 0.95, 500, 20)
+    comps = compare_with_champion(y, _scores(rng, y, 1.0), _scores(rng, y, 1.5), groups, 200, 0.95, 500, 20)
     decision = decide(policy, evidence(comparisons=comps, champion_version="3"))
     assert decision.promote, decision.reason()
     assert comps[0].diff > 0 and comps[0].ci_low > 0
@@ -94,7 +94,7 @@ def test_slightly_worse_challenger_is_blocked_with_the_reason(policy, labelled):
     rng, y, groups = labelled
     champion = _scores(rng, y, 1.5)
     challenger = champion + rng.normal(0, 0.35, len(y))  # the same model, degraded a little
-    comps = compare_models(y, champion, challenger, groups, 200, 0.95, 500, 20)
+    comps = compare_with_champion(y, champion, challenger, groups, 200, 0.95, 500, 20)
     decision = decide(policy, evidence(comparisons=comps, champion_version="3"))
     assert not decision.promote
     assert "max_regression_vs_champion" in [r.gate for r in decision.failed]
@@ -107,7 +107,7 @@ def test_slice_regression_blocks_even_when_overall_improves(policy, labelled):
     challenger = _scores(rng, y, 3.0)
     atm = groups["channel"] == "atm"
     challenger[atm] = _scores(rng, y[atm], 0.0)  # no signal at all on ATM transactions
-    comps = compare_models(y, champion, challenger, groups, 200, 0.95, 500, 20)
+    comps = compare_with_champion(y, champion, challenger, groups, 200, 0.95, 500, 20)
     decision = decide(policy, evidence(comparisons=comps, champion_version="3"))
     assert comps[0].diff > 0  # better overall
     assert [r.gate for r in decision.failed] == ["max_slice_regression"]

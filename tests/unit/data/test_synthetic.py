@@ -2,15 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sluicegate.data.batches import (
-    FAULTS,
-    GenerateConfig,
-    generate_transactions,
-    inject_fault,
-    quarantine_batch,
-    read_batch,
-    write_batch,
-)
+from sluicegate.data.batches import quarantine_batch, read_batch, write_batch
+from sluicegate.data.synthetic import FAULTS, GenerateConfig, generate_transactions, inject_fault
 
 
 @pytest.fixture(scope="module")
