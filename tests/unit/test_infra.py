@@ -142,6 +142,110 @@ def test_dockerfiles_build_what_the_stack_runs(flavour):
     assert "sluicegate" in re.search(r"^CMD (.+)$", text, flags=re.M).group(1)
 
 
+def _constraints() -> dict[str, str]:
+    """constraints.txt as {canonical name: specifier}."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            req = Requirement(line)
+            pins[canonicalize_name(req.name)] = str(req.specifier)
+    return pins
+
+
+def _pip_installs(dockerfile: Path) -> list[list[str]]:
+    """The argument lists of every `pip install` a Dockerfile's RUN lines run."""
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    installs = []
+    for run in re.findall(r"^RUN (.+)$", text, flags=re.M):
+        for command in re.split(r"&&|;", run):
+            words = shlex.split(command)
+            if words[:2] == ["pip", "install"]:
+                installs.append(words[2:])
+    return installs
+
+
+# What a build from each PyTorch index is called: its wheels carry the index's name as a local label.
+TORCH_INDEX = re.compile(r"^https://download\.pytorch\.org/whl/(cpu|cu\d+|rocm[\d.]+)/?$")
+
+
+def _installed_versions(args: list[str]) -> tuple[list[tuple[str, str]], list[str], bool]:
+    """(name, version the install leaves) for each `name==version`, the project's extras, and -c constraints."""
+    from packaging.requirements import Requirement
+
+    pinned, extras, constrained, label = [], [], False, None
+    for flag, value in zip(args, args[1:], strict=False):  # the index applies wherever it is written
+        if flag in ("--index-url", "-i") and (match := TORCH_INDEX.match(value)):
+            label = match.group(1)
+    words = iter(args)
+    for word in words:
+        if word in ("--index-url", "-i", "--extra-index-url"):
+            next(words)
+        elif word in ("-c", "--constraint"):
+            assert next(words) == "constraints.txt"
+            constrained = True
+        elif word.startswith("-"):
+            continue
+        elif word == "." or word.startswith(".["):
+            extras += [e.strip() for e in word[2:-1].split(",")] if word.startswith(".[") else [""]
+        else:
+            req = Requirement(word)
+            for spec in req.specifier:
+                if spec.operator == "==":
+                    pinned.append((req.name, spec.version + (f"+{label}" if label else "")))
+    return pinned, extras, constrained
+
+
+def test_no_local_version_label_is_pinned_in_the_constraints():
+    labelled = {name: spec for name, spec in _constraints().items() if "+" in spec}
+    assert not labelled, f"{labelled}: a local label matches only that one build, which the index may not serve"
+
+
+@pytest.mark.parametrize("flavour", ["cpu", "cuda", "rocm"])
+def test_dockerfile_installs_are_satisfiable_against_the_constraints(flavour):
+    """What a Dockerfile installs before `pip install -c constraints.txt .` must still satisfy the
+    constraints then, or pip cannot resolve: a +cu128 torch against a `torch==2.13.0+cpu` pin fails."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    constraints = _constraints()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    installed: dict[str, str] = {}
+    installs = _pip_installs(INFRA / "docker" / f"Dockerfile.{flavour}")
+    project_installed = False
+    for args in installs:
+        pinned, extras, constrained = _installed_versions(args)
+        for name, version in pinned:
+            installed[canonicalize_name(name)] = version
+        if not extras:
+            continue
+        project_installed = True
+        assert constrained, f"Dockerfile.{flavour} installs the project without -c constraints.txt"
+        for extra in extras:
+            assert not extra or extra in project["optional-dependencies"], f"no extra {extra!r} in pyproject"
+        wanted = [Requirement(r) for r in project["dependencies"]]
+        wanted += [Requirement(r) for e in extras if e for r in project["optional-dependencies"][e]]
+        for req in wanted:
+            name = canonicalize_name(req.name)
+            if name in constraints:  # the constraint must admit a version the project accepts
+                pinned_version = constraints[name].removeprefix("==")
+                assert req.specifier.contains(Version(pinned_version), prereleases=True), (req, constraints[name])
+            if name in installed:  # and what was installed before must satisfy both
+                have = Version(installed[name])
+                assert req.specifier.contains(have, prereleases=True), (flavour, req, have)
+                assert SpecifierSet(constraints.get(name, "")).contains(have, prereleases=True), (
+                    f"Dockerfile.{flavour} installs {name} {have} first; constraints.txt wants "
+                    f"{constraints[name]}: pip cannot satisfy both")
+    assert project_installed and "torch" in installed, f"Dockerfile.{flavour} installs no torch build or no project"
+
+
 def test_image_names_agree(compose):
     for name in ("prefect-server", "mlflow", "prefect-worker", "model-server"):
         assert compose[name]["image"] == IMAGE, name
