@@ -17,13 +17,6 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Settings resolves a relative home against the working directory; the CLI may run anywhere.
 settings = Settings() if "SLUICEGATE_HOME" in os.environ else Settings(home=PROJECT_ROOT / ".sluicegate")
 
-(
-    project,
-    customer,
-    merchant,
-    customer_activity_source,
-    merchant_risk_source,
-    customer_activity,
-    merchant_risk,
-    fraud_model_v1,
-) = build_definitions(load_spec(settings.spec_path), settings.paths.features)
+# The feast CLI discovers objects bound to module names: one name per object of the spec.
+_definitions = build_definitions(load_spec(settings.spec_path), settings.paths.features)
+globals().update({f"{type(obj).__name__.lower()}_{obj.name}": obj for obj in _definitions.objects()})

@@ -13,12 +13,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from sluicegate.spec import DEFAULT_SPEC_PATH
+from sluicegate.spec import DEFAULT_SPEC_PATH, DatasetSpec, load_spec
 
 HOME_MARKER = "sluicegate-home.json"
-HOME_LAYOUT_VERSION = 1
+HOME_LAYOUT_VERSION = 2  # 2: one folder per table (spec) beside the shared MLflow store
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 
@@ -34,7 +35,8 @@ class Settings(BaseSettings):
     home: Path = Path(".sluicegate")
     spec_path: Path = DEFAULT_SPEC_PATH
     gates_path: Path = Path("gates.yaml")
-    model_name: str = "fraud-detector"
+    # None: the spec's model_name (or its name); set to register and serve under another name.
+    model_name: str | None = None
     # None means MLflow on SQLite under home.
     mlflow_tracking_uri: str | None = None
     # None means Feast's SQLite online store under home; else a Redis connection string.
@@ -46,9 +48,19 @@ class Settings(BaseSettings):
     hardware_profile: str = "cpu-2core"
     price_per_hour: float | None = None
 
+    @model_validator(mode="after")
+    def _model_name_from_spec(self) -> Settings:
+        if self.model_name is None:
+            self.model_name = self.spec.registered_model
+        return self
+
+    @property
+    def spec(self) -> DatasetSpec:
+        return load_spec(self.spec_path)
+
     @property
     def paths(self) -> HomePaths:
-        return HomePaths(self.home.resolve())
+        return HomePaths(self.home.resolve(), self.spec.name)
 
     @property
     def tracking_uri(self) -> str:
@@ -57,23 +69,34 @@ class Settings(BaseSettings):
 
 @dataclass(frozen=True)
 class HomePaths:
+    """The MLflow store and the locks are shared; everything a table owns is under its spec's name."""
+
     root: Path
+    table: str  # the spec's name
+
+    @property
+    def tables(self) -> Path:
+        return self.root / "tables"
+
+    @property
+    def own(self) -> Path:
+        return self.tables / self.table
 
     @property
     def raw(self) -> Path:
-        return self.root / "raw"
+        return self.own / "raw"
 
     @property
     def quarantine(self) -> Path:
-        return self.root / "quarantine"
+        return self.own / "quarantine"
 
     @property
     def features(self) -> Path:
-        return self.root / "features"
+        return self.own / "features"
 
     @property
     def feast(self) -> Path:
-        return self.root / "feast"
+        return self.own / "feast"
 
     @property
     def mlflow_db(self) -> Path:
@@ -85,15 +108,15 @@ class HomePaths:
 
     @property
     def runs(self) -> Path:
-        return self.root / "runs"
+        return self.own / "runs"
 
     @property
     def predictions(self) -> Path:
-        return self.root / "predictions"
+        return self.own / "predictions"
 
     @property
     def model_repository(self) -> Path:
-        return self.root / "model_repository"
+        return self.own / "model_repository"
 
     @property
     def locks(self) -> Path:
@@ -101,11 +124,11 @@ class HomePaths:
 
     @property
     def monitoring(self) -> Path:
-        return self.root / "monitoring"
+        return self.own / "monitoring"
 
     @property
     def labels(self) -> Path:
-        return self.root / "labels"
+        return self.own / "labels"
 
 
 def ensure_home(paths: HomePaths) -> HomePaths:

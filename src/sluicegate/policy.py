@@ -36,7 +36,7 @@ class GatePolicy(BaseModel):
     max_quantization_drop: float = Field(ge=0)
     parity_tolerance: float = Field(gt=0)
     max_robustness_drop: float = Field(ge=0)
-    max_directional_violation_rate: float = Field(ge=0, le=1)
+    max_behaviour_violation_rate: float = Field(ge=0, le=1)
     latency_slo_p99_ms: float = Field(gt=0)
     slo_target_qps: float = Field(gt=0)
     max_regression_vs_champion: float = Field(ge=0)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from sluicegate.config import HomePaths
 from sluicegate.data.batches import write_batch
 from sluicegate.data.synthetic import GenerateConfig, generate_transactions
 from sluicegate.spec import load_spec
@@ -64,7 +65,7 @@ def stack(tmp_path_factory):
     for key in ("PREFECT_API_URL", "PREFECT_UI_API_URL", "SLUICEGATE_MLFLOW_TRACKING_URI"):
         env.pop(key, None)
     spec = load_spec()
-    write_batch(generate_transactions(BATCH, spec), home / "raw", BATCH.batch_id, spec.timestamp)
+    write_batch(generate_transactions(BATCH, spec), HomePaths(home, spec.name).raw, BATCH.batch_id, spec.timestamp)
     up = subprocess.run(["make", "up"], cwd=REPO, env=env, capture_output=True, text=True)
     try:
         assert up.returncode == 0, f"make up failed:\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}"

@@ -86,7 +86,7 @@ def backends(tmp_path_factory):
                                stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
     mlflow_server = MlflowServer(root, os.environ["SLUICEGATE_TEST_MLFLOW_DB_URL"])
     policy = yaml.safe_load((REPO / "gates.yaml").read_text())
-    policy.update(min_pr_auc=0.0, max_ece=1.0, max_robustness_drop=1.0, max_directional_violation_rate=1.0,
+    policy.update(min_pr_auc=0.0, max_ece=1.0, max_robustness_drop=1.0, max_behaviour_violation_rate=1.0,
                   latency_slo_p99_ms=1000.0)  # about the backends, not model quality
     (root / "gates.yaml").write_text(yaml.safe_dump(policy))
     session = uuid.uuid4().hex[:8]

@@ -101,9 +101,12 @@ def test_commands_exist_and_name_the_right_pool_and_flags(compose):
 
     pool = {d["work_pool"]["name"] for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]}
     worker = " ".join(_command(compose["prefect-worker"]))
-    assert "python -m sluicegate.flows.deployments register" in worker
-    assert (REPO / "src/sluicegate/flows/deployments.py").exists()
-    assert f"prefect worker start --pool {pool.pop()} --type process" in worker
+    pool = pool.pop()
+    # The pool exists before `prefect deploy --all` (which refuses a missing one), the worker after.
+    create, deploy = worker.index(f"prefect work-pool create {pool} --type process"), worker.index("deploy --all")
+    assert create < deploy < worker.index(f"prefect worker start --pool {pool} --type process")
+    assert "prefect --no-prompt deploy --all" in worker and "SLUICEGATE_REPO=/opt/sluicegate" in worker
+    assert not (REPO / "src/sluicegate/flows/deployments.py").exists()
     mlflow_cmd = _command(compose["mlflow"])
     assert mlflow_cmd[:2] == ["mlflow", "server"]
     known = {o for p in mlflow_cli.commands["server"].params for o in p.opts}
@@ -254,8 +257,6 @@ def test_image_names_agree(compose):
     assert container["image"] == IMAGE
     values = yaml.safe_load((INFRA / "k8s/prefect-worker-values.yaml").read_text())["worker"]
     assert f"{values['image']['repository']}:{values['image']['prefectTag']}" == IMAGE
-    from sluicegate.flows.deployments import PoolOverride
-    assert PoolOverride("x").image == IMAGE
 
 
 def test_kubernetes_worker_and_model_server_agree_with_the_code():

@@ -1,4 +1,5 @@
-"""Raw batches on disk: written as day partitions, read back whole, moved to quarantine."""
+"""Raw batches on disk: written as day partitions (or files, without a timestamp), read back whole,
+moved to quarantine."""
 
 from __future__ import annotations
 
@@ -8,11 +9,16 @@ from pathlib import Path
 import pandas as pd
 
 
-def write_batch(df: pd.DataFrame, raw_dir: Path, batch_id: str, timestamp: str) -> Path:
-    """Write one parquet file per day under raw_dir/batch_id/date=YYYY-MM-DD/."""
+def write_batch(df: pd.DataFrame, raw_dir: Path, batch_id: str, timestamp: str | None) -> Path:
+    """Write one parquet file per day under raw_dir/batch_id/date=YYYY-MM-DD/; a table without a
+    timestamp is one file, raw_dir/batch_id/part-0.parquet."""
     batch_dir = raw_dir / batch_id
     if batch_dir.exists():
         shutil.rmtree(batch_dir)
+    if timestamp is None:
+        batch_dir.mkdir(parents=True)
+        df.to_parquet(batch_dir / "part-0.parquet", index=False)
+        return batch_dir
     days = pd.to_datetime(df[timestamp], utc=True).dt.strftime("%Y-%m-%d")
     for day, part in df.groupby(days, sort=True):
         day_dir = batch_dir / f"date={day}"
@@ -22,8 +28,8 @@ def write_batch(df: pd.DataFrame, raw_dir: Path, batch_id: str, timestamp: str) 
 
 
 def read_batch(batch_dir: Path) -> pd.DataFrame:
-    """Read every day partition of a batch, in day order, as written."""
-    files = sorted(batch_dir.glob("date=*/*.parquet"))
+    """Read every day partition of a batch, in day order, as written (or its files, without days)."""
+    files = sorted(batch_dir.glob("date=*/*.parquet")) or sorted(batch_dir.glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"no parquet partitions under {batch_dir}")
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)

@@ -33,12 +33,15 @@ def find_batch(settings: Settings, batch_id: str | None) -> Path:
         return path
     batches = [p for p in raw.iterdir() if p.is_dir()] if raw.exists() else []
     if not batches:
-        raise NoBatchError(f"no raw batch under {raw}: run `sluicegate generate` first")
+        raise NoBatchError(f"no raw batch under {raw}: run `sluicegate generate` or `sluicegate import` first")
     return max(batches, key=lambda p: p.stat().st_mtime)
 
 
-def batch_window(batch_dir: Path) -> tuple[pd.Timestamp, pd.Timestamp]:
-    """[first day, last day + 1) from the batch's date=YYYY-MM-DD partitions."""
+def batch_window(batch_dir: Path, spec: DatasetSpec) -> tuple[pd.Timestamp | None, pd.Timestamp | None]:
+    """[first day, last day + 1) from the batch's date=YYYY-MM-DD partitions; (None, None) for a
+    table without a timestamp, whose batches are files."""
+    if not spec.timestamp:
+        return None, None
     days = sorted(p.name.removeprefix("date=") for p in batch_dir.glob("date=*"))
     if not days:
         raise NoBatchError(f"{batch_dir} has no date=YYYY-MM-DD partitions")
@@ -69,7 +72,7 @@ def validate_stage(settings: Settings, spec: DatasetSpec, batch_dir: Path,
                    context_root: Path) -> tuple[ValidationOutcome, pd.DataFrame | None]:
     """Validate a raw batch; on failure move it to quarantine with its report."""
     frame = data.read_batch(batch_dir)
-    start, end = batch_window(batch_dir)
+    start, end = batch_window(batch_dir, spec)
     report = validation.validate_batch(frame, spec, batch_dir.name, start, end, context_root=context_root)
     if report.success:
         return ValidationOutcome(report), frame

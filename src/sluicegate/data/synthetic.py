@@ -21,6 +21,9 @@ Fault = Literal["none", "nulls", "out_of_range", "drop_column", "rename_column",
 DRIFTS: tuple[str, ...] = Drift.__args__
 FAULTS: tuple[str, ...] = Fault.__args__
 
+# The example table's own columns (the default spec, dataset.yaml, declares them).
+CUSTOMER, MERCHANT, AMOUNT = "customer_id", "merchant_id", "amount"
+
 FRAUD_SHARE = 0.02  # fraction of rows planted as fraud episodes
 NIGHT_HOURS = np.array([0, 1, 2, 3, 4, 5])
 # Relative activity per hour of day for legitimate spending.
@@ -91,16 +94,16 @@ def generate_transactions(cfg: GenerateConfig, spec: DatasetSpec) -> pd.DataFram
     channel_idx = df.pop("channel_idx")
     out = pd.DataFrame({
         spec.timestamp: ts.dt.floor("s").astype("datetime64[us, UTC]"),
-        spec.entities.customer: cust_idx.astype("int64"),
-        spec.entities.merchant: merch_idx.astype("int64"),
-        spec.amount: np.clip(df["amount"].round(2), 0.01, 50_000.0),
+        CUSTOMER: cust_idx.astype("int64"),
+        MERCHANT: merch_idx.astype("int64"),
+        AMOUNT: np.clip(df["amount"].round(2), 0.01, 50_000.0),
         "channel": channels[channel_idx],
         "country": countries[df["country_idx"]],
         "device": devices[df["device_idx"]],
         "merchant_category": mcc[merch_cat[merch_idx]],
         spec.label: df["fraud"].astype("int64"),
     })
-    out = out.sort_values([spec.timestamp, spec.entities.customer], kind="stable").reset_index(drop=True)
+    out = out.sort_values([spec.timestamp, CUSTOMER], kind="stable").reset_index(drop=True)
     out.insert(0, spec.id, [f"{cfg.batch_id}-{i:07d}" for i in range(len(out))])
     _legit_noise_labels(out, spec, rng, merch_risk)
     return out[spec.column_names]
@@ -163,7 +166,7 @@ def _fraud_rows(n, days, rng, activity, usual, country, device, risky, n_merch, 
 
 def _legit_noise_labels(df: pd.DataFrame, spec: DatasetSpec, rng, merch_risk) -> None:
     """A little fraud that looks ordinary, more of it at risky merchants."""
-    p = 0.002 + 0.03 * merch_risk[df[spec.entities.merchant].to_numpy()]
+    p = 0.002 + 0.03 * merch_risk[df[MERCHANT].to_numpy()]
     df.loc[rng.random(len(df)) < p, spec.label] = 1
 
 
@@ -176,17 +179,17 @@ def inject_fault(df: pd.DataFrame, fault: Fault, spec: DatasetSpec, seed: int) -
     if fault == "none":
         return df
     if fault == "nulls":
-        df.loc[pick < 0.05, spec.amount] = np.nan
+        df.loc[pick < 0.05, AMOUNT] = np.nan
         df.loc[pick > 0.97, "country"] = None
     elif fault == "out_of_range":
-        df.loc[pick < 0.02, spec.amount] = -df.loc[pick < 0.02, spec.amount]
-        df.loc[pick > 0.99, spec.amount] = 1e7
+        df.loc[pick < 0.02, AMOUNT] = -df.loc[pick < 0.02, AMOUNT]
+        df.loc[pick > 0.99, AMOUNT] = 1e7
     elif fault == "drop_column":
         df = df.drop(columns=["device"])
     elif fault == "rename_column":
-        df = df.rename(columns={spec.amount: f"{spec.amount}_usd"})
+        df = df.rename(columns={AMOUNT: f"{AMOUNT}_usd"})
     elif fault == "bad_dtype":
-        df[spec.amount] = df[spec.amount].map(lambda v: f"{v:.2f} USD")
+        df[AMOUNT] = df[AMOUNT].map(lambda v: f"{v:.2f} USD")
     elif fault == "duplicates":
         df = pd.concat([df, df[pick < 0.05]]).sort_values(spec.timestamp, kind="stable")
     elif fault == "label_flip":

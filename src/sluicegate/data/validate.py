@@ -28,11 +28,7 @@ if TYPE_CHECKING:
     from great_expectations.data_context import AbstractDataContext
 
 DATASOURCE = "sluicegate_pandas"
-ASSET = "batch"
 BATCH_DEFINITION = "whole_batch"
-SUITE = "raw_batch"
-VALIDATION_DEFINITION = "raw_batch"
-CHECKPOINT = "raw_batch_gate"
 DOCS_SITE = "local_site"
 LOCK_FILE = "uncommitted/sluicegate.lock"
 MAX_SAMPLES = 10
@@ -40,7 +36,7 @@ MAX_SAMPLES = 10
 # How each spec dtype is checked with ExpectColumnValuesToBeOfType on pandas. "str" accepts
 # object columns holding str and pandas string dtypes; "Timestamp" accepts tz-aware datetime
 # columns only, which the batch window comparison needs.
-GX_TYPES = {"string": "str", "int64": "int64", "float64": "float64", "timestamp": "Timestamp"}
+GX_TYPES = {"string": "str", "int64": "int64", "float64": "float64", "bool": "bool", "timestamp": "Timestamp"}
 
 
 @dataclass
@@ -122,19 +118,28 @@ def build_expectations(spec: DatasetSpec) -> list:
         gxe.ExpectTableRowCountToBeBetween(min_value=1),
     ]
     for name, col in spec.columns.items():
-        exps.append(gxe.ExpectColumnValuesToNotBeNull(column=name))
+        if not col.nullable:  # nullable with a share: at most that share; nullable alone: any share
+            exps.append(gxe.ExpectColumnValuesToNotBeNull(column=name, mostly=1 - (col.max_null_share or 0.0)))
         exps.append(gxe.ExpectColumnValuesToBeOfType(column=name, type_=GX_TYPES[col.dtype]))
         if col.min is not None or col.max is not None:
             exps.append(gxe.ExpectColumnValuesToBeBetween(column=name, min_value=col.min, max_value=col.max))
         if col.categories:
             exps.append(gxe.ExpectColumnValuesToBeInSet(column=name, value_set=list(col.categories)))
+    # The label-rate band as two share checks, for any label type (1, "Yes", true): at least `low`
+    # of the rows are positive, and at least 1 - `high` are not.
     low, high = spec.label_rate
-    exps.append(gxe.ExpectColumnMeanToBeBetween(column=spec.label, min_value=low, max_value=high))
-    exps.append(gxe.ExpectColumnValuesToBeUnique(column=spec.id))
-    # The window differs per batch, so it is a suite parameter given at run time.
-    exps.append(gxe.ExpectColumnValuesToBeBetween(
-        column=spec.timestamp, min_value={"$PARAMETER": "window_start"},
-        max_value={"$PARAMETER": "window_end"}, strict_max=True))
+    positive = [spec.table.positive]
+    if low > 0:
+        exps.append(gxe.ExpectColumnValuesToBeInSet(column=spec.label, value_set=positive, mostly=low))
+    if high < 1:
+        exps.append(gxe.ExpectColumnValuesToNotBeInSet(column=spec.label, value_set=positive, mostly=1 - high))
+    if spec.id:
+        exps.append(gxe.ExpectColumnValuesToBeUnique(column=spec.id))
+    if spec.timestamp:
+        # The window differs per batch, so it is a suite parameter given at run time.
+        exps.append(gxe.ExpectColumnValuesToBeBetween(
+            column=spec.timestamp, min_value={"$PARAMETER": "window_start"},
+            max_value={"$PARAMETER": "window_end"}, strict_max=True))
     return exps
 
 
@@ -167,13 +172,23 @@ def _is_quiet(variables) -> bool:
     return variables.analytics_enabled is False and globally is False
 
 
-def _batch_definition(context: AbstractDataContext):
+def suite_name(spec: DatasetSpec) -> str:
+    """Each spec has its own asset, suite, validation definition and checkpoint in the one context."""
+    return spec.name
+
+
+def checkpoint_name(spec: DatasetSpec) -> str:
+    return f"{spec.name}_gate"
+
+
+def _batch_definition(context: AbstractDataContext, spec: DatasetSpec):
     """Get the whole-dataframe batch definition, adding it only if missing (keeps ids stable)."""
     sources = context.data_sources
     source = (sources.get(DATASOURCE) if DATASOURCE in sources.all()
               else sources.add_pandas(name=DATASOURCE))
     names = [a.name for a in source.assets]
-    asset = source.get_asset(ASSET) if ASSET in names else source.add_dataframe_asset(name=ASSET)
+    asset_name = suite_name(spec)
+    asset = source.get_asset(asset_name) if asset_name in names else source.add_dataframe_asset(name=asset_name)
     if BATCH_DEFINITION in [b.name for b in asset.batch_definitions]:
         return asset.get_batch_definition(BATCH_DEFINITION)
     return asset.add_batch_definition_whole_dataframe(BATCH_DEFINITION)
@@ -183,10 +198,11 @@ def _suite(context: AbstractDataContext, spec: DatasetSpec):
     """Add or update the suite; unchanged expectations keep their ids so the file does not churn."""
     import great_expectations as gx
 
-    suite = gx.ExpectationSuite(name=SUITE, expectations=build_expectations(spec))
-    if SUITE in [s.name for s in context.suites.all()]:
+    name = suite_name(spec)
+    suite = gx.ExpectationSuite(name=name, expectations=build_expectations(spec))
+    if name in [s.name for s in context.suites.all()]:
         # GX compares ids in Expectation equality, so match on the rest ourselves.
-        old_ids = {_fingerprint(e): e.id for e in context.suites.get(SUITE).expectations}
+        old_ids = {_fingerprint(e): e.id for e in context.suites.get(name).expectations}
         for exp in suite.expectations:
             exp.id = old_ids.get(_fingerprint(exp))
     return context.suites.add_or_update(suite)
@@ -214,12 +230,12 @@ def _build_context(context_root: Path, spec: DatasetSpec) -> AbstractDataContext
     from great_expectations.checkpoint import UpdateDataDocsAction
 
     context = _open_context(context_root)
-    batch_definition = _batch_definition(context)
+    batch_definition = _batch_definition(context, spec)
     suite = _suite(context, spec)
     definition = context.validation_definitions.add_or_update(
-        gx.ValidationDefinition(name=VALIDATION_DEFINITION, data=batch_definition, suite=suite))
+        gx.ValidationDefinition(name=suite_name(spec), data=batch_definition, suite=suite))
     context.checkpoints.add_or_update(gx.Checkpoint(
-        name=CHECKPOINT, validation_definitions=[definition],
+        name=checkpoint_name(spec), validation_definitions=[definition],
         actions=[UpdateDataDocsAction(name="update_data_docs", site_names=[DOCS_SITE])],
         result_format="BASIC"))
     return context
@@ -228,17 +244,18 @@ def _build_context(context_root: Path, spec: DatasetSpec) -> AbstractDataContext
 # --- running the gate ----------------------------------------------------------------------------
 
 
-def validate_batch(df: pd.DataFrame, spec: DatasetSpec, batch_id: str, window_start: pd.Timestamp,
-                   window_end: pd.Timestamp, context_root: Path = Path("expectations")) -> ValidationReport:
+def validate_batch(df: pd.DataFrame, spec: DatasetSpec, batch_id: str, window_start: pd.Timestamp | None,
+                   window_end: pd.Timestamp | None, context_root: Path = Path("expectations")) -> ValidationReport:
     """Validate one batch against the spec's suite; never raises on bad data."""
     from great_expectations.core.run_identifier import RunIdentifier
 
     context_root = Path(context_root)
     with _context_lock(context_root):
         context = _build_context(context_root, spec)
-        result = context.checkpoints.get(CHECKPOINT).run(
+        result = context.checkpoints.get(checkpoint_name(spec)).run(
             batch_parameters={"dataframe": _fast_frame(df, spec)},
-            expectation_parameters={"window_start": _utc(window_start), "window_end": _utc(window_end)},
+            expectation_parameters=({"window_start": _utc(window_start), "window_end": _utc(window_end)}
+                                    if spec.timestamp else {}),
             run_id=RunIdentifier(run_name=batch_id),
         )
         docs = context.get_docs_sites_urls(site_name=DOCS_SITE)
@@ -371,11 +388,11 @@ def _md_cell(text: str) -> str:
 
 
 if __name__ == "__main__":
-    # Regenerate the checked-in context from the spec: python -m sluicegate.data.validate [root]
+    # Regenerate the checked-in context from a spec: python -m sluicegate.data.validate [root] [spec]
     import sys
 
-    from sluicegate.spec import load_spec
+    from sluicegate.spec import DEFAULT_SPEC_PATH, load_spec
 
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "expectations")
-    build_context(root, load_spec())
+    build_context(root, load_spec(Path(sys.argv[2]) if len(sys.argv) > 2 else DEFAULT_SPEC_PATH))
     print(f"Great Expectations context rebuilt under {root}/")

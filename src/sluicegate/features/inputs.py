@@ -1,39 +1,63 @@
-"""The model-input builder: raw transaction fields plus features -> model tensors.
+"""The model-input builder: a row's raw columns plus its features -> the model's two tensors.
 
-Training, evaluation and serving all call `build_model_input`, so the model
-sees the same transformation everywhere. Normalization lives inside the model
-(and so inside the ONNX graph); this step only derives and encodes.
+Training, evaluation, monitoring and serving all call `build_model_input`, so the model sees the
+same transformation everywhere. The layout comes from the spec alone:
+- numeric: each numeric feature (raw columns, aggregates, the Python function's outputs) after its
+  transform, missing values as 0 with a `__missing` indicator beside any feature that can be
+  missing; each timestamp-derived part as sin and cos of its cycle;
+- categorical: each categorical column's index in its declared categories, 0 for unknown or missing.
+Normalization lives inside the model (and so inside the ONNX graph); this step only derives and encodes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 
 from sluicegate.runtime import ModelInput
-from sluicegate.spec import DatasetSpec
+from sluicegate.spec import DatasetSpec, Transform
 
-# Value a feature takes when an entity has no history yet.
-FEATURE_DEFAULTS: dict[str, float] = {
-    "cust_txn_count_1h": 0.0,
-    "cust_txn_count_24h": 0.0,
-    "cust_amount_mean_7d": np.nan,  # filled with the transaction's own amount
-    "cust_amount_std_7d": 0.0,
-    "cust_minutes_since_prev": 7 * 24 * 60.0,
-    "merch_txn_count_24h": 0.0,
-    "merch_fraud_rate_30d": np.nan,  # filled with the middle of the spec's label-rate band
-}
-
-NUMERIC_INPUTS: list[str] = [
-    "log_amount", "log_amount_to_usual", "log_cust_count_1h", "log_cust_count_24h",
-    "cust_amount_cv_7d", "log_minutes_since_prev", "has_history", "log_merch_count_24h",
-    "merch_fraud_rate_30d", "hour_sin", "hour_cos", "is_night",
-]
+MISSING = "__missing"
+CYCLES = {"hour_of_day": 24.0, "day_of_week": 7.0}
 
 
+@dataclass(frozen=True)
+class NumericInput:
+    """One numeric feature the model reads, and where its value comes from."""
+
+    name: str  # the column in the training frame, the request or the prediction log
+    transform: Transform
+    may_be_missing: bool
+
+
+def numeric_features(spec: DatasetSpec) -> list[NumericInput]:
+    raw = [NumericInput(f.column, f.transform, spec.columns[f.column].may_be_null)
+           for f in spec.features.numeric_columns]
+    aggs = [NumericInput(a.feature_name, a.value_transform, a.may_be_missing) for a in spec.features.aggregates]
+    python = [NumericInput(name, "none", True) for name in (spec.features.python.outputs if spec.features.python
+                                                             else [])]
+    return raw + aggs + python
+
+
+def numeric_inputs(spec: DatasetSpec) -> list[str]:
+    """Names of the numeric tensor's columns, in order: the ONNX contract's width."""
+    names = []
+    for f in numeric_features(spec):
+        names.append(f.name)
+        if f.may_be_missing:
+            names.append(f.name + MISSING)
+    for part in spec.features.time:
+        names += [f"{part}_sin", f"{part}_cos"]
+    return names
+
+
+def tensor_widths(spec: DatasetSpec) -> tuple[int, int]:
+    """(numeric columns, categorical columns): the widths of the ONNX contract's two inputs."""
+    return len(numeric_inputs(spec)), len(spec.categorical_features)
 
 
 def cardinalities(spec: DatasetSpec) -> list[int]:
@@ -42,39 +66,39 @@ def cardinalities(spec: DatasetSpec) -> list[int]:
 
 
 def build_model_input(columns: Mapping[str, ArrayLike], spec: DatasetSpec) -> ModelInput:
-    """Derive model tensors from raw columns (named by the spec) and feature columns.
+    """Derive model tensors from raw columns and feature columns, named by the spec.
 
-    `columns` is a DataFrame (training, evaluation, monitoring) or a dict of
-    arrays (serving, where building a DataFrame per micro-batch cost more than
-    the model call); only numpy operations follow, so both take the same path.
+    `columns` is a DataFrame (training, evaluation, monitoring) or a dict of arrays (serving,
+    where building a DataFrame per micro-batch cost more than the model call); only numpy
+    operations follow, so both take the same path.
     """
-    amount = _floats(columns[spec.amount])
-    feats = {name: _feature(columns[name], default) for name, default in FEATURE_DEFAULTS.items()}
-    has_history = ~np.isnan(feats["cust_amount_mean_7d"])
-    usual = np.where(has_history, feats["cust_amount_mean_7d"], amount)
-    usual = np.maximum(usual, 0.01)
-    fraud_prior = float(np.mean(spec.label_rate))
-    merch_rate = np.nan_to_num(feats["merch_fraud_rate_30d"], nan=fraud_prior)
-    hour = utc_hour_of_day(columns[spec.timestamp])
-    angle = 2 * np.pi * hour / 24.0
-    numeric = np.column_stack([
-        np.log1p(amount),
-        np.log(np.maximum(amount, 0.01) / usual),
-        np.log1p(feats["cust_txn_count_1h"]),
-        np.log1p(feats["cust_txn_count_24h"]),
-        feats["cust_amount_std_7d"] / usual,
-        np.log1p(np.maximum(feats["cust_minutes_since_prev"], 0.0)),
-        has_history.astype(np.float64),
-        np.log1p(feats["merch_txn_count_24h"]),
-        merch_rate,
-        np.sin(angle),
-        np.cos(angle),
-        (hour < 6).astype(np.float64),
-    ]).astype(np.float32)
-    categorical = np.column_stack(
-        [encode_categories(columns[c], spec.categories(c)) for c in spec.categorical_features]
-    )
+    parts = []
+    for f in numeric_features(spec):
+        values = _floats(columns[f.name])
+        missing = np.isnan(values)
+        parts.append(np.where(missing, 0.0, _transform(values, f.transform)))
+        if f.may_be_missing:
+            parts.append(missing.astype(np.float64))
+    for part in spec.features.time:
+        angle = 2 * np.pi * time_part(columns[spec.timestamp], part) / CYCLES[part]
+        parts += [np.sin(angle), np.cos(angle)]
+    n = _rows(columns, spec)
+    numeric = np.column_stack(parts).astype(np.float32) if parts else np.zeros((n, 0), np.float32)
+    categorical = (np.column_stack([encode_categories(columns[c], spec.categories(c))
+                                    for c in spec.categorical_features])
+                   if spec.categorical_features else np.zeros((n, 0), np.int64))
     return ModelInput(numeric=numeric, categorical=categorical)
+
+
+def _rows(columns: Mapping[str, ArrayLike], spec: DatasetSpec) -> int:
+    first = next(iter(columns.values())) if not isinstance(columns, pd.DataFrame) else columns.index
+    return len(first)
+
+
+def _transform(values: np.ndarray, transform: Transform) -> np.ndarray:
+    if transform == "log1p":  # signed, so a negative value (a refund, a debt) keeps its order
+        return np.sign(values) * np.log1p(np.abs(values))
+    return values
 
 
 def encode_categories(values: ArrayLike, categories: list) -> np.ndarray:
@@ -86,20 +110,35 @@ def encode_categories(values: ArrayLike, categories: list) -> np.ndarray:
     return np.array([codes.get(v, 0) for v in listed], dtype=np.int64)
 
 
-def utc_hour_of_day(values: ArrayLike) -> np.ndarray:
-    """Hour of day in UTC with its fraction (05:30 -> 5.5). Naive timestamps are taken as UTC;
-    aware ones (a tz-aware column) are converted to UTC by numpy's datetime64 view."""
+def time_part(values: ArrayLike, part: str) -> np.ndarray:
+    """hour_of_day in UTC with its fraction (05:30 -> 5.5), or day_of_week (Monday 0) with its fraction.
+    Naive timestamps are taken as UTC; aware ones are converted to UTC by numpy's datetime64 view."""
     ns = np.asarray(values, dtype="datetime64[ns]").astype(np.int64)
-    minutes = (ns // 60_000_000_000) % (24 * 60)  # whole minutes, as the hour + minute/60 it replaces
-    return minutes / 60.0
+    minutes = ns // 60_000_000_000  # whole minutes
+    if part == "hour_of_day":
+        return (minutes % (24 * 60)) / 60.0
+    return ((minutes / (24 * 60)) + 3) % 7  # 1970-01-01 was a Thursday
 
 
 def _floats(values: ArrayLike) -> np.ndarray:
     if isinstance(values, pd.Series):  # nullable columns hold pd.NA, which numpy cannot cast
         return values.to_numpy(dtype=np.float64, na_value=np.nan)
-    return np.asarray(values, dtype=np.float64)
+    return np.asarray([np.nan if v is None else v for v in values] if isinstance(values, list) else values,
+                      dtype=np.float64)
 
 
-def _feature(values: ArrayLike, default: float) -> np.ndarray:
-    values = _floats(values)
-    return np.where(np.isnan(values), default, values) if not np.isnan(default) else values
+def python_features(rows: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
+    """The spec's escape-hatch columns, checked against its contract (declared names, one row per row)."""
+    function = spec.python_features()
+    if function is None:
+        return pd.DataFrame(index=rows.index)
+    out = function(rows, spec)
+    declared = list(spec.features.python.outputs)
+    where = f"features.python.function {spec.features.python.function!r}"
+    if not isinstance(out, pd.DataFrame) or list(out.columns) != declared:
+        got = list(out.columns) if isinstance(out, pd.DataFrame) else type(out).__name__
+        raise ValueError(f"{where} returned {got}; it must return a DataFrame with exactly the columns "
+                         f"{declared} (features.python.outputs)")
+    if len(out) != len(rows):
+        raise ValueError(f"{where} returned {len(out)} rows for {len(rows)}; it must return one row per row")
+    return out.set_axis(rows.index).astype("float64")

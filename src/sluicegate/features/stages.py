@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import pandas as pd
 
 from sluicegate.config import Settings
-from sluicegate.features import catalog
-from sluicegate.features import store as features
+from sluicegate.features import catalog, store
+from sluicegate.features.inputs import python_features
 from sluicegate.spec import DatasetSpec
 
 
@@ -19,33 +19,39 @@ class FeatureOutcome:
     frame: pd.DataFrame
     data_hash: str
     rows: int
-    customer_rows: int
-    merchant_rows: int
+    view_rows: dict[str, int]  # rows written per Feast feature view
+    feature_service: str | None  # None: the spec declares no aggregates, nothing goes through Feast
     seconds: float
 
     def summary(self) -> str:
-        return (f"features: {self.customer_rows:,} customer and {self.merchant_rows:,} merchant rows "
-                f"materialized; training set of {self.rows:,} rows (hash {self.data_hash[:12]}) "
+        views = ", ".join(f"{n:,} {view} rows" for view, n in self.view_rows.items())
+        store = f"{views} materialized; " if views else "no point-in-time features (none declared); "
+        return (f"features: {store}training set of {self.rows:,} rows (hash {self.data_hash[:12]}) "
                 f"in {self.seconds:.1f}s")
 
     def params(self) -> dict[str, str]:
-        return {"data_hash": self.data_hash, "feature_service": catalog.FEATURE_SERVICE}
+        return {"data_hash": self.data_hash, "feature_service": self.feature_service or ""}
 
     def metrics(self) -> dict[str, float]:
-        return {"training_rows": self.rows, "customer_feature_rows": self.customer_rows,
-                "merchant_feature_rows": self.merchant_rows}
+        return {"training_rows": self.rows, **{f"{view}_rows": n for view, n in self.view_rows.items()}}
 
 
-def feature_stage(settings: Settings, spec: DatasetSpec, transactions: pd.DataFrame) -> FeatureOutcome:
-    """Transform, register with Feast, materialize online, build the point-in-time training set."""
+def feature_stage(settings: Settings, spec: DatasetSpec, rows: pd.DataFrame) -> FeatureOutcome:
+    """Point-in-time aggregates through Feast (tables, registration, materialization, historical
+    retrieval), then the spec's Python features; the training set and its hash."""
     started = time.perf_counter()
-    customer, merchant = features.compute_feature_tables(transactions, spec)
-    features.write_feature_tables(customer, merchant, settings.paths.features)
-    store = features.feature_store(settings)
-    features.apply_definitions(store, settings)
-    end = pd.to_datetime(transactions[spec.timestamp], utc=True).max() + pd.Timedelta(seconds=1)
-    features.materialize(store, end.to_pydatetime())
-    frame = features.training_frame(store, transactions, spec)
-    return FeatureOutcome(frame=frame, data_hash=features.frame_hash(frame), rows=len(frame),
-                          customer_rows=len(customer), merchant_rows=len(merchant),
-                          seconds=time.perf_counter() - started)
+    frame, view_rows, service = rows, {}, None
+    if spec.features.aggregates:
+        tables = store.compute_feature_tables(rows, spec)
+        store.write_feature_tables(tables, settings.paths.features, spec)
+        feast_store = store.feature_store(settings, spec)
+        store.apply_definitions(feast_store, spec, settings)
+        end = pd.to_datetime(rows[spec.timestamp], utc=True).max() + pd.Timedelta(seconds=1)
+        store.materialize(feast_store, end.to_pydatetime())
+        frame = store.training_frame(feast_store, rows, spec)
+        view_rows, service = {view: len(t) for view, t in tables.items()}, catalog.feature_service(spec)
+    if spec.features.python:
+        frame = frame.copy()
+        frame[spec.features.python.outputs] = python_features(frame, spec)
+    return FeatureOutcome(frame=frame, data_hash=store.frame_hash(frame), rows=len(frame), view_rows=view_rows,
+                          feature_service=service, seconds=time.perf_counter() - started)

@@ -27,43 +27,39 @@ from feast.infra.offline_stores.offline_store import RetrievalMetadata
 from feast.infra.online_stores.redis import RedisOnlineStoreConfig
 from feast.infra.online_stores.sqlite import SqliteOnlineStoreConfig
 from feast.repo_config import RegistryConfig
-from feast.types import Float64, Int64
+from feast.types import Float64, Int64, String
 
 from sluicegate.config import Settings
-from sluicegate.features.catalog import (
-    CUSTOMER_ENTITY,
-    CUSTOMER_FEATURES,
-    CUSTOMER_VIEW,
-    FEATURE_NAMES,
-    FEATURE_SERVICE,
-    MERCHANT_ENTITY,
-    MERCHANT_FEATURES,
-    MERCHANT_VIEW,
-    PROJECT,
-)
-from sluicegate.spec import DatasetSpec, load_spec
+from sluicegate.features import catalog
+from sluicegate.spec import Aggregate, DatasetSpec
 
-# Counts are never missing (no history is 0); the rest may be NaN.
-COUNT_FEATURES = {"cust_txn_count_1h", "cust_txn_count_24h", "merch_txn_count_24h"}
-
-LABEL_DELAY = pd.Timedelta(days=1)
-FRAUD_RATE_WINDOW = pd.Timedelta(days=30)
-# Longer than the longest window, so the PIT join never drops a row we wrote.
-FEATURE_TTL = timedelta(days=31)
+# Longer than the longest window the spec declares, so the PIT join never drops a row we wrote.
+MIN_TTL = timedelta(days=31)
 # Feast's dask store names the entity timestamp this way; other names make it guess.
 FEAST_EVENT_TS = "event_timestamp"
+FEAST_TYPES = {"int64": (ValueType.INT64, Int64), "string": (ValueType.STRING, String)}
 
 
 # ---------------------------------------------------------------- transformation
 
-def compute_feature_tables(
-    transactions: pd.DataFrame, spec: DatasetSpec
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Return (customer_df, merchant_df): one row per distinct (entity, timestamp)."""
+def compute_feature_tables(rows: pd.DataFrame, spec: DatasetSpec) -> dict[str, pd.DataFrame]:
+    """One table per entity view: one row per distinct (key, timestamp), with that entity's aggregates
+    as of just before the timestamp (labels only once known, `table.label_delay` after their event)."""
     ts = spec.timestamp
-    tx = transactions[[spec.entities.customer, spec.entities.merchant, ts, spec.amount, spec.label]].copy()
-    tx[ts] = _utc(tx[ts])
-    return _customer_table(tx, spec), _merchant_table(tx, spec)
+    tables = {}
+    for entity in catalog.served_entities(spec):
+        key = spec.entities[entity].key
+        aggs = spec.aggregates_by_entity[entity]
+        values = sorted({a.column for a in aggs if a.column})
+        frame = rows[[key, ts, *values]].copy()
+        frame[ts] = _utc(frame[ts])
+        if any(a.agg == "label_rate" for a in aggs):
+            frame[LABEL] = spec.positive(rows[spec.label]).to_numpy()
+        tables[catalog.entity_view(entity)] = _entity_table(frame, key, ts, aggs, spec)
+    return tables
+
+
+LABEL = "__positive"  # the label as 1.0 / 0.0, for label rates
 
 
 def _utc(ts: pd.Series) -> pd.Series:
@@ -71,11 +67,31 @@ def _utc(ts: pd.Series) -> pd.Series:
     return pd.to_datetime(ts, utc=True).dt.as_unit("ns")
 
 
-def _sorted_by(df: pd.DataFrame, key: str, ts: str) -> pd.DataFrame:
-    return df.sort_values([key, ts], kind="stable").reset_index(drop=True)
+def _entity_table(frame: pd.DataFrame, key: str, ts: str, aggs: list[Aggregate], spec: DatasetSpec) -> pd.DataFrame:
+    df = frame.sort_values([key, ts], kind="stable").reset_index(drop=True)
+    df["_one"] = 1.0
+    out = df[[key, ts]].copy()
+    for agg in aggs:
+        if agg.agg in ("count", "sum", "mean", "std", "min", "max"):
+            column = "_one" if agg.agg == "count" else agg.column
+            window = _rolling_before(df, key, ts, _window(agg), column)
+            out[agg.feature_name] = getattr(window, "sum" if agg.agg == "count" else agg.agg)().to_numpy()
+    # Rows sharing (key, ts) have the same features: keep the first.
+    out = out.drop_duplicates([key, ts], keep="first").reset_index(drop=True)
+    for agg in aggs:
+        if agg.agg == "time_since_previous":
+            previous = out.groupby(key, sort=False)[ts].shift(1)
+            out[agg.feature_name] = (out[ts] - previous).dt.total_seconds()
+        elif agg.agg == "label_rate":
+            out[agg.feature_name] = _lagged_label_rate(df, out, key, ts, _window(agg), spec.label_delay)
+    return _with_dtypes(out, [key, ts], aggs)
 
 
-def _rolling_before(df: pd.DataFrame, key: str, ts: str, window: str, column: str):
+def _window(agg: Aggregate) -> pd.Timedelta:
+    return pd.Timedelta(agg.window)
+
+
+def _rolling_before(df: pd.DataFrame, key: str, ts: str, window: pd.Timedelta, column: str):
     """Rolling window [t - window, t) per key; df must be sorted by (key, ts).
 
     closed="left" leaves out the row itself and every row sharing its timestamp.
@@ -84,101 +100,58 @@ def _rolling_before(df: pd.DataFrame, key: str, ts: str, window: str, column: st
     return df.groupby(key, sort=True).rolling(window, on=ts, closed="left")[column]
 
 
-def _customer_table(tx: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
-    key, ts, amount = spec.entities.customer, spec.timestamp, spec.amount
-    df, out = _per_entity(tx, key, ts, amount)
-    out["cust_txn_count_1h"] = _count_before(df, key, ts, "1h")
-    out["cust_txn_count_24h"] = _count_before(df, key, ts, "24h")
-    week = _rolling_before(df, key, ts, "7D", amount)
-    out["cust_amount_mean_7d"] = week.mean().to_numpy()
-    out["cust_amount_std_7d"] = week.std().to_numpy()
-    out = _one_row_per_timestamp(out, key, ts)
-    previous = out.groupby(key, sort=False)[ts].shift(1)
-    out["cust_minutes_since_prev"] = (out[ts] - previous).dt.total_seconds() / 60.0
-    return _with_dtypes(out, [key, ts], CUSTOMER_FEATURES)
+def _lagged_label_rate(df: pd.DataFrame, keys: pd.DataFrame, key: str, ts: str, window: pd.Timedelta,
+                       delay: pd.Timedelta) -> np.ndarray:
+    """Positive share over rows with t - window <= ts <= t - delay, per (key, t) in keys.
 
-
-def _merchant_table(tx: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
-    key, ts, label = spec.entities.merchant, spec.timestamp, spec.label
-    df, out = _per_entity(tx, key, ts, label)
-    out["merch_txn_count_24h"] = _count_before(df, key, ts, "24h")
-    out = _one_row_per_timestamp(out, key, ts)
-    out["merch_fraud_rate_30d"] = _lagged_fraud_rate(df, out, key, ts, label)
-    return _with_dtypes(out, [key, ts], MERCHANT_FEATURES)
-
-
-def _per_entity(tx: pd.DataFrame, key: str, ts: str, value: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(df, out): tx's key, ts and value sorted by (key, ts) with a `_one` column to count,
-    and a frame of df's (key, ts) rows to put features in."""
-    df = _sorted_by(tx[[key, ts, value]], key, ts)
-    df["_one"] = 1.0
-    return df, df[[key, ts]].copy()
-
-
-def _count_before(df: pd.DataFrame, key: str, ts: str, window: str) -> np.ndarray:
-    """Transactions of the row's key in [t - window, t), aligned to df's rows."""
-    return _rolling_before(df, key, ts, window, "_one").sum().to_numpy()
-
-
-def _one_row_per_timestamp(out: pd.DataFrame, key: str, ts: str) -> pd.DataFrame:
-    """Rows sharing (key, ts) have the same features: keep the first."""
-    return out.drop_duplicates([key, ts], keep="first").reset_index(drop=True)
-
-
-def _lagged_fraud_rate(df: pd.DataFrame, keys: pd.DataFrame, key: str, ts: str, label: str) -> np.ndarray:
-    """Fraud rate over transactions with t - 30d <= ts <= t - LABEL_DELAY, per (key, t) in keys.
-
-    Cumulative per-key sums at each distinct timestamp, looked up as of the two
-    window edges with merge_asof: inclusive at the label-known edge, exclusive
-    at the old edge.
+    Cumulative per-key sums at each distinct timestamp, looked up as of the two window edges
+    with merge_asof: inclusive at the label-known edge, exclusive at the old edge.
     """
-    per_ts = df.groupby([key, ts], sort=True)[label].agg(n="size", fraud="sum").reset_index()
+    per_ts = df.groupby([key, ts], sort=True)[LABEL].agg(n="size", pos="sum").reset_index()
     per_ts["cum_n"] = per_ts.groupby(key, sort=False)["n"].cumsum()
-    per_ts["cum_fraud"] = per_ts.groupby(key, sort=False)["fraud"].cumsum()
-    known = _cumulative_as_of(keys, per_ts, key, ts, keys[ts] - LABEL_DELAY, inclusive=True)
-    old = _cumulative_as_of(keys, per_ts, key, ts, keys[ts] - FRAUD_RATE_WINDOW, inclusive=False)
+    per_ts["cum_pos"] = per_ts.groupby(key, sort=False)["pos"].cumsum()
+    known = _cumulative_as_of(keys, per_ts, key, ts, keys[ts] - delay, inclusive=True)
+    old = _cumulative_as_of(keys, per_ts, key, ts, keys[ts] - window, inclusive=False)
     n = known["cum_n"] - old["cum_n"]
-    fraud = known["cum_fraud"] - old["cum_fraud"]
-    return np.where(n > 0, fraud / np.where(n > 0, n, 1), np.nan)
+    pos = known["cum_pos"] - old["cum_pos"]
+    return np.where(n > 0, pos / np.where(n > 0, n, 1), np.nan)
 
 
 def _cumulative_as_of(keys, per_ts, key, ts, when: pd.Series, inclusive: bool) -> pd.DataFrame:
-    """Cumulative (cum_n, cum_fraud) of each key as of `when`, aligned to keys' rows."""
+    """Cumulative (cum_n, cum_pos) of each key as of `when`, aligned to keys' rows."""
     left = pd.DataFrame({key: keys[key].array, "_at": when.array, "_row": np.arange(len(keys))})
-    right = per_ts[[key, ts, "cum_n", "cum_fraud"]].rename(columns={ts: "_at"})
+    right = per_ts[[key, ts, "cum_n", "cum_pos"]].rename(columns={ts: "_at"})
     found = pd.merge_asof(left.sort_values("_at", kind="stable"), right.sort_values("_at", kind="stable"),
                           on="_at", by=key, direction="backward", allow_exact_matches=inclusive)
     found = found.sort_values("_row")
-    return found[["cum_n", "cum_fraud"]].fillna(0).reset_index(drop=True)
+    return found[["cum_n", "cum_pos"]].fillna(0).reset_index(drop=True)
 
 
-def _with_dtypes(df: pd.DataFrame, keys: list[str], features: list[str]) -> pd.DataFrame:
-    df = df[keys + features].copy()
-    for name in features:
-        if name in COUNT_FEATURES:
-            df[name] = df[name].fillna(0).astype("int64")
-        else:
-            df[name] = df[name].astype("float64")
+def _with_dtypes(df: pd.DataFrame, keys: list[str], aggs: list[Aggregate]) -> pd.DataFrame:
+    df = df[keys + [a.feature_name for a in aggs]].copy()
+    for agg in aggs:
+        name = agg.feature_name
+        df[name] = df[name].fillna(0).astype("int64") if agg.agg == "count" else df[name].astype("float64")
     return df
 
 
 # ---------------------------------------------------------------- offline tables
 
-def feature_table_paths(features_dir: Path) -> dict[str, Path]:
-    """Parquet file of each feature view, the FileSource Feast reads."""
-    return {view: features_dir / f"{view}.parquet" for view in (CUSTOMER_VIEW, MERCHANT_VIEW)}
+def feature_table_paths(features_dir: Path, spec: DatasetSpec) -> dict[str, Path]:
+    """Parquet file of each entity view, the FileSource Feast reads."""
+    return {catalog.entity_view(e): features_dir / f"{catalog.entity_view(e)}.parquet"
+            for e in catalog.served_entities(spec)}
 
 
-def write_feature_tables(customer_df: pd.DataFrame, merchant_df: pd.DataFrame, features_dir: Path) -> None:
-    """Write both tables, merged with rows already there; new rows win on (entity, timestamp)."""
-    paths = feature_table_paths(features_dir)
+def write_feature_tables(tables: dict[str, pd.DataFrame], features_dir: Path, spec: DatasetSpec) -> None:
+    """Write every table, merged with rows already there; new rows win on (entity, timestamp)."""
+    paths = feature_table_paths(features_dir, spec)
     features_dir.mkdir(parents=True, exist_ok=True)
-    _merge_and_replace(customer_df, paths[CUSTOMER_VIEW])
-    _merge_and_replace(merchant_df, paths[MERCHANT_VIEW])
+    for view, table in tables.items():
+        _merge_and_replace(table, paths[view], keys=list(table.columns[:2]))
 
 
-def _merge_and_replace(new: pd.DataFrame, path: Path) -> None:
-    keys = [c for c in new.columns if c not in FEATURE_NAMES]
+def _merge_and_replace(new: pd.DataFrame, path: Path, keys: list[str]) -> None:
     table = new
     if path.exists():
         table = pd.concat([pd.read_parquet(path), new], ignore_index=True)
@@ -193,46 +166,46 @@ def _merge_and_replace(new: pd.DataFrame, path: Path) -> None:
 
 class FeastDefinitions(NamedTuple):
     project: Project
-    customer: Entity
-    merchant: Entity
-    customer_source: FileSource
-    merchant_source: FileSource
-    customer_view: FeatureView
-    merchant_view: FeatureView
+    entities: list[Entity]
+    sources: list[FileSource]
+    views: list[FeatureView]
     service: FeatureService
+
+    def objects(self) -> list:
+        return [self.project, *self.entities, *self.sources, *self.views, self.service]
 
 
 def build_definitions(spec: DatasetSpec, features_dir: Path) -> FeastDefinitions:
-    """The Feast objects; both apply_definitions and feature_repo/definitions.py use these."""
-    paths = feature_table_paths(features_dir)
-    cust_key, merch_key = spec.entities.customer, spec.entities.merchant
-    customer = Entity(name=CUSTOMER_ENTITY, join_keys=[cust_key], value_type=ValueType.INT64)
-    merchant = Entity(name=MERCHANT_ENTITY, join_keys=[merch_key], value_type=ValueType.INT64)
-    customer_source = FileSource(name=f"{CUSTOMER_VIEW}_source", path=str(paths[CUSTOMER_VIEW]),
-                                 timestamp_field=spec.timestamp)
-    merchant_source = FileSource(name=f"{MERCHANT_VIEW}_source", path=str(paths[MERCHANT_VIEW]),
-                                 timestamp_field=spec.timestamp)
-    customer_view = FeatureView(name=CUSTOMER_VIEW, entities=[customer], ttl=FEATURE_TTL, online=True,
-                                schema=[Field(name=cust_key, dtype=Int64), *_fields(CUSTOMER_FEATURES)],
-                                source=customer_source)
-    merchant_view = FeatureView(name=MERCHANT_VIEW, entities=[merchant], ttl=FEATURE_TTL, online=True,
-                                schema=[Field(name=merch_key, dtype=Int64), *_fields(MERCHANT_FEATURES)],
-                                source=merchant_source)
-    service = FeatureService(name=FEATURE_SERVICE, features=[customer_view, merchant_view])
-    return FeastDefinitions(Project(name=PROJECT), customer, merchant, customer_source, merchant_source,
-                            customer_view, merchant_view, service)
+    """The Feast objects of a spec: an entity per declared entity (its key's type), a feature view per
+    entity with aggregates, a feature service named after the spec. apply_definitions and
+    feature_repo/definitions.py both use these."""
+    paths = feature_table_paths(features_dir, spec)
+    entities, sources, views = [], [], []
+    longest = max([pd.Timedelta(a.window or 0) for a in spec.features.aggregates] + [pd.Timedelta(0)])
+    ttl = max(MIN_TTL, (longest + pd.Timedelta(days=1)).to_pytimedelta())
+    for name in catalog.served_entities(spec):
+        key = spec.entities[name].key
+        value_type, field_type = FEAST_TYPES[spec.columns[key].dtype]
+        entity = Entity(name=name, join_keys=[key], value_type=value_type)
+        view_name = catalog.entity_view(name)
+        source = FileSource(name=f"{view_name}_source", path=str(paths[view_name]), timestamp_field=spec.timestamp)
+        schema = [Field(name=key, dtype=field_type),
+                  *[Field(name=a.feature_name, dtype=Int64 if a.agg == "count" else Float64)
+                    for a in spec.aggregates_by_entity[name]]]
+        entities.append(entity)
+        sources.append(source)
+        views.append(FeatureView(name=view_name, entities=[entity], ttl=ttl, online=True, schema=schema,
+                                 source=source))
+    service = FeatureService(name=catalog.feature_service(spec), features=views)
+    return FeastDefinitions(Project(name=catalog.project(spec)), entities, sources, views, service)
 
 
-def _fields(names: list[str]) -> list[Field]:
-    return [Field(name=n, dtype=Int64 if n in COUNT_FEATURES else Float64) for n in names]
-
-
-def feature_store(settings: Settings) -> feast.FeatureStore:
+def feature_store(settings: Settings, spec: DatasetSpec) -> feast.FeatureStore:
     """A FeatureStore configured in code from settings, independent of the working directory."""
-    return feast.FeatureStore(config=repo_config(settings))
+    return feast.FeatureStore(config=repo_config(settings, spec))
 
 
-def repo_config(settings: Settings, fast_retrieval: bool = True) -> RepoConfig:
+def repo_config(settings: Settings, spec: DatasetSpec, fast_retrieval: bool = True) -> RepoConfig:
     """Registry and online store under SLUICEGATE_HOME (or Redis); file offline store.
 
     fast_retrieval=False uses Feast's stock dask store: same answers, O(rows per key squared).
@@ -244,7 +217,7 @@ def repo_config(settings: Settings, fast_retrieval: bool = True) -> RepoConfig:
     else:
         online = SqliteOnlineStoreConfig(path=str(paths.feast / "online.db"))
     return RepoConfig(
-        project=PROJECT,
+        project=catalog.project(spec),
         provider="local",
         registry=RegistryConfig(registry_type="file", path=str(paths.feast / "registry.db")),
         online_store=online,
@@ -255,10 +228,9 @@ def repo_config(settings: Settings, fast_retrieval: bool = True) -> RepoConfig:
     )
 
 
-def apply_definitions(store: feast.FeatureStore, settings: Settings) -> None:
+def apply_definitions(store: feast.FeatureStore, spec: DatasetSpec, settings: Settings) -> None:
     """Register entities, sources, views and the service; re-applying changes nothing."""
-    definitions = build_definitions(load_spec(settings.spec_path), settings.paths.features)
-    store.apply(list(definitions))
+    store.apply(build_definitions(spec, settings.paths.features).objects())
 
 
 def materialize(store: feast.FeatureStore, end: datetime) -> None:
@@ -367,18 +339,18 @@ def _asof_join(entity_df: pd.DataFrame, view: FeatureView, features: list[str], 
 
 # ---------------------------------------------------------------- retrieval
 
-def training_frame(store: feast.FeatureStore, transactions: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
-    """The transactions, in order, with FEATURE_NAMES as of each transaction's timestamp.
+def training_frame(store: feast.FeatureStore, rows: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
+    """The rows, in order, with every entity view's features as of each row's timestamp.
 
     Each view is fetched with an entity frame of its distinct (key, timestamp)
     pairs, then joined back: Feast's stock dask store keeps one row per (join
-    keys seen so far, timestamp), so two transactions of one customer in the
-    same second at different merchants would lose a row; fewer rows also join faster.
+    keys seen so far, timestamp), so two events of one entity in the same second
+    would lose a row; fewer rows also join faster.
     """
-    out = transactions.copy()
+    out = rows.copy()
     # Feast re-parses any timestamp whose tz is not pytz's UTC object, row by row.
     when = _utc(out[spec.timestamp]).dt.tz_convert(pytz.UTC)
-    service = store.get_feature_service(FEATURE_SERVICE)
+    service = store.get_feature_service(catalog.feature_service(spec))
     for projection in service.feature_view_projections:
         view = store.get_feature_view(projection.name)
         key = view.entity_columns[0].name
@@ -393,17 +365,11 @@ def training_frame(store: feast.FeatureStore, transactions: pd.DataFrame, spec: 
     return out
 
 
-def online_features(
-    store: feast.FeatureStore, customer_ids: list[int], merchant_ids: list[int]
-) -> pd.DataFrame:
-    """Latest feature values for (customer, merchant) pairs, via the feature service."""
-    if len(customer_ids) != len(merchant_ids):
-        raise ValueError(f"need one merchant per customer, got {len(customer_ids)} and {len(merchant_ids)}")
-    cust_key = store.get_entity(CUSTOMER_ENTITY).join_key
-    merch_key = store.get_entity(MERCHANT_ENTITY).join_key
-    rows = {cust_key: [int(c) for c in customer_ids], merch_key: [int(m) for m in merchant_ids]}
-    service = store.get_feature_service(FEATURE_SERVICE)
-    return store.get_online_features(features=service, entity_rows=rows).to_df()
+def online_features(store: feast.FeatureStore, spec: DatasetSpec, keys: dict[str, list]) -> dict[str, list]:
+    """Latest feature values through the feature service; `keys` maps each entity's key column to one
+    value per request row."""
+    service = store.get_feature_service(catalog.feature_service(spec))
+    return store.get_online_features(features=service, entity_rows=keys).to_dict()
 
 
 # ---------------------------------------------------------------- lineage

@@ -54,7 +54,6 @@ class PrefectTrigger:
             FlowRunFilterStateType,
             FlowRunFilterTags,
         )
-        from prefect.client.schemas.sorting import FlowRunSort
         from prefect.exceptions import ObjectNotFound
 
         with get_client(sync_client=True) as client:
@@ -62,10 +61,7 @@ class PrefectTrigger:
                 deployment = client.read_deployment_by_name(self.name)
             except ObjectNotFound:
                 return None
-            # Explicit sort and limit: Prefect 3.8.8's client sends nulls otherwise, which the server
-            # rejects on fastapi 0.154 (422).
             runs = client.read_flow_runs(
-                sort=FlowRunSort.ID_DESC, limit=100, offset=0,
                 deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
                 flow_run_filter=FlowRunFilter(
                     state=FlowRunFilterState(type=FlowRunFilterStateType(any_=ACTIVE_STATES)),

@@ -30,7 +30,6 @@ import numpy as np
 import pandas as pd
 
 from sluicegate.config import file_lock
-from sluicegate.features.inputs import FEATURE_DEFAULTS  # the model's feature columns (features.py imports Feast)
 from sluicegate.policy import DriftThresholds
 from sluicegate.spec import DatasetSpec
 
@@ -130,8 +129,10 @@ class ReferenceProfile:
 
 
 def monitored_columns(spec: DatasetSpec) -> tuple[list[str], list[str]]:
-    """(numeric, categorical) columns watched for drift: the amount, the features, the categoricals."""
-    return [spec.amount, *FEATURE_DEFAULTS], list(spec.categorical_features)
+    """(numeric, categorical) columns watched for drift: the raw numeric features, the spec's feature
+    columns, the categoricals."""
+    raw = [f.column for f in spec.features.numeric_columns]
+    return [*raw, *spec.feature_columns], list(spec.categorical_features)
 
 
 def build_profile(reference: pd.DataFrame, spec: DatasetSpec, model_version: str, batch_id: str,
@@ -156,26 +157,29 @@ def build_profile(reference: pd.DataFrame, spec: DatasetSpec, model_version: str
                             columns=columns)
 
 
-def reference_frame(batch: pd.DataFrame, customer: pd.DataFrame, merchant: pd.DataFrame, spec: DatasetSpec,
+def reference_frame(batch: pd.DataFrame, tables: dict[str, pd.DataFrame], spec: DatasetSpec,
                     window: tuple[pd.Timestamp, pd.Timestamp] | None, rows: int = REFERENCE_ROWS,
                     seed: int = 0) -> pd.DataFrame:
     """Raw rows of the training window joined with their point-in-time feature rows.
 
-    Every transaction has a feature row at its own timestamp (see features.py), so an
-    exact join on (entity, timestamp) gives what the model saw in training.
+    Every row has a feature row at its own timestamp in each entity table (see features.store), so
+    an exact join on (entity key, timestamp) gives what the model saw in training. Without a
+    timestamp there is no window: the whole batch is the reference.
     """
     ts = spec.timestamp
     frame = batch.copy()
-    frame[ts] = pd.to_datetime(frame[ts], utc=True).dt.as_unit("ns")
-    if window is not None:
-        frame = frame[(frame[ts] >= window[0]) & (frame[ts] <= window[1])]
+    if ts:
+        frame[ts] = pd.to_datetime(frame[ts], utc=True).dt.as_unit("ns")
+        if window is not None:
+            frame = frame[(frame[ts] >= window[0]) & (frame[ts] <= window[1])]
     if len(frame) > rows:
         frame = frame.sample(rows, random_state=seed)
-    for table, key in ((customer, spec.entities.customer), (merchant, spec.entities.merchant)):
+    for table in tables.values():
+        key = table.columns[0]
         table = table.copy()
         table[ts] = pd.to_datetime(table[ts], utc=True).dt.as_unit("ns")
         frame = frame.merge(table, on=[key, ts], how="left")
-    return frame.sort_values(ts, kind="stable").reset_index(drop=True)
+    return frame.sort_values(ts, kind="stable").reset_index(drop=True) if ts else frame.reset_index(drop=True)
 
 
 def parse_window(text: str | None) -> tuple[pd.Timestamp, pd.Timestamp] | None:
@@ -301,7 +305,7 @@ def live_metrics(log: pd.DataFrame, labels: pd.DataFrame, spec: DatasetSpec, thr
                                          on=spec.id, how="inner")
     if joined.empty:
         return LiveMetrics(0, 0, None, None)
-    y = joined[spec.label].to_numpy(dtype=int)
+    y = spec.positive(joined[spec.label]).to_numpy(dtype=int)
     flagged = joined[SCORE].to_numpy(dtype=float) >= threshold
     tp = int((flagged & (y == 1)).sum())
     precision = tp / int(flagged.sum()) if flagged.any() else None
@@ -357,7 +361,8 @@ def write_labels(batch: pd.DataFrame, spec: DatasetSpec, folder: Path, name: str
     """The late-label feed for a batch: id, label and when the label became known."""
     folder.mkdir(parents=True, exist_ok=True)
     labels = batch[[spec.id, spec.label]].copy()
-    labels["labelled_at"] = pd.to_datetime(batch[spec.timestamp], utc=True) + delay
+    labelled = pd.to_datetime(batch[spec.timestamp], utc=True) if spec.timestamp else pd.Timestamp.now(tz="UTC")
+    labels["labelled_at"] = labelled + delay
     path = folder / f"{name}.parquet"
     labels.to_parquet(path, index=False)
     return path
@@ -370,7 +375,8 @@ def quality_frame(log: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
                           for name in spec.column_names})
     if spec.label not in log.columns:
         frame[spec.label] = np.zeros(len(log), dtype="int64")
-    frame[spec.timestamp] = pd.to_datetime(frame[spec.timestamp], utc=True)
+    if spec.timestamp:
+        frame[spec.timestamp] = pd.to_datetime(frame[spec.timestamp], utc=True)
     return frame
 
 

@@ -22,7 +22,7 @@ from sluicegate.config import Settings
 from sluicegate.data import batches as data
 from sluicegate.data import validate as validation
 from sluicegate.features import store as features
-from sluicegate.features.inputs import build_model_input
+from sluicegate.features.inputs import build_model_input, python_features
 from sluicegate.operate import ingest
 from sluicegate.operate import monitor as mon
 from sluicegate.policy import DriftThresholds
@@ -38,8 +38,10 @@ def reference_profile(settings: Settings, spec: DatasetSpec, client: MlflowClien
         return mon.ReferenceProfile.from_json(cached.read_text())
     batch_id = champion.tags.get("batch_id")
     batch = data.read_batch(settings.paths.raw / batch_id)
-    customer, merchant = features.compute_feature_tables(batch, spec)
-    ref = mon.reference_frame(batch, customer, merchant, spec, mon.parse_window(champion.tags.get("train_window")))
+    tables = features.compute_feature_tables(batch, spec) if spec.features.aggregates else {}
+    if spec.features.python:
+        batch = batch.assign(**python_features(batch, spec))
+    ref = mon.reference_frame(batch, tables, spec, mon.parse_window(champion.tags.get("train_window")))
     onnx_path = registry.download_onnx(client, champion, settings.paths.monitoring / f"champion-v{champion.version}")
     profile = mon.build_profile(ref, spec, champion.version, batch_id, scores=score(onnx_path, ref, spec))
     cached.parent.mkdir(parents=True, exist_ok=True)
@@ -55,9 +57,11 @@ def score(onnx_path: Path, frame: pd.DataFrame, spec: DatasetSpec) -> np.ndarray
 def data_quality(log: pd.DataFrame, spec: DatasetSpec, context_root: Path) -> tuple[bool, list[str]]:
     """The same GX suite as the training gate, on the logged raw columns."""
     frame = mon.quality_frame(log, spec)
-    ts = frame[spec.timestamp].dropna()
-    start = ts.min() if len(ts) else pd.Timestamp.now(tz="UTC")
-    end = (ts.max() if len(ts) else start) + pd.Timedelta(seconds=1)
+    start = end = None
+    if spec.timestamp:
+        ts = frame[spec.timestamp].dropna()
+        start = ts.min() if len(ts) else pd.Timestamp.now(tz="UTC")
+        end = (ts.max() if len(ts) else start) + pd.Timedelta(seconds=1)
     report = validation.validate_batch(frame, spec, f"live-{datetime.now(UTC):%Y%m%dT%H%M%S}", start, end,
                                        context_root)
     failures = mon.quality_failures(report.failures, log, spec)

@@ -19,7 +19,8 @@ import orjson
 
 from sluicegate import __version__ as package_version
 from sluicegate.config import Settings
-from sluicegate.features.inputs import NUMERIC_INPUTS, cardinalities
+from sluicegate.features import catalog
+from sluicegate.features.inputs import cardinalities, numeric_inputs, tensor_widths
 from sluicegate.serve import openapi, v2
 from sluicegate.serve import predict as business
 from sluicegate.serve.batcher import MicroBatcher
@@ -65,12 +66,14 @@ class ServingApp:
         self.serve = serve or ServeSettings()
         self.spec = load_spec(self.settings.spec_path)
         self.cardinalities = cardinalities(self.spec)
+        self.numeric_names = numeric_inputs(self.spec)
+        self.widths = tensor_widths(self.spec)
         self._code_limits = np.asarray(self.cardinalities, dtype=np.uint64)
         self.model_name = registry.check_model_name(self.settings.model_name)
         self.keys = [k.encode() for k in self.serve.keys()]
         self.metrics = Metrics()
         self.manager = ModelManager(self.settings, self.serve.threads, self.serve.providers,
-                                    len(self.cardinalities), on_loaded=self._on_loaded,
+                                    self.widths, on_loaded=self._on_loaded,
                                     on_rejected=lambda version, why: self.metrics.reloads.labels("rejected").inc())
         wait = self.serve.max_wait_ms / 1000.0
         self.v2_batcher = MicroBatcher(self._run_v2, self.serve.max_batch_rows, wait, "v2-batcher",
@@ -96,7 +99,7 @@ class ServingApp:
         if self.serve.log_predictions:
             self.predlog = PredictionLog(
                 self.settings.paths.predictions, self.serve.log_queue_size, self.serve.log_flush_s,
-                expand={"numeric": NUMERIC_INPUTS, "categorical": list(self.spec.categorical_features)},
+                expand={"numeric": self.numeric_names, "categorical": list(self.spec.categorical_features)},
                 on_drop=self.metrics.log_dropped.inc, on_error=self.metrics.log_write_errors.inc)
         await self._refresh()
         self.v2_batcher.start()
@@ -138,7 +141,7 @@ class ServingApp:
         if self.serve.export_repository:
             try:
                 model_repository.write_version(self.settings.paths.model_repository, model.name,
-                                               model.version, model.onnx_bytes, len(self.cardinalities))
+                                               model.version, model.onnx_bytes, self.widths)
             except OSError as exc:  # exporting is a convenience; serving goes on
                 log.error("model repository export failed: %s", exc)
 
@@ -307,7 +310,7 @@ class ServingApp:
         self._check_version(model, version)
         if action == "ready":
             return "v2_model_ready", _json(200, {"name": model.name, "ready": True, "version": model.version})
-        return "v2_model", _json(200, v2.model_metadata(model.name, model.version, len(self.cardinalities)))
+        return "v2_model", _json(200, v2.model_metadata(model.name, model.version, *self.widths))
 
     @staticmethod
     def _check_version(model: LoadedModel, version: str | None) -> None:
@@ -319,7 +322,8 @@ class ServingApp:
         self._authorize(scope)
         self._check_version(self._serving(), version)
         body, header_length = await self._read_body(scope, receive)
-        request = v2.parse_infer(body, header_length, self._code_limits, self.serve.max_rows_per_request)
+        request = v2.parse_infer(body, header_length, self.numeric_names, self._code_limits,
+                                 self.serve.max_rows_per_request)
         request.received = started
         probs, model = await self.v2_batcher.submit(request, request.rows)
         if version is not None and version != model.version:  # the champion moved while queued
@@ -365,7 +369,7 @@ class ServingApp:
         request = business.parse_predict(data, self.spec)
         request.received = started
         prob, model = await self.predict_batcher.submit(request, 1)
-        answer = {"transaction_id": request.id, "fraud_probability": prob, "is_fraud": prob >= model.threshold,
+        answer = {"id": request.id, "probability": prob, "positive": prob >= model.threshold,
                   "threshold": model.threshold, "model_name": model.name, "model_version": model.version}
         return _json(200, answer)
 
@@ -375,7 +379,7 @@ class ServingApp:
             from sluicegate.features.store import feature_store
 
             try:
-                self._lookup = business.FeatureLookup(feature_store(self.settings), self.spec)
+                self._lookup = business.FeatureLookup(feature_store(self.settings, self.spec), self.spec)
             except Exception as exc:
                 raise Unavailable(f"online feature store unavailable: {type(exc).__name__}: {exc}") from exc
         return self._lookup
@@ -383,9 +387,7 @@ class ServingApp:
     def _run_predict(self, requests: list[business.PredictRequest]) -> list[tuple[float, LoadedModel]]:
         """One Feast lookup, one input build and one model call for the whole batch."""
         model = self._serving()
-        lookup = self._feature_lookup()
-        cust, merch = self.spec.entities.customer, self.spec.entities.merchant
-        found = lookup.fetch([r.fields[cust] for r in requests], [r.fields[merch] for r in requests])
+        found = self._feature_lookup().fetch(requests) if catalog.served_entities(self.spec) else {}
         data = business.model_input(requests, found, self.spec)
         probs = model.run(data.numeric, data.categorical)
         self._log("predict", requests, [1] * len(requests), model, probs,

@@ -29,13 +29,13 @@ class ModelManager:
     within a batch and in-flight batches finish on the model they started with.
     """
 
-    def __init__(self, settings: Settings, threads: int, providers: list[str], categorical_width: int,
+    def __init__(self, settings: Settings, threads: int, providers: list[str], widths: tuple[int, int],
                  on_loaded: Callable[[LoadedModel], None] | None = None,
                  on_rejected: Callable[[str, str], None] | None = None):
         self.settings = settings
         self.threads = threads
         self.providers = choose_providers(providers)
-        self.categorical_width = categorical_width
+        self.widths = widths
         self.current: LoadedModel | None = None
         self.last_error: str | None = None
         self._rejected: set[tuple[str, str]] = set()
@@ -66,7 +66,7 @@ class ModelManager:
                 data = fetch_onnx(self.client(), version)
                 model = load_from_bytes(name, number, data, version.tags.get("sha256"),
                                         version.tags.get("threshold"), version.tags.get("variant", ""),
-                                        self.threads, self.providers, self.categorical_width)
+                                        self.threads, self.providers, self.widths)
             except ModelRejected as exc:
                 self._rejected.add(key)
                 self.last_error = str(exc)

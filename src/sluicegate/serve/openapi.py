@@ -46,9 +46,12 @@ def document(spec: DatasetSpec, model_name: str, secured: bool, metrics_secured:
         "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
         "outputs": {"type": "array", "items": {"type": "object"}}}, "required": ["model_name", "outputs"]}
     predict_response = {"type": "object", "properties": {
-        "transaction_id": {"type": ["string", "null"]}, "fraud_probability": {"type": "number"},
-        "is_fraud": {"type": "boolean"}, "threshold": {"type": "number"}, "model_name": {"type": "string"},
-        "model_version": {"type": "string"}}, "required": ["fraud_probability", "is_fraud", "model_version"]}
+        "id": {"anyOf": [{"type": "string"}, {"type": "integer"}], "nullable": True},
+        "probability": {"type": "number", "description": f"probability of {spec.predicts!r}"},
+        "positive": {"type": "boolean", "description": f"probability >= threshold: predicted "
+                                                       f"{spec.label} = {spec.table.positive!r}"},
+        "threshold": {"type": "number"}, "model_name": {"type": "string"},
+        "model_version": {"type": "string"}}, "required": ["probability", "positive", "model_version"]}
     status = {"type": "object"}
     # This server serves one model: any other name is a 404.
     model_param = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string", "enum": [model_name]}}]
@@ -75,7 +78,7 @@ def document(spec: DatasetSpec, model_name: str, secured: bool, metrics_secured:
                 "responses": {"200": _json(infer_response, "Probabilities"),
                               **_errors(400, *auth_errors, 404, 413, 503)}}},
             "/predict": {"post": {
-                "summary": "Fraud probability and decision for one transaction (features from Feast)",
+                "summary": f"Probability and decision for one row: {spec.predicts} (entity features from Feast)",
                 "security": security,
                 "requestBody": {"required": True, "content": {"application/json": {"schema": request_schema(spec)}}},
                 "responses": {"200": _json(predict_response, "Decision"),

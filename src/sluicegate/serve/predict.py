@@ -1,8 +1,7 @@
 """`/predict`: a business request -> online features from Feast -> the shared model-input builder.
 
-Feast's online values for an entity are its state just before its last
-materialized transaction, so they lag the request by one transaction; the
-request's own fields (amount, time, channel, ...) are always current.
+Feast's online values for an entity are its state as of its last materialized event; the
+request's own fields are always current. The request schema is the spec's raw columns.
 """
 
 from __future__ import annotations
@@ -13,9 +12,11 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 
-from sluicegate.features import catalog as features
-from sluicegate.features.inputs import ModelInput, build_model_input
+from sluicegate.features import catalog
+from sluicegate.features.inputs import build_model_input, python_features
+from sluicegate.runtime import ModelInput
 from sluicegate.serve.errors import BadRequest, Unavailable
 from sluicegate.spec import DatasetSpec
 
@@ -31,46 +32,53 @@ LATEST = datetime(2262, 4, 11, tzinfo=UTC)
 @dataclass(slots=True)
 class PredictRequest:
     fields: dict  # the spec's raw columns, validated, timestamp as an aware datetime
-    id: str | None = None  # the transaction id, echoed back
+    id: str | int | None = None  # the row id, echoed back
     received: float = 0.0  # perf_counter() when the server read the request; set by the server
 
 
 def request_schema(spec: DatasetSpec) -> dict:
     """JSON schema of a /predict body, derived from the dataset spec (served in the OpenAPI document)."""
-    props: dict[str, dict] = {
-        spec.id: {"type": "string", "maxLength": MAX_ID_LENGTH, "description": "optional, echoed back"},
-        spec.timestamp: {"type": "string", "format": "date-time",
-                         "description": "ISO 8601, 1970-01-01 to 2262-04-11; default: now (UTC)"},
-    }
-    required = []
+    props: dict[str, dict] = {}
+    if spec.id:
+        props[spec.id] = {"anyOf": [{"type": "string", "maxLength": MAX_ID_LENGTH}, {"type": "integer"}],
+                          "description": "optional, echoed back"}
+    if spec.timestamp:
+        props[spec.timestamp] = {"type": "string", "format": "date-time",
+                                 "description": "ISO 8601, 1970-01-01 to 2262-04-11; default: now (UTC)"}
     for name in _business_columns(spec):
-        col = spec.columns[name]
-        if col.categories:
-            props[name] = {"type": "string", "enum": list(col.categories)}
-        elif col.dtype == "int64":
-            props[name] = {"type": "integer", "minimum": int(col.min or 0), "maximum": 2**63 - 1}
-        else:
-            props[name] = {"type": "number"}
-            if col.min is not None:
-                props[name]["minimum"] = col.min
-            if col.max is not None:
-                props[name]["maximum"] = col.max
-        required.append(name)
-    return {"type": "object", "properties": props, "required": required, "additionalProperties": False}
+        props[name] = _column_schema(spec.columns[name])
+    return {"type": "object", "properties": props, "required": _business_columns(spec),
+            "additionalProperties": False}
+
+
+def _column_schema(col) -> dict:
+    if col.categories is not None:
+        schema = {"enum": list(col.categories)}
+    elif col.dtype == "int64":
+        schema = {"type": "integer", "minimum": int(col.min) if col.min is not None else -(2**63),
+                  "maximum": int(col.max) if col.max is not None else 2**63 - 1}
+    elif col.dtype == "bool":
+        schema = {"type": "boolean"}
+    elif col.dtype == "string":
+        schema = {"type": "string"}
+    else:
+        schema = {"type": "number", **({"minimum": col.min} if col.min is not None else {}),
+                  **({"maximum": col.max} if col.max is not None else {})}
+    return {**schema, "nullable": True} if col.may_be_null else schema
 
 
 def _business_columns(spec: DatasetSpec) -> list[str]:
-    """Columns a caller must send: everything but id, timestamp and label."""
-    return [c for c in spec.columns if c not in (spec.id, spec.timestamp, spec.label)]
+    """Columns a caller must send: every raw column the model reads, but the timestamp (default: now)."""
+    return [c for c in spec.request_columns if c != spec.timestamp]
 
 
 def parse_predict(body, spec: DatasetSpec, now: datetime | None = None) -> PredictRequest:
     """Validate a decoded JSON body against the spec; every problem is listed, not just the first."""
     if not isinstance(body, dict):
-        raise BadRequest("body must be a JSON object with the transaction's fields", 422)
+        raise BadRequest("body must be a JSON object with the row's fields", 422)
     errors: list[dict] = []
-    allowed = {spec.id, spec.timestamp, *_business_columns(spec)}
-    for name in sorted(body.keys() - allowed):
+    optional = [n for n in (spec.id, spec.timestamp) if n]
+    for name in sorted(body.keys() - {*optional, *_business_columns(spec)}):
         errors.append({"field": name, "error": "unknown field"})
     out: dict = {}
     for name in _business_columns(spec):
@@ -81,28 +89,37 @@ def parse_predict(body, spec: DatasetSpec, now: datetime | None = None) -> Predi
         if problem:
             errors.append({"field": name, "error": problem})
         out[name] = value
-    tx_id = body.get(spec.id)
-    if tx_id is not None and (not isinstance(tx_id, str) or len(tx_id) > MAX_ID_LENGTH):
-        errors.append({"field": spec.id, "error": f"must be a string of at most {MAX_ID_LENGTH} characters"})
-    out[spec.id] = tx_id
-    when = body.get(spec.timestamp)
-    if when is None:
-        out[spec.timestamp] = now or datetime.now(UTC)
-    else:
-        problem, out[spec.timestamp] = _timestamp(when)
-        if problem:
-            errors.append({"field": spec.timestamp, "error": problem})
+    row_id = body.get(spec.id) if spec.id else None
+    if row_id is not None and (isinstance(row_id, bool) or not isinstance(row_id, str | int)
+                               or len(str(row_id)) > MAX_ID_LENGTH):
+        errors.append({"field": spec.id, "error": f"must be a string or integer of at most {MAX_ID_LENGTH} "
+                                                  "characters"})
+    if spec.timestamp:
+        when = body.get(spec.timestamp)
+        if when is None:
+            out[spec.timestamp] = now or datetime.now(UTC)
+        else:
+            problem, out[spec.timestamp] = _timestamp(when)
+            if problem:
+                errors.append({"field": spec.timestamp, "error": problem})
     if errors:
         message = "; ".join(f"{e['field']}: {e['error']}" for e in errors)
         raise BadRequest(f"invalid request: {message}", 422, errors)
-    return PredictRequest(out, tx_id)
+    return PredictRequest(out, row_id)
 
 
 def _check(value, col) -> tuple[str | None, object]:
-    if col.categories:
-        if not isinstance(value, str) or value not in col.categories:
+    if value is None:
+        return (None, None) if col.may_be_null else ("must not be null", None)
+    if col.categories is not None:
+        # bool is an int in Python: True must not pass for the category 1
+        if value not in col.categories or isinstance(value, bool) != (col.dtype == "bool"):
             return f"must be one of {list(col.categories)}, got {value!r}", None
         return None, value
+    if col.dtype == "bool":
+        return (None, value) if isinstance(value, bool) else (f"must be true or false, got {value!r}", None)
+    if col.dtype == "string":
+        return (None, value) if isinstance(value, str) else (f"must be a string, got {value!r}", None)
     if col.dtype == "int64":
         if not isinstance(value, int) or isinstance(value, bool) or not -(2**63) <= value < 2**63:
             return f"must be a 64-bit integer, got {value!r}", None
@@ -141,28 +158,37 @@ class FeatureLookup:
     def __init__(self, store: feast.FeatureStore, spec: DatasetSpec):
         self.store = store
         self.spec = spec
-        self.service = store.get_feature_service(features.FEATURE_SERVICE)
-        self.customer_key = store.get_entity(features.CUSTOMER_ENTITY).join_key
-        self.merchant_key = store.get_entity(features.MERCHANT_ENTITY).join_key
+        self.service = store.get_feature_service(catalog.feature_service(spec))
+        self.keys = [store.get_entity(e).join_key for e in catalog.served_entities(spec)]
+        self.names = catalog.online_features(spec)
 
-    def fetch(self, customer_ids: list[int], merchant_ids: list[int]) -> dict[str, np.ndarray]:
-        rows = {self.customer_key: customer_ids, self.merchant_key: merchant_ids}
+    def fetch(self, requests: list[PredictRequest]) -> dict[str, np.ndarray]:
+        rows = {key: [r.fields[key] for r in requests] for key in self.keys}
         try:
             found = self.store.get_online_features(features=self.service, entity_rows=rows).to_dict()
         except Exception as exc:  # any store failure (file, network, Redis) means: not now
             raise Unavailable(f"online feature store unavailable: {type(exc).__name__}: {exc}") from exc
-        # Feast answers None for an entity it has never seen; the input builder's defaults take NaN.
+        # Feast answers None for an entity it has never seen: the feature is missing, as in training.
         return {name: np.array([np.nan if v is None else v for v in found[name]], dtype=np.float64)
-                for name in features.FEATURE_NAMES}
+                for name in self.names}
 
 
 def model_input(requests: list[PredictRequest], found: dict[str, np.ndarray], spec: DatasetSpec) -> ModelInput:
     """The batch's raw columns plus its features -> the same builder training used."""
-    columns: dict = {name: [r.fields[name] for r in requests] for name in (spec.amount, *spec.categorical_features)}
-    # Aware datetimes -> naive UTC datetime64, which the builder reads as UTC.
-    columns[spec.timestamp] = np.array([r.fields[spec.timestamp].astimezone(UTC).replace(tzinfo=None)
-                                        for r in requests], dtype="datetime64[us]")
-    return build_model_input({**columns, **found}, spec)
+    columns = request_columns(requests, spec)
+    columns.update(found)
+    if spec.features.python:
+        extra = python_features(pd.DataFrame(columns), spec)
+        columns.update({name: extra[name].to_numpy() for name in extra.columns})
+    return build_model_input(columns, spec)
+
+
+def request_columns(requests: list[PredictRequest], spec: DatasetSpec) -> dict:
+    columns: dict = {name: [r.fields[name] for r in requests] for name in _business_columns(spec)}
+    if spec.timestamp:  # aware datetimes -> naive UTC datetime64, which the builder reads as UTC
+        columns[spec.timestamp] = np.array([r.fields[spec.timestamp].astimezone(UTC).replace(tzinfo=None)
+                                            for r in requests], dtype="datetime64[us]")
+    return columns
 
 
 def feature_columns(requests: list[PredictRequest], found: dict[str, np.ndarray]) -> dict[str, list | np.ndarray]:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
-from sluicegate.features.inputs import NUMERIC_INPUTS
 from sluicegate.runtime import INPUT_NAMES, OUTPUT_NAME
 from sluicegate.serve.errors import BadRequest
 
@@ -36,7 +35,8 @@ class InferRequest:
         return len(self.numeric)
 
 
-def parse_infer(body: bytes, header_length: str | None, cardinalities: Sequence[int], max_rows: int) -> InferRequest:
+def parse_infer(body: bytes, header_length: str | None, numeric_names: Sequence[str], cardinalities: Sequence[int],
+                max_rows: int) -> InferRequest:
     """Body (JSON, or JSON header + binary tensors) -> validated model tensors.
 
     `cardinalities` bounds each categorical column; a uint64 array saves a conversion per request.
@@ -67,7 +67,7 @@ def parse_infer(body: bytes, header_length: str | None, cardinalities: Sequence[
     tensors: dict[str, np.ndarray] = {}
     offset = 0
     for item in inputs:
-        name, array, used = _tensor(item, binary, offset, cardinalities, max_rows)
+        name, array, used = _tensor(item, binary, offset, numeric_names, cardinalities, max_rows)
         if name in tensors:
             raise BadRequest(f"input {name!r} is given twice")
         tensors[name] = array
@@ -99,7 +99,8 @@ def _parameters(value, where: str) -> dict:
     return value
 
 
-def _tensor(item, binary: bytes, offset: int, cardinalities: Sequence[int], max_rows: int):
+def _tensor(item, binary: bytes, offset: int, numeric_names: Sequence[str], cardinalities: Sequence[int],
+            max_rows: int):
     if not isinstance(item, dict):
         raise BadRequest("each input must be an object with name, shape, datatype and data")
     name = item.get("name")
@@ -110,7 +111,7 @@ def _tensor(item, binary: bytes, offset: int, cardinalities: Sequence[int], max_
     datatype, dtype = DTYPES[name]
     if item.get("datatype") != datatype:
         raise BadRequest(f"{where} must have datatype {datatype}, got {item.get('datatype')!r}")
-    width = len(NUMERIC_INPUTS) if name == INPUT_NAMES[0] else len(cardinalities)
+    width = len(numeric_names) if name == INPUT_NAMES[0] else len(cardinalities)
     shape = item.get("shape")
     if not isinstance(shape, list) or len(shape) != 2 or type(shape[0]) is not int or type(shape[1]) is not int:
         raise BadRequest(f"{where} shape must be [rows, {width}], got {shape!r}")
@@ -132,7 +133,7 @@ def _tensor(item, binary: bytes, offset: int, cardinalities: Sequence[int], max_
         array = _json_data(item.get("data"), where, dtype, size)
         used = 0
     array = array.reshape(rows, width)
-    _check_range(name, array, where, cardinalities)
+    _check_range(name, array, where, numeric_names, cardinalities)
     return name, array, used
 
 
@@ -156,13 +157,14 @@ def _json_data(data, where: str, dtype: np.dtype, size: int) -> np.ndarray:
         return raw.astype(dtype, copy=False)
 
 
-def _check_range(name: str, array: np.ndarray, where: str, cardinalities: Sequence[int]) -> None:
+def _check_range(name: str, array: np.ndarray, where: str, numeric_names: Sequence[str],
+                 cardinalities: Sequence[int]) -> None:
     # Few small-array numpy calls on the clean path (each costs about a microsecond here);
     # the search for the offending cell runs only for a request that is refused.
     if name == INPUT_NAMES[0]:
         if not np.logical_and.reduce(np.isfinite(array), axis=None):
             bad = np.argwhere(~np.isfinite(array))[0]
-            raise BadRequest(f"{where} must be finite float32; row {bad[0]} column {NUMERIC_INPUTS[bad[1]]} "
+            raise BadRequest(f"{where} must be finite float32; row {bad[0]} column {numeric_names[bad[1]]} "
                              f"is {array[bad[0], bad[1]]}")
         return
     high = np.asarray(cardinalities, dtype=np.uint64)  # no copy when the server passes uint64 already
@@ -205,13 +207,13 @@ def infer_response(model_name: str, version: str, request_id: str | None, probs:
     return header + raw, {HEADER_LENGTH: str(len(header))}
 
 
-def model_metadata(model_name: str, version: str | None, categorical_width: int) -> dict:
+def model_metadata(model_name: str, version: str | None, numeric_width: int, categorical_width: int) -> dict:
     return {
         "name": model_name,
         "versions": [version] if version else [],
         "platform": "onnxruntime_onnx",
         "inputs": [
-            {"name": INPUT_NAMES[0], "datatype": "FP32", "shape": [-1, len(NUMERIC_INPUTS)]},
+            {"name": INPUT_NAMES[0], "datatype": "FP32", "shape": [-1, numeric_width]},
             {"name": INPUT_NAMES[1], "datatype": "INT64", "shape": [-1, categorical_width]},
         ],
         "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1]}],

@@ -8,17 +8,20 @@ from sluicegate.ship.gates import GateDecision
 def render(name: str, version: str, tags: dict, evidence: dict, decision: GateDecision) -> str:
     shipped = evidence["shipped"]
     torch_metrics, metrics = evidence["torch_metrics"], evidence["shipped_metrics"]
+    dataset = evidence.get("dataset", {})
     lines = [
         f"# Model card: {name} v{version}",
         "",
         "## Intended use",
-        "Scores card transactions for fraud risk at authorization time. The score is a calibrated probability; "
-        f"the decision threshold chosen on the validation window is {evidence['threshold']:.4f}. "
-        "Meant to rank transactions for review or step-up authentication, not to block customers on its own.",
+        f"Predicts {dataset.get('predicts', 'the positive class')} for rows of the `{dataset.get('name', '?')}` "
+        f"table: the probability that `{dataset.get('label', 'label')}` is `{dataset.get('positive', '?')}`. "
+        "The score is a calibrated probability; the decision threshold chosen on the validation split is "
+        f"{evidence['threshold']:.4f}. Meant to rank rows for a human or a downstream rule, not to decide alone.",
         "",
         "## Training data",
         f"- batch: `{tags.get('batch_id', 'unknown')}`; data hash `{tags.get('data_hash', 'unknown')}`",
         f"- training window: {tags.get('train_window', 'unknown')}; test window: {tags.get('test_window', 'unknown')}",
+        f"- split: {tags.get('split', 'unknown')}",
         f"- feature service: `{tags.get('feature_service', 'unknown')}`; code: `{tags.get('git_commit', 'unknown')}`",
         f"- features: {', '.join(evidence.get('features', []))}",
         "",
@@ -38,8 +41,9 @@ def render(name: str, version: str, tags: dict, evidence: dict, decision: GateDe
         f"ECE {metrics['ece']:.4f} over 15 bins; reliability diagram: `reliability.png`.",
         "",
         "## Robustness and behaviour",
-        *[f"- {k.replace('_', ' ')}: {v:+.4f}" for k, v in evidence["robustness"].items()],
-        *[f"- {k.replace('_', ' ')}: {v:.4f}" for k, v in evidence["behaviour"].items()],
+        *[f"- PR-AUC drop, {k.replace('_', ' ')}: {v:+.4f}" for k, v in evidence["robustness"].items()],
+        *[f"- {c['kind']} `{c['what']}`: violation rate {c['violation_rate']:.4f}, mean score change "
+          f"{c['mean_delta']:+.4f}" for c in evidence["behaviour"].get("checks", [])],
         "",
         f"## Benchmark ({evidence['hardware']['provider']}, MLPerf Inference scenarios)",
         "| variant | scenario | batch | p50 ms | p90 ms | p99 ms | samples/s | $ per 1M |",
@@ -49,10 +53,10 @@ def render(name: str, version: str, tags: dict, evidence: dict, decision: GateDe
           for r in evidence["benchmark"]],
         "",
         "## Limitations",
-        "- Trained on one data window; fraud patterns shift, so drift is monitored and the model retrained.",
-        "- Online features lag by the entity's latest transaction; velocity at serving time is a lower bound.",
+        "- Trained on one data window; the world shifts, so drift is monitored and the model retrained.",
+        "- Online entity features are as of the entity's latest materialized event.",
         "- Slices with fewer than the policy's minimum support are reported but not gated.",
-        "- Labels arrive late (chargebacks); the merchant fraud rate uses only labels known at scoring time.",
+        "- Label-based features use only labels known `label_delay` before the event.",
         "",
         "## Gate results",
         decision.to_markdown(title=f"{name} v{version}").split("\n", 2)[2],

@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
-from sluicegate.features.inputs import NUMERIC_INPUTS, ModelInput
+from sluicegate.features.inputs import MISSING, numeric_inputs
+from sluicegate.runtime import ModelInput
 from sluicegate.spec import DatasetSpec
 
 ECE_BINS = 15
@@ -87,17 +88,20 @@ def classification_metrics(y: np.ndarray, scores: np.ndarray, threshold: float) 
 # --- slices ---------------------------------------------------------------------------------------
 
 def slice_groups(frame: pd.DataFrame, inputs: ModelInput, spec: DatasetSpec) -> dict[str, np.ndarray]:
-    """Slice column -> value per row: the spec's slice columns, amount bands, new vs returning."""
-    groups = {column: frame[column].astype(str).to_numpy() for column in spec.slices}
-    if spec.amount_bands:
-        edges = [-np.inf, *spec.amount_bands, np.inf]
-        labels = [f"<{spec.amount_bands[0]:g}"]
-        labels += [f"{lo:g}-{hi:g}" for lo, hi in zip(spec.amount_bands, spec.amount_bands[1:], strict=False)]
-        labels += [f">={spec.amount_bands[-1]:g}"]
-        bands = pd.cut(frame[spec.amount], bins=edges, labels=labels, right=False)
-        groups["amount_band"] = bands.astype(str).to_numpy()
-    history = inputs.numeric[:, NUMERIC_INPUTS.index("has_history")] > 0.5
-    groups["customer"] = np.where(history, "returning", "new")
+    """Slice name -> group per row: the spec's slice columns, its numeric bands, and new against
+    returning for each entity whose history can be missing."""
+    groups = {column: frame[column].astype(str).to_numpy() for column in spec.slices.columns}
+    for column, edges in spec.slices.bands.items():
+        labels = [f"<{edges[0]:g}", *[f"{lo:g}-{hi:g}" for lo, hi in zip(edges, edges[1:], strict=False)],
+                  f">={edges[-1]:g}"]
+        bands = pd.cut(frame[column], bins=[-np.inf, *edges, np.inf], labels=labels, right=False)
+        groups[f"{column}_band"] = bands.astype(str).to_numpy()
+    names = numeric_inputs(spec)
+    for entity, aggs in spec.aggregates_by_entity.items():
+        first = next((a for a in aggs if a.may_be_missing), None)
+        if first is not None:
+            missing = inputs.numeric[:, names.index(first.feature_name + MISSING)] > 0.5
+            groups[f"{entity}_history"] = np.where(missing, "new", "returning")
     return groups
 
 
@@ -156,56 +160,90 @@ def plot_reliability(table: list[dict], ece: float, path: Path) -> Path:
 
 @dataclass
 class Robustness:
-    noise_pr_auc_drop: float  # Gaussian noise of 10% of each numeric input's std
-    missing_velocity_pr_auc_drop: float  # 1-hour velocity set to its no-history default
-    shuffled_category_pr_auc_drop: float  # merchant category permuted across rows
+    """PR-AUC drop under perturbations derived from the feature types."""
+
+    drops: dict[str, float]  # noise: 10% of each numeric input's std; no_history: every aggregate at its
+    # no-history value; shuffled_<column>: one categorical column permuted across rows
 
     @property
     def worst(self) -> float:
-        return max(asdict(self).values())
+        return max(self.drops.values(), default=0.0)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return dict(self.drops)
 
 
 def robustness(score: Scorer, inputs: ModelInput, y: np.ndarray, base_pr_auc: float, spec: DatasetSpec,
                seed: int = 0) -> Robustness:
     rng = np.random.default_rng(seed)
-    noisy = ModelInput(inputs.numeric + rng.normal(0, 0.1, inputs.numeric.shape).astype(np.float32)
-                       * inputs.numeric.std(axis=0, keepdims=True), inputs.categorical)
-    missing = ModelInput(inputs.numeric.copy(), inputs.categorical)
-    missing.numeric[:, NUMERIC_INPUTS.index("log_cust_count_1h")] = 0.0  # log1p(0): no recent transactions
-    shuffled = ModelInput(inputs.numeric, inputs.categorical.copy())
-    column = spec.categorical_features.index("merchant_category")
-    shuffled.categorical[:, column] = rng.permutation(shuffled.categorical[:, column])
-    return Robustness(*(base_pr_auc - average_precision(y, score(x)) for x in (noisy, missing, shuffled)))
+    names = numeric_inputs(spec)
+    perturbed = {}
+    values = [i for i, n in enumerate(names) if not n.endswith(MISSING)]
+    if values:
+        noisy = inputs.numeric.copy()
+        noisy[:, values] += (rng.normal(0, 0.1, (len(inputs), len(values))).astype(np.float32)
+                             * inputs.numeric[:, values].std(axis=0, keepdims=True))
+        perturbed["noise"] = ModelInput(noisy, inputs.categorical)
+    if spec.features.aggregates:
+        cold = inputs.numeric.copy()
+        for agg in spec.features.aggregates:
+            cold[:, names.index(agg.feature_name)] = 0.0  # a count of 0, or a missing value's 0
+            if agg.may_be_missing:
+                cold[:, names.index(agg.feature_name + MISSING)] = 1.0
+        perturbed["no_history"] = ModelInput(cold, inputs.categorical)
+    for i, column in enumerate(spec.categorical_features):
+        shuffled = inputs.categorical.copy()
+        shuffled[:, i] = rng.permutation(shuffled[:, i])
+        perturbed[f"shuffled_{column}"] = ModelInput(inputs.numeric, shuffled)
+    return Robustness({name: base_pr_auc - average_precision(y, score(x)) for name, x in perturbed.items()})
 
 
 @dataclass
 class Behaviour:
-    invariance_max_delta: float  # largest score change when the amount moves by one cent
-    directional_violation_rate: float  # share of rows whose score drops > 0.05 when velocity rises
-    directional_mean_delta: float
+    """The spec's behaviour checks: invariance (a small change to a raw column must not move the score by
+    more than its max_shift) and direction (raising a feature by one standard deviation must not move
+    the score the other way by more than DIRECTION_TOLERANCE)."""
+
+    checks: list[dict]  # one per check: kind, what, violation_rate, mean_delta, max_abs_delta
+
+    @property
+    def violation_rate(self) -> float:
+        return max((c["violation_rate"] for c in self.checks), default=0.0)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"behaviour_violation_rate": self.violation_rate, "checks": self.checks}
 
 
-def behaviour(score: Scorer, inputs: ModelInput) -> Behaviour:
-    """Invariance: a one-cent change of amount should not move the score.
-    Directional: three more transactions in the last hour should not lower the risk much."""
-    base = score(inputs)
-    amount_col = NUMERIC_INPUTS.index("log_amount")
-    cent = ModelInput(inputs.numeric.copy(), inputs.categorical)
-    cent.numeric[:, amount_col] = np.log1p(np.expm1(cent.numeric[:, amount_col]) + 0.01)
-    faster = ModelInput(inputs.numeric.copy(), inputs.categorical)
-    for name in ("log_cust_count_1h", "log_cust_count_24h"):
-        col = NUMERIC_INPUTS.index(name)
-        faster.numeric[:, col] = np.log1p(np.expm1(faster.numeric[:, col]) + 3)
-    delta = score(faster) - base
-    return Behaviour(invariance_max_delta=float(np.max(np.abs(score(cent) - base))),
-                     directional_violation_rate=float(np.mean(delta < -0.05)),
-                     directional_mean_delta=float(np.mean(delta)))
+DIRECTION_TOLERANCE = 0.05
+
+
+def behaviour(score_frame: Callable[[pd.DataFrame], np.ndarray], frame: pd.DataFrame, spec: DatasetSpec) -> Behaviour:
+    """Each check changes the rows (raw columns or features), rebuilds the model inputs the way training
+    and serving do, and compares the scores."""
+    base = score_frame(frame)
+    checks = []
+    for check in spec.behaviour.invariance:
+        moved = frame.copy()
+        moved[check.column] = moved[check.column] * (1 + check.relative_change)
+        delta = score_frame(moved) - base
+        checks.append(_check("invariance", f"{check.column} x{1 + check.relative_change:g}", delta,
+                             np.abs(delta) > check.max_shift))
+    for check in spec.behaviour.direction:
+        moved = frame.copy()
+        values = pd.to_numeric(moved[check.feature], errors="coerce").astype("float64")
+        step = float(np.nanstd(values)) or 1.0
+        sign = 1.0 if check.direction == "increasing" else -1.0
+        moved[check.feature] = values + step
+        delta = (score_frame(moved) - base) * sign
+        checks.append(_check("direction", f"{check.feature} +{step:.3g} ({check.direction})", delta,
+                             delta < -DIRECTION_TOLERANCE))
+    return Behaviour(checks)
+
+
+def _check(kind: str, what: str, delta: np.ndarray, violated: np.ndarray) -> dict:
+    return {"kind": kind, "what": what, "violation_rate": float(np.mean(violated)) if len(delta) else 0.0,
+            "mean_delta": float(np.mean(delta)) if len(delta) else 0.0,
+            "max_abs_delta": float(np.max(np.abs(delta))) if len(delta) else 0.0}
 
 
 # --- champion against challenger ------------------------------------------------------------------

@@ -46,7 +46,7 @@ class Evidence:
     shipped: VariantReport
     fp32_parity: float
     robustness_worst: float
-    directional_violation_rate: float
+    behaviour_violation_rate: float
     champion_version: str | None = None
     comparisons: list[Comparison] = field(default_factory=list)  # overall first; empty without a champion
     missing: list[str] = field(default_factory=list)  # required evidence not found
@@ -131,10 +131,10 @@ def decide(policy: GatePolicy, evidence: Evidence, links: dict[str, str] | None 
         _at_most("parity_tolerance", policy.parity_tolerance, evidence.fp32_parity,
                  "max |p_onnx - p_torch| of the fp32 export", links.get("variants", "")),
         _at_most("max_robustness_drop", policy.max_robustness_drop, evidence.robustness_worst,
-                 "worst PR-AUC drop under noise, a missing feature or a shuffled category",
+                 "worst PR-AUC drop under noise, missing history or a shuffled category",
                  links.get("robustness", "")),
-        _at_most("max_directional_violation_rate", policy.max_directional_violation_rate,
-                 evidence.directional_violation_rate, "share of rows scored lower when velocity rises",
+        _at_most("max_behaviour_violation_rate", policy.max_behaviour_violation_rate,
+                 evidence.behaviour_violation_rate, "worst share of rows breaking a behaviour check of the spec",
                  links.get("robustness", "")),
         _at_most("latency_slo_p99_ms", policy.latency_slo_p99_ms, v.server_p99_ms,
                  f"Server-scenario p99 (ms) at {policy.slo_target_qps:g} q/s on {v.provider}",

@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 
 from sluicegate import runtime
-from sluicegate.features.inputs import NUMERIC_INPUTS, ModelInput
+from sluicegate.features.inputs import numeric_inputs
 from sluicegate.policy import GatePolicy
+from sluicegate.runtime import ModelInput
 from sluicegate.ship import evaluate as evaluation
 from sluicegate.spec import DatasetSpec
 
@@ -20,7 +21,7 @@ CAT_PREFIX = "cat:"
 def holdout_frame(inputs: ModelInput, y: np.ndarray, groups: dict[str, np.ndarray],
                   spec: DatasetSpec) -> pd.DataFrame:
     """Model inputs, labels and slice values of the test window, as one table."""
-    frame = pd.DataFrame(inputs.numeric, columns=NUMERIC_INPUTS)
+    frame = pd.DataFrame(inputs.numeric, columns=numeric_inputs(spec))
     for i, name in enumerate(spec.categorical_features):
         frame[CAT_PREFIX + name] = inputs.categorical[:, i]
     frame[spec.label] = y
@@ -30,7 +31,7 @@ def holdout_frame(inputs: ModelInput, y: np.ndarray, groups: dict[str, np.ndarra
 
 
 def read_holdout(frame: pd.DataFrame, spec: DatasetSpec) -> tuple[ModelInput, np.ndarray, dict[str, np.ndarray]]:
-    inputs = ModelInput(frame[NUMERIC_INPUTS].to_numpy(np.float32),
+    inputs = ModelInput(frame[numeric_inputs(spec)].to_numpy(np.float32),
                         frame[[CAT_PREFIX + c for c in spec.categorical_features]].to_numpy(np.int64))
     groups = {c.removeprefix(SLICE_PREFIX): frame[c].to_numpy() for c in frame.columns if c.startswith(SLICE_PREFIX)}
     return inputs, frame[spec.label].to_numpy(np.float64), groups

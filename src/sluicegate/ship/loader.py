@@ -21,14 +21,13 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
 from sluicegate.config import Settings
-from sluicegate.features.inputs import NUMERIC_INPUTS
 from sluicegate.runtime import INPUT_NAMES, OUTPUT_NAME, available_providers
 from sluicegate.ship import registry
 
 log = logging.getLogger("sluicegate.serve")
 
-# The tensor contract every served model must meet: name -> (onnx type, width).
-CONTRACT = {INPUT_NAMES[0]: ("tensor(float)", len(NUMERIC_INPUTS)), INPUT_NAMES[1]: ("tensor(int64)", None)}
+# The tensor contract every served model must meet: name -> onnx type; widths come from the spec.
+CONTRACT = {INPUT_NAMES[0]: "tensor(float)", INPUT_NAMES[1]: "tensor(int64)"}
 WARMUP_ROWS = 8
 
 
@@ -71,7 +70,7 @@ def choose_providers(wanted: list[str]) -> list[str]:
 
 
 def load_from_bytes(name: str, version: str, data: bytes, expected_sha: str | None, threshold: str | None,
-                    variant: str, threads: int, providers: list[str], categorical_width: int) -> LoadedModel:
+                    variant: str, threads: int, providers: list[str], widths: tuple[int, int]) -> LoadedModel:
     """Check the hash, build the session, check the contract and run a warm-up batch."""
     actual = hashlib.sha256(data).hexdigest()
     if not expected_sha or actual != expected_sha:
@@ -88,29 +87,28 @@ def load_from_bytes(name: str, version: str, data: bytes, expected_sha: str | No
     except Exception as exc:  # onnxruntime raises its own exception types for bad graphs
         raise ModelRejected(f"{name} v{version}: not a loadable ONNX model: {exc}") from exc
     model = LoadedModel(name, version, session, value, actual, variant, data)
-    check_contract(model, categorical_width)
-    warm_up(model, categorical_width)
+    check_contract(model, widths)
+    warm_up(model, widths)
     return model
 
 
-def check_contract(model: LoadedModel, categorical_width: int) -> None:
+def check_contract(model: LoadedModel, widths: tuple[int, int]) -> None:
     inputs = {i.name: i for i in model.session.get_inputs()}
     outputs = [o.name for o in model.session.get_outputs()]
     if set(inputs) != set(CONTRACT) or OUTPUT_NAME not in outputs:
         raise ModelRejected(f"{model.name} v{model.version}: inputs {sorted(inputs)} and outputs {outputs}; "
                             f"need inputs {sorted(CONTRACT)} and output {OUTPUT_NAME!r}")
-    for name, (onnx_type, width) in CONTRACT.items():
-        width = width or categorical_width
+    for (name, onnx_type), width in zip(CONTRACT.items(), widths, strict=True):
         got = inputs[name]
         if got.type != onnx_type or (isinstance(got.shape[1], int) and got.shape[1] != width):
             raise ModelRejected(f"{model.name} v{model.version}: input {name!r} is {got.type} {got.shape}, "
                                 f"need {onnx_type} [N, {width}]")
 
 
-def warm_up(model: LoadedModel, categorical_width: int) -> None:
+def warm_up(model: LoadedModel, widths: tuple[int, int]) -> None:
     """One real batch through the graph: the first run also pays onnxruntime's lazy setup."""
-    numeric = np.zeros((WARMUP_ROWS, len(NUMERIC_INPUTS)), dtype=np.float32)
-    categorical = np.ones((WARMUP_ROWS, categorical_width), dtype=np.int64)
+    numeric = np.zeros((WARMUP_ROWS, widths[0]), dtype=np.float32)
+    categorical = np.ones((WARMUP_ROWS, widths[1]), dtype=np.int64)
     try:
         out = model.run(numeric, categorical)
     except Exception as exc:

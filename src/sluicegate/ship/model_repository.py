@@ -13,14 +13,13 @@ import os
 import tempfile
 from pathlib import Path
 
-from sluicegate.features.inputs import NUMERIC_INPUTS
 from sluicegate.runtime import INPUT_NAMES, OUTPUT_NAME
 
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.pbtxt"
 
 
-def config_pbtxt(name: str, version: str, categorical_width: int, max_batch_size: int = 64,
+def config_pbtxt(name: str, version: str, widths: tuple[int, int], max_batch_size: int = 64,
                  max_queue_delay_us: int = 500) -> str:
     """Triton model configuration; batch is the first, implicit dimension.
 
@@ -32,8 +31,8 @@ platform: "onnxruntime_onnx"
 max_batch_size: {max_batch_size}
 version_policy: {{ specific: {{ versions: [ {int(version)} ] }} }}
 input [
-  {{ name: "{INPUT_NAMES[0]}" data_type: TYPE_FP32 dims: [ {len(NUMERIC_INPUTS)} ] }},
-  {{ name: "{INPUT_NAMES[1]}" data_type: TYPE_INT64 dims: [ {categorical_width} ] }}
+  {{ name: "{INPUT_NAMES[0]}" data_type: TYPE_FP32 dims: [ {widths[0]} ] }},
+  {{ name: "{INPUT_NAMES[1]}" data_type: TYPE_INT64 dims: [ {widths[1]} ] }}
 ]
 output [
   {{ name: "{OUTPUT_NAME}" data_type: TYPE_FP32 dims: [ 1 ] reshape: {{ shape: [ ] }} }}
@@ -43,7 +42,7 @@ instance_group [ {{ kind: KIND_CPU count: 1 }} ]
 """
 
 
-def write_version(root: Path, name: str, version: str, onnx_bytes: bytes, categorical_width: int,
+def write_version(root: Path, name: str, version: str, onnx_bytes: bytes, widths: tuple[int, int],
                   max_batch_size: int = 64) -> Path:
     """Write `<root>/<name>/<version>/model.onnx` and a config serving that version; return the model dir.
 
@@ -58,7 +57,7 @@ def write_version(root: Path, name: str, version: str, onnx_bytes: bytes, catego
     if not target.exists() or target.read_bytes() != onnx_bytes:
         _atomic_write(target, onnx_bytes)
     _atomic_write(model_dir / CONFIG_FILE,
-                  config_pbtxt(name, version, categorical_width, max_batch_size).encode())
+                  config_pbtxt(name, version, widths, max_batch_size).encode())
     return model_dir
 
 
@@ -72,7 +71,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 def export_champion(root: Path | None = None) -> Path:
     """Fetch the registry's champion (hash-checked) and write it into the repository."""
     from sluicegate.config import Settings
-    from sluicegate.features.inputs import cardinalities
+    from sluicegate.features.inputs import tensor_widths
     from sluicegate.ship import registry
     from sluicegate.ship.loader import fetch_onnx, registry_client
     from sluicegate.spec import load_spec
@@ -84,8 +83,7 @@ def export_champion(root: Path | None = None) -> Path:
     if version is None:
         raise LookupError(f"{settings.model_name} has no champion to export")
     data = fetch_onnx(client, version)
-    width = len(cardinalities(load_spec(settings.spec_path)))
-    return write_version(root, settings.model_name, version.version, data, width)
+    return write_version(root, settings.model_name, version.version, data, tensor_widths(load_spec(settings.spec_path)))
 
 
 if __name__ == "__main__":

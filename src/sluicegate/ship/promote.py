@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
 from sluicegate.config import Settings
-from sluicegate.features.inputs import cardinalities
+from sluicegate.features.inputs import tensor_widths
 from sluicegate.hardware import hardware
 from sluicegate.policy import GatePolicy
 from sluicegate.ship import card as modelcard
@@ -149,7 +149,7 @@ def _load_as_served(settings: Settings, spec: DatasetSpec, client: MlflowClient,
         data = fetch_onnx(client, version)
         load_from_bytes(settings.model_name, str(version.version), data, version.tags.get("sha256"),
                         version.tags.get("threshold"), version.tags.get("variant", ""), 1,
-                        choose_providers([hardware(settings).provider]), len(cardinalities(spec)))
+                        choose_providers([hardware(settings).provider]), tensor_widths(spec))
     except ModelRejected as exc:
         return GateResult("server_load", 0.0, 1.0, False, f"the model server would refuse it: {exc}", evidence), data
     return GateResult("server_load", 0.0, 0.0, True, "fetched by hash, meets the tensor contract, warms up",
@@ -176,11 +176,11 @@ def _evidence(raw: dict | None, missing: list[str], champion_version: str | None
         nan = float("nan")
         unknown = {"name": "unknown", "path": "", "provider": "unknown", "size_bytes": 0}
         shipped = VariantReport(**{f.name: nan for f in fields(VariantReport)} | unknown)
-        return Evidence(shipped=shipped, fp32_parity=nan, robustness_worst=nan, directional_violation_rate=nan,
+        return Evidence(shipped=shipped, fp32_parity=nan, robustness_worst=nan, behaviour_violation_rate=nan,
                         champion_version=champion_version, missing=missing or ["evidence.json"])
     return Evidence(shipped=VariantReport(**raw["shipped"]), fp32_parity=raw["fp32_parity"],
                     robustness_worst=max(raw["robustness"].values()),
-                    directional_violation_rate=raw["behaviour"]["directional_violation_rate"],
+                    behaviour_violation_rate=raw["behaviour"]["behaviour_violation_rate"],
                     champion_version=champion_version, comparisons=comparisons, missing=missing)
 
 

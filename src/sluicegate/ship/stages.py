@@ -17,9 +17,10 @@ from mlflow.entities.model_registry import ModelVersion
 
 from sluicegate import runtime
 from sluicegate.features import catalog
-from sluicegate.features.inputs import ModelInput
+from sluicegate.features.inputs import build_model_input
 from sluicegate.hardware import Hardware
 from sluicegate.policy import GatePolicy
+from sluicegate.runtime import ModelInput
 from sluicegate.ship import benchmark, export, gates, registry
 from sluicegate.ship import evaluate as evaluation
 from sluicegate.ship.benchmark import BenchConfig, VariantBenchmark
@@ -90,6 +91,8 @@ class EvaluationOutcome:
     benchmark: list[dict]  # one row per variant and scenario, with its cost per 1M predictions
     holdout: pd.DataFrame
     hardware: Hardware
+    features: list[str] = field(default_factory=list)  # the spec's feature columns
+    dataset: dict = field(default_factory=dict)  # what the model card says of the table
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -154,9 +157,11 @@ def evaluate_stage(model, prepared: Prepared, exported: ExportOutcome, spec: Dat
         slices=evaluation.slice_metrics(groups, y, shipped_scores, threshold),
         reliability=evaluation.reliability_table(y, shipped_scores),
         robustness=evaluation.robustness(score, prepared.test, y, metrics_by_name[shipped.name]["pr_auc"], spec),
-        behaviour=evaluation.behaviour(score, prepared.test),
+        behaviour=evaluation.behaviour(lambda f: score(build_model_input(f, spec)), prepared.splits.test, spec),
         variants=variants, benchmark=benchmark_rows(benches, hw.price_per_hour), shipped=shipped,
-        holdout=holdout_frame(prepared.test, y, groups, spec), hardware=hw,
+        holdout=holdout_frame(prepared.test, y, groups, spec), hardware=hw, features=spec.feature_columns,
+        dataset={"name": spec.name, "predicts": spec.predicts, "label": spec.label,
+                 "positive": spec.table.positive},
         seconds=time.perf_counter() - started)
 
 
@@ -182,7 +187,7 @@ def write_evidence(evaluated: EvaluationOutcome, exported: ExportOutcome, out_di
         "slices": evaluated.slices, "reliability": evaluated.reliability,
         "robustness": evaluated.robustness.to_dict(), "behaviour": evaluated.behaviour.to_dict(),
         "benchmark": evaluated.benchmark, "hardware": asdict(evaluated.hardware),
-        "features": catalog.FEATURE_NAMES, **(extra or {}),
+        "features": evaluated.features, "dataset": evaluated.dataset, **(extra or {}),
     }
     (out_dir / "evidence.json").write_text(json.dumps(evidence, indent=2, default=float))
     (out_dir / "benchmark.json").write_text(json.dumps(evaluated.benchmark, indent=2))
@@ -197,10 +202,11 @@ def lineage_tags(batch_id: str, data_hash: str, fp: str, flow_run_id: str, targe
                  spec: DatasetSpec, evaluated: EvaluationOutcome) -> dict[str, str]:
     """What a registered version records about where it came from (read by deploy, monitor and status)."""
     return {"batch_id": batch_id, "data_hash": data_hash, "fingerprint": fp,
-            "feature_service": catalog.FEATURE_SERVICE, "git_commit": registry.git_commit(),
+            "feature_service": catalog.feature_service(spec) if spec.features.aggregates else "",
+            "git_commit": registry.git_commit(),
             "prefect_flow_run_id": flow_run_id, "target": target,
             "train_window": prepared.splits.window("train", spec),
-            "test_window": prepared.splits.window("test", spec),
+            "test_window": prepared.splits.window("test", spec), "split": prepared.splits.method,
             "threshold": f"{evaluated.threshold:.6f}"}
 
 

@@ -27,26 +27,51 @@ def fingerprint(data_hash: str, cfg: TrainConfig, spec: DatasetSpec, target: str
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+SPLIT_SEED = 0  # the random split of a table without a timestamp; recorded on the run
+
+
 @dataclass
 class Splits:
     train: pd.DataFrame
     valid: pd.DataFrame
     test: pd.DataFrame
+    method: str  # how the rows were split, recorded on the run
 
     def window(self, name: str, spec: DatasetSpec) -> str:
+        """The part's time window, or how it was drawn when the table has no timestamp."""
+        if not spec.timestamp:
+            return self.method
         ts = getattr(self, name)[spec.timestamp]
         return f"{ts.min():%Y-%m-%d %H:%M} .. {ts.max():%Y-%m-%d %H:%M}"
 
 
-def time_split(frame: pd.DataFrame, spec: DatasetSpec) -> Splits:
-    """Train on the oldest 70% of time, validate on the next 15%, test on the newest."""
-    ts = pd.to_datetime(frame[spec.timestamp], utc=True)
-    cut_valid, cut_test = ts.quantile(SPLITS[0]), ts.quantile(SPLITS[1])
-    train, valid, test = frame[ts < cut_valid], frame[(ts >= cut_valid) & (ts < cut_test)], frame[ts >= cut_test]
-    for name, part in (("train", train), ("validation", valid), ("test", test)):
-        if part[spec.label].nunique() < 2:
-            raise ValueError(f"the {name} window has only one label class; the batch is too small")
-    return Splits(train.reset_index(drop=True), valid.reset_index(drop=True), test.reset_index(drop=True))
+def split(frame: pd.DataFrame, spec: DatasetSpec) -> Splits:
+    """By time when the table has a timestamp (train on the past, test on the newest), else a seeded
+    random split stratified on the label; 70% train, 15% validation, 15% test either way."""
+    if spec.timestamp:
+        ts = pd.to_datetime(frame[spec.timestamp], utc=True)
+        cut_valid, cut_test = ts.quantile(SPLITS[0]), ts.quantile(SPLITS[1])
+        parts = frame[ts < cut_valid], frame[(ts >= cut_valid) & (ts < cut_test)], frame[ts >= cut_test]
+        method = "time: oldest 70% train, next 15% validation, newest 15% test"
+    else:
+        parts = _stratified(frame, spec)
+        method = f"stratified random 70/15/15 on {spec.label}, seed {SPLIT_SEED}"
+    for name, part in zip(("train", "validation", "test"), parts, strict=True):
+        if spec.positive(part[spec.label]).nunique() < 2:
+            raise ValueError(f"the {name} split has only one label class; the batch is too small")
+    train, valid, test = (p.reset_index(drop=True) for p in parts)
+    return Splits(train, valid, test, method)
+
+
+def _stratified(frame: pd.DataFrame, spec: DatasetSpec) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    rng = np.random.default_rng(SPLIT_SEED)
+    y = spec.positive(frame[spec.label]).to_numpy()
+    which = np.empty(len(frame), dtype=np.int8)
+    for cls in (0.0, 1.0):
+        rows = rng.permutation(np.flatnonzero(y == cls))
+        cut = np.cumsum([round(len(rows) * SPLITS[0]), round(len(rows) * (SPLITS[1] - SPLITS[0]))])
+        which[rows[:cut[0]]], which[rows[cut[0]:cut[1]]], which[rows[cut[1]:]] = 0, 1, 2
+    return frame[which == 0], frame[which == 1], frame[which == 2]
 
 
 @dataclass
@@ -61,14 +86,16 @@ class Prepared:
 
 
 def prepare(frame: pd.DataFrame, spec: DatasetSpec) -> Prepared:
-    splits = time_split(frame, spec)
-    label = spec.label
+    splits = split(frame, spec)
+
+    def y(part: pd.DataFrame) -> np.ndarray:
+        return spec.positive(part[spec.label]).to_numpy(np.float32)
+
     return Prepared(
         splits=splits,
         train=build_model_input(splits.train, spec), valid=build_model_input(splits.valid, spec),
         test=build_model_input(splits.test, spec),
-        y_train=splits.train[label].to_numpy(np.float32), y_valid=splits.valid[label].to_numpy(np.float32),
-        y_test=splits.test[label].to_numpy(np.float32),
+        y_train=y(splits.train), y_valid=y(splits.valid), y_test=y(splits.test),
     )
 
 

@@ -22,8 +22,8 @@ from sluicegate.data.validate import (
 from sluicegate.spec import load_spec
 
 REPO_CONTEXT = Path(__file__).resolve().parents[3] / "expectations"
-CHECKED_IN = ["great_expectations.yml", "expectations/raw_batch.json",
-              "validation_definitions/raw_batch.json", "checkpoints/raw_batch_gate.json"]
+CHECKED_IN = ["great_expectations.yml", "expectations/transactions.json",
+              "validation_definitions/transactions.json", "checkpoints/transactions_gate.json"]
 CFG = GenerateConfig(rows=5000, days=3, seed=1)
 WINDOW_START = pd.Timestamp(CFG.start, tz="UTC")
 WINDOW_END = WINDOW_START + pd.Timedelta(days=CFG.days)

@@ -3,8 +3,16 @@ import pandas as pd
 import pytest
 
 from sluicegate.config import Settings
-from sluicegate.features.inputs import FEATURE_DEFAULTS, build_model_input, encode_categories, utc_hour_of_day
-from sluicegate.spec import load_spec
+from sluicegate.features.inputs import (
+    MISSING,
+    build_model_input,
+    encode_categories,
+    numeric_inputs,
+    python_features,
+    tensor_widths,
+    time_part,
+)
+from sluicegate.spec import load_spec, parse_spec
 
 
 @pytest.fixture(scope="module")
@@ -15,12 +23,12 @@ def spec():
 def _frame(spec, n=6):
     rng = np.random.default_rng(3)
     frame = pd.DataFrame({
-        spec.amount: rng.gamma(2.0, 30.0, n),
+        **{f.column: rng.gamma(2.0, 30.0, n) for f in spec.features.numeric_columns},
         spec.timestamp: pd.date_range("2026-10-01 22:15", periods=n, freq="97min", tz="UTC"),
         **{c: [spec.categories(c)[i % len(spec.categories(c))] for i in range(n)] for c in spec.categorical_features},
-        **{name: rng.uniform(0, 5, n) for name in FEATURE_DEFAULTS},
+        **{name: rng.uniform(0, 5, n) for name in spec.feature_columns},
     })
-    frame.loc[0, "cust_amount_mean_7d"] = np.nan  # a customer with no history
+    frame.loc[0, spec.feature_columns[2]] = np.nan  # an entity with no history
     return frame
 
 
@@ -32,22 +40,61 @@ def test_a_frame_and_a_dict_of_arrays_give_the_same_tensors(spec):
     np.testing.assert_array_equal(from_frame.numeric, from_dict.numeric)
     np.testing.assert_array_equal(from_frame.categorical, from_dict.categorical)
     assert from_frame.numeric.dtype == np.float32 and from_frame.categorical.dtype == np.int64
+    assert from_frame.numeric.shape[1] == len(numeric_inputs(spec)) == tensor_widths(spec)[0]
 
 
-def test_hour_of_day_is_taken_in_utc_whatever_the_zone():
+def test_the_layout_follows_the_spec(spec):
+    names = numeric_inputs(spec)
+    # a count is never missing; a mean without history is, and gets its indicator
+    count, mean = spec.features.aggregates[0], spec.features.aggregates[2]
+    assert count.feature_name in names and count.feature_name + MISSING not in names
+    assert mean.feature_name + MISSING in names
+    assert names[-2:] == ["hour_of_day_sin", "hour_of_day_cos"]
+
+
+def test_missing_values_are_zero_with_their_indicator_and_log1p_keeps_the_sign(spec):
+    frame = _frame(spec, n=3)
+    mean = spec.features.aggregates[2].feature_name
+    frame[mean] = pd.array([None, 2.0, -3.0], dtype="Float64")  # nullable, as a join can leave it
+    names = numeric_inputs(spec)
+    got = build_model_input(frame, spec).numeric
+    np.testing.assert_allclose(got[:, names.index(mean)], [0.0, np.log1p(2.0), -np.log1p(3.0)], rtol=1e-6)
+    np.testing.assert_array_equal(got[:, names.index(mean + MISSING)], [1.0, 0.0, 0.0])
+
+
+def test_time_parts_are_taken_in_utc_whatever_the_zone():
     local = pd.Series(pd.to_datetime(["2024-03-01 05:30", "2024-03-01 23:59"]).tz_localize("America/New_York"))
-    np.testing.assert_allclose(utc_hour_of_day(local), [10.5, 4 + 59 / 60])
+    np.testing.assert_allclose(time_part(local, "hour_of_day"), [10.5, 4 + 59 / 60])
     naive = np.array(["2024-03-01T05:30:59"], dtype="datetime64[s]")
-    np.testing.assert_allclose(utc_hour_of_day(naive), [5.5])  # seconds are dropped, as minutes are kept
+    np.testing.assert_allclose(time_part(naive, "hour_of_day"), [5.5])  # seconds are dropped
+    monday = np.array(["2024-03-04T12:00"], dtype="datetime64[m]")  # a Monday
+    np.testing.assert_allclose(time_part(monday, "day_of_week"), [0.5])
 
 
-def test_unknown_and_missing_categories_encode_to_zero():
-    codes = encode_categories(["pos", "teleport", None, "online"], ["online", "pos"])
-    assert codes.tolist() == [2, 0, 0, 1]
+def test_unknown_and_missing_categories_encode_to_zero_for_strings_integers_and_booleans():
+    assert encode_categories(["pos", "teleport", None, "online"], ["online", "pos"]).tolist() == [2, 0, 0, 1]
+    assert encode_categories(np.array([3, 7, 1]), [1, 3]).tolist() == [2, 0, 1]
+    assert encode_categories([True, False, None], [False, True]).tolist() == [2, 1, 0]
 
 
-def test_missing_features_take_their_defaults(spec):
-    frame = _frame(spec, n=2)
-    frame["cust_txn_count_1h"] = pd.array([None, 2.0], dtype="Float64")  # nullable, as a join can leave it
-    got = build_model_input(frame, spec).numeric[:, 2]  # log1p(count 1h)
-    np.testing.assert_allclose(got, [0.0, np.log1p(2.0)], rtol=1e-6)
+def _spec_with_python(function: str, outputs: list[str]):
+    return parse_spec({
+        "spec_version": 1, "name": "t",
+        "table": {"label": "y", "positive": 1},
+        "columns": {"x": {"dtype": "float64"}, "y": {"dtype": "int64", "categories": [0, 1]}},
+        "features": {"numeric": ["x"], "python": {"function": function, "outputs": outputs}},
+    })
+
+
+def double_x(frame, spec):  # the escape hatch's contract: one row per row, the declared columns
+    return pd.DataFrame({"x2": frame["x"] * 2})
+
+
+def test_python_features_follow_their_contract():
+    spec = _spec_with_python(f"{__name__}:double_x", ["x2"])
+    frame = pd.DataFrame({"x": [1.0, 2.5], "y": [0, 1]}, index=[10, 11])
+    out = python_features(frame, spec)
+    assert out["x2"].tolist() == [2.0, 5.0] and list(out.index) == [10, 11]
+    assert "x2" in numeric_inputs(spec) and build_model_input(frame.assign(x2=out["x2"]), spec).numeric.shape == (2, 3)
+    with pytest.raises(ValueError, match=r"exactly the columns \['x3'\]"):
+        python_features(frame, _spec_with_python(f"{__name__}:double_x", ["x3"]))

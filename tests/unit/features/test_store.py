@@ -9,6 +9,7 @@ import pytest
 
 from sluicegate.config import Settings, ensure_home
 from sluicegate.data.synthetic import GenerateConfig, generate_transactions
+from sluicegate.features import catalog
 from sluicegate.features import store as F
 from sluicegate.spec import load_spec
 
@@ -25,14 +26,14 @@ def transactions(spec):
     return generate_transactions(GenerateConfig(rows=20000, days=10, seed=3), spec)
 
 
-def build(transactions: pd.DataFrame, spec, home) -> tuple[Settings, feast.FeatureStore, tuple]:
+def build(transactions: pd.DataFrame, spec, home) -> tuple[Settings, feast.FeatureStore, dict]:
     """Transform, write and apply into a fresh home."""
     settings = Settings(home=home)
     ensure_home(settings.paths)
     tables = F.compute_feature_tables(transactions, spec)
-    F.write_feature_tables(*tables, settings.paths.features)
-    store = F.feature_store(settings)
-    F.apply_definitions(store, settings)
+    F.write_feature_tables(tables, settings.paths.features, spec)
+    store = F.feature_store(settings, spec)
+    F.apply_definitions(store, spec, settings)
     return settings, store, tables
 
 
@@ -47,50 +48,48 @@ def frame(built, transactions, spec):
     return F.training_frame(store, transactions, spec)
 
 
-def brute_force(transactions: pd.DataFrame, spec, customer: int, merchant: int, at: pd.Timestamp) -> dict:
-    """Every feature recomputed from the raw rows strictly before `at`, one row at a time."""
-    ts = transactions[spec.timestamp]
-    cust = transactions[(transactions[spec.entities.customer] == customer) & (ts < at)]
-    merch = transactions[(transactions[spec.entities.merchant] == merchant) & (ts < at)]
-    cust_ts, merch_ts = cust[spec.timestamp], merch[spec.timestamp]
-    week = cust.loc[cust_ts >= at - pd.Timedelta("7D"), spec.amount]
-    # A label is known only LABEL_DELAY after its transaction.
-    known = (merch_ts + F.LABEL_DELAY <= at) & (merch_ts >= at - pd.Timedelta("30D"))
-    labelled = merch.loc[known, spec.label]
-    return {
-        "cust_txn_count_1h": int((cust_ts >= at - pd.Timedelta("1h")).sum()),
-        "cust_txn_count_24h": int((cust_ts >= at - pd.Timedelta("24h")).sum()),
-        "cust_amount_mean_7d": week.mean() if len(week) else np.nan,
-        "cust_amount_std_7d": week.std(ddof=1) if len(week) > 1 else np.nan,
-        "cust_minutes_since_prev": (at - cust_ts.max()).total_seconds() / 60 if len(cust) else np.nan,
-        "merch_txn_count_24h": int((merch_ts >= at - pd.Timedelta("24h")).sum()),
-        "merch_fraud_rate_30d": labelled.mean() if len(labelled) else np.nan,
-    }
+def brute_force(rows: pd.DataFrame, spec, row: pd.Series) -> dict:
+    """Every aggregate of the spec recomputed from the raw rows strictly before the row, one at a time."""
+    at, ts = row[spec.timestamp], rows[spec.timestamp]
+    out = {}
+    for agg in spec.features.aggregates:
+        key = spec.entities[agg.entity].key
+        past = rows[(rows[key] == row[key]) & (ts < at)]
+        past_ts = past[spec.timestamp]
+        window = pd.Timedelta(agg.window) if agg.window else None
+        inside = past[past_ts >= at - window] if window is not None else past
+        if agg.agg == "count":
+            value = len(inside)
+        elif agg.agg == "time_since_previous":
+            value = (at - past_ts.max()).total_seconds() if len(past) else np.nan
+        elif agg.agg == "label_rate":  # a label is known only label_delay after its event
+            known = past[(past_ts + spec.label_delay <= at) & (past_ts >= at - window)]
+            value = spec.positive(known[spec.label]).mean() if len(known) else np.nan
+        else:
+            values = inside[agg.column]
+            value = getattr(values, agg.agg)() if len(values) > (1 if agg.agg == "std" else 0) else np.nan
+        out[agg.feature_name] = value
+    return out
 
 
 def test_training_features_equal_brute_force_past_only(frame, transactions, spec):
     rng = np.random.default_rng(0)
-    rows = rng.choice(len(frame), SAMPLE_ROWS, replace=False)
-    for i in rows:
-        row = frame.iloc[i]
-        expected = brute_force(transactions, spec, row[spec.entities.customer],
-                               row[spec.entities.merchant], row[spec.timestamp])
-        for name in F.FEATURE_NAMES:
-            np.testing.assert_allclose(row[name], expected[name], rtol=1e-7, atol=1e-7, equal_nan=True,
-                                       err_msg=f"row {i} feature {name}")
-    # The sample must exercise the lagged fraud rate, not only its missing values.
-    assert frame.iloc[rows]["merch_fraud_rate_30d"].gt(0).sum() > 10
+    for i in rng.choice(len(transactions), size=SAMPLE_ROWS, replace=False):
+        expected = brute_force(transactions, spec, transactions.iloc[i])
+        for name, value in expected.items():
+            np.testing.assert_allclose(frame.iloc[i][name], value, rtol=1e-9, atol=1e-9, equal_nan=True,
+                                       err_msg=f"row {i} {name}")
 
 
 def test_future_transactions_do_not_leak(frame, transactions, spec, tmp_path):
-    cust_key, merch_key, ts = spec.entities.customer, spec.entities.merchant, spec.timestamp
+    cust_key, merch_key, ts = spec.entities["customer"].key, spec.entities["merchant"].key, spec.timestamp
     busiest = transactions[cust_key].value_counts().index[0]
     mine = transactions.index[transactions[cust_key] == busiest]
     event = mine[len(mine) // 2]
     at = transactions.loc[event, ts]
     next_event = mine[transactions.loc[mine, ts] > at][0]
     # A huge fraud just after the event; a fraud just before it whose label is not yet known.
-    future = transactions.loc[[event]].assign(**{ts: at + pd.Timedelta("1s"), spec.amount: 49_999.0,
+    future = transactions.loc[[event]].assign(**{ts: at + pd.Timedelta("1s"), "amount": 49_999.0,
                                                  spec.label: 1, spec.id: "planted-future"})
     unlabelled = transactions.loc[[event]].assign(**{ts: at - pd.Timedelta("12h"), spec.label: 1,
                                                      spec.id: "planted-unlabelled", cust_key: -1})
@@ -99,7 +98,7 @@ def test_future_transactions_do_not_leak(frame, transactions, spec, tmp_path):
     _, store, _ = build(planted, spec, tmp_path)
     after = F.training_frame(store, transactions, spec)
 
-    unchanged = [n for n in F.FEATURE_NAMES if n != "merch_txn_count_24h"]
+    unchanged = [n for n in spec.feature_columns if n != "merch_txn_count_24h"]
     pd.testing.assert_series_equal(after.loc[event, unchanged], frame.loc[event, unchanged])
     # The unlabelled fraud is a past transaction, so it counts; its label does not, yet.
     assert after.loc[event, "merch_txn_count_24h"] == frame.loc[event, "merch_txn_count_24h"] + 1
@@ -111,10 +110,10 @@ def test_future_transactions_do_not_leak(frame, transactions, spec, tmp_path):
 
 
 def test_training_frame_one_row_per_transaction_in_order(built, frame, transactions, spec):
-    assert list(frame.columns) == list(transactions.columns) + F.FEATURE_NAMES
+    assert list(frame.columns) == list(transactions.columns) + spec.feature_columns
     pd.testing.assert_frame_equal(frame[transactions.columns], transactions)
-    for name in F.FEATURE_NAMES:
-        assert frame[name].dtype == ("int64" if name in F.COUNT_FEATURES else "float64"), name
+    for agg in spec.features.aggregates:
+        assert frame[agg.feature_name].dtype == ("int64" if agg.agg == "count" else "float64"), agg.feature_name
 
     # Shuffled, with exact duplicate rows: still one output row per input row, in input order.
     _, store, _ = built
@@ -123,19 +122,19 @@ def test_training_frame_one_row_per_transaction_in_order(built, frame, transacti
     messy_frame = F.training_frame(store, messy, spec)
     assert len(messy_frame) == len(messy)
     assert messy_frame[spec.id].tolist() == messy[spec.id].tolist()
-    expected = frame.set_index(spec.id).loc[messy[spec.id], F.FEATURE_NAMES].reset_index(drop=True)
-    pd.testing.assert_frame_equal(messy_frame[F.FEATURE_NAMES].reset_index(drop=True), expected)
+    expected = frame.set_index(spec.id).loc[messy[spec.id], spec.feature_columns].reset_index(drop=True)
+    pd.testing.assert_frame_equal(messy_frame[spec.feature_columns].reset_index(drop=True), expected)
 
 
 def test_fast_offline_store_matches_feast_dask_store(built, frame, transactions, spec):
     settings, _, _ = built
-    dask_store = feast.FeatureStore(config=F.repo_config(settings, fast_retrieval=False))
+    dask_store = feast.FeatureStore(config=F.repo_config(settings, spec, fast_retrieval=False))
     stock = F.training_frame(dask_store, transactions, spec)
     pd.testing.assert_frame_equal(stock, frame)
 
 
 def test_apply_is_idempotent_and_online_serves_latest(built, transactions, spec):
-    settings, store, (customer_df, merchant_df) = built
+    settings, store, tables = built
 
     def registered():
         return (sorted(e.name for e in store.list_entities()),
@@ -143,35 +142,36 @@ def test_apply_is_idempotent_and_online_serves_latest(built, transactions, spec)
                 [s.name for s in store.list_feature_services()])
 
     before = registered()
-    F.apply_definitions(store, settings)
-    F.apply_definitions(store, settings)
+    F.apply_definitions(store, spec, settings)
+    F.apply_definitions(store, spec, settings)
     assert registered() == before
-    assert before[2] == [F.FEATURE_SERVICE]
+    assert before[2] == [catalog.feature_service(spec)] == [spec.name]
+    assert before[0] == ["customer", "merchant"]
 
     F.materialize(store, transactions[spec.timestamp].max().to_pydatetime() + pd.Timedelta("1s"))
-    customer = int(transactions[spec.entities.customer].value_counts().index[0])
-    merchant = int(transactions[spec.entities.merchant].value_counts().index[0])
-    online = F.online_features(store, [customer], [merchant]).iloc[0]
-    cust_key, merch_key = spec.entities.customer, spec.entities.merchant
-    latest_cust = customer_df[customer_df[cust_key] == customer].iloc[-1]
-    latest_merch = merchant_df[merchant_df[merch_key] == merchant].iloc[-1]
-    for name in F.CUSTOMER_FEATURES:
-        np.testing.assert_allclose(online[name], latest_cust[name], rtol=1e-12, equal_nan=True, err_msg=name)
-    for name in F.MERCHANT_FEATURES:
-        np.testing.assert_allclose(online[name], latest_merch[name], rtol=1e-12, equal_nan=True, err_msg=name)
+    keys = {e: spec.entities[e].key for e in ("customer", "merchant")}
+    busiest = {e: int(transactions[k].value_counts().index[0]) for e, k in keys.items()}
+    online = F.online_features(store, spec, {k: [busiest[e]] for e, k in keys.items()})
+    for entity, key in keys.items():
+        table = tables[catalog.entity_view(entity)]
+        latest = table[table[key] == busiest[entity]].iloc[-1]
+        for name in catalog.entity_features(spec, entity):
+            np.testing.assert_allclose(online[name][0], latest[name], rtol=1e-12, equal_nan=True, err_msg=name)
 
     # Re-applying keeps the materialization watermark: the next run is incremental.
-    F.apply_definitions(store, settings)
+    F.apply_definitions(store, spec, settings)
     assert all(v.most_recent_end_time is not None for v in store.list_feature_views())
 
 
-def test_write_feature_tables_merges_later_batches(built, tmp_path):
-    _, _, (customer_df, merchant_df) = built
+def test_write_feature_tables_merges_later_batches(built, spec, tmp_path):
+    _, _, tables = built
+    view = catalog.entity_view("customer")
+    customer_df = tables[view]
     half = len(customer_df) // 2
-    F.write_feature_tables(customer_df.iloc[:half], merchant_df, tmp_path)
+    F.write_feature_tables({view: customer_df.iloc[:half]}, tmp_path, spec)
     changed = customer_df.iloc[half - 10:].assign(cust_txn_count_1h=999)
-    F.write_feature_tables(changed, merchant_df, tmp_path)
-    stored = pd.read_parquet(F.feature_table_paths(tmp_path)[F.CUSTOMER_VIEW])
+    F.write_feature_tables({view: changed}, tmp_path, spec)
+    stored = pd.read_parquet(F.feature_table_paths(tmp_path, spec)[view])
     assert len(stored) == len(customer_df)
     assert (stored["cust_txn_count_1h"] == 999).sum() == len(changed)
 
@@ -186,3 +186,42 @@ def test_frame_hash_is_stable_and_content_sensitive(transactions):
     assert F.frame_hash(tweaked) != digest
     assert F.frame_hash(df.rename(columns={"amount": "amount_usd"})) != digest
     assert F.frame_hash(df.iloc[::-1]) != digest
+
+
+OTHER_TABLE = {
+    "spec_version": 1, "name": "claims",
+    "table": {"id": "claim_id", "timestamp": "filed_at", "label": "fraudulent", "positive": "Yes",
+              "label_delay": "2d"},
+    "columns": {"claim_id": {"dtype": "string"}, "filed_at": {"dtype": "timestamp"},
+                "policy": {"dtype": "string"}, "amount": {"dtype": "float64"},
+                "fraudulent": {"dtype": "string", "categories": ["Yes", "No"]}},
+    "entities": {"policy": {"key": "policy"}},
+    "features": {"numeric": ["amount"], "aggregates": [
+        {"entity": "policy", "agg": agg, "column": "amount", "window": "5d"} for agg in ("sum", "min", "max", "mean")
+    ] + [{"entity": "policy", "agg": "count", "window": "12h"}, {"entity": "policy", "agg": "time_since_previous"},
+         {"entity": "policy", "agg": "label_rate", "window": "20d"}]},
+}
+
+
+def test_any_spec_string_keys_and_every_aggregation_are_point_in_time_correct(tmp_path):
+    from sluicegate.spec import parse_spec
+
+    spec = parse_spec(OTHER_TABLE)
+    rng = np.random.default_rng(5)
+    n = 3000
+    rows = pd.DataFrame({
+        "claim_id": [f"c{i}" for i in range(n)],
+        "filed_at": pd.Timestamp("2026-01-01", tz="UTC") + pd.to_timedelta(np.sort(rng.uniform(0, 40 * 86400, n)),
+                                                                          unit="s").floor("s"),
+        "policy": rng.choice([f"P-{i}" for i in range(60)], n),
+        "amount": rng.gamma(2.0, 500.0, n),
+        "fraudulent": rng.choice(["Yes", "No"], n, p=[0.1, 0.9]),
+    })
+    settings, store, _ = build(rows, spec, tmp_path)
+    frame = F.training_frame(store, rows, spec)
+    assert [e.name for e in store.list_entities()] == ["policy"]
+    assert store.get_entity("policy").value_type == feast.ValueType.STRING
+    for i in rng.choice(n, size=150, replace=False):
+        for name, value in brute_force(rows, spec, rows.iloc[i]).items():
+            np.testing.assert_allclose(frame.iloc[i][name], value, rtol=1e-9, atol=1e-9, equal_nan=True,
+                                       err_msg=f"row {i} {name}")

@@ -32,7 +32,7 @@ def variant(name="int8", **kw):
 
 
 def evidence(**kw):
-    base = dict(shipped=variant(), fp32_parity=1e-6, robustness_worst=0.01, directional_violation_rate=0.0)
+    base = dict(shipped=variant(), fp32_parity=1e-6, robustness_worst=0.01, behaviour_violation_rate=0.0)
     return Evidence(**{**base, **kw})
 
 
@@ -41,7 +41,7 @@ def test_good_candidate_is_promoted_and_every_gate_is_listed(policy):
     assert decision.promote and not decision.failed
     listed = {r.gate for r in decision.results}
     gated = {"min_pr_auc", "max_ece", "max_quantization_drop", "parity_tolerance", "max_robustness_drop",
-             "max_directional_violation_rate", "latency_slo_p99_ms", "max_regression_vs_champion",
+             "max_behaviour_violation_rate", "latency_slo_p99_ms", "max_regression_vs_champion",
              "max_slice_regression", "required_evidence"}
     assert listed == gated
 
@@ -52,7 +52,7 @@ def test_good_candidate_is_promoted_and_every_gate_is_listed(policy):
     (dict(shipped=variant(pr_auc_drop=0.05)), "max_quantization_drop"),
     (dict(fp32_parity=0.5), "parity_tolerance"),
     (dict(robustness_worst=0.3), "max_robustness_drop"),
-    (dict(directional_violation_rate=0.2), "max_directional_violation_rate"),
+    (dict(behaviour_violation_rate=0.2), "max_behaviour_violation_rate"),
     (dict(missing=["holdout.parquet"]), "required_evidence"),
 ])
 def test_each_gate_blocks_with_its_reason(policy, change, gate):
