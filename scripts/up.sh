@@ -11,6 +11,7 @@ HOST=127.0.0.1
 PREFECT_PORT=${SLUICEGATE_PREFECT_PORT:-4200}
 MLFLOW_PORT=${SLUICEGATE_MLFLOW_PORT:-5000}
 SERVE_PORT=${SLUICEGATE_SERVE_PORT:-8080}
+POOL=sluicegate-process  # the work pool every deployment in prefect.yaml names
 export SLUICEGATE_HOME=$(realpath -m "${SLUICEGATE_HOME:-$REPO/.sluicegate}")
 RUN=$SLUICEGATE_HOME/run
 mkdir -p "$RUN"
@@ -75,10 +76,18 @@ else
   wait_http prefect-server "$PREFECT_API_URL/health" 120
   wait_http mlflow "http://$HOST:$MLFLOW_PORT/health" 120
 
-  echo "registering deployments from prefect.yaml"
-  "$BIN/python" -m sluicegate.flows.deployments register
-  echo "starting a worker on pool sluicegate-process"
-  start worker "$BIN/prefect" worker start --pool sluicegate-process --type process --name "sluicegate-$(hostname)"
+  # As Prefect documents it: the work pool first (deploy refuses a pool that does not exist),
+  # then every deployment of prefect.yaml, non-interactively.
+  if ! "$BIN/prefect" work-pool inspect "$POOL" > /dev/null 2>&1; then
+    echo "creating work pool $POOL (process)"
+    "$BIN/prefect" work-pool create "$POOL" --type process > "$RUN/work-pool.log" 2>&1 \
+      || { echo "error: could not create work pool $POOL:" >&2; tail -20 "$RUN/work-pool.log" >&2; exit 1; }
+  fi
+  echo "registering deployments: prefect --no-prompt deploy --all (prefect.yaml)"
+  "$BIN/prefect" --no-prompt deploy --all > "$RUN/deploy.log" 2>&1 \
+    || { echo "error: prefect deploy failed; last lines of $RUN/deploy.log:" >&2; tail -30 "$RUN/deploy.log" >&2; exit 1; }
+  echo "starting a worker on pool $POOL"
+  start worker "$BIN/prefect" worker start --pool "$POOL" --type process --name "sluicegate-$(hostname)"
 
   if "$BIN/sluicegate" serve --help > /dev/null 2>&1; then
     echo "starting the model server on $HOST:$SERVE_PORT"
@@ -100,6 +109,7 @@ Sluicegate is up (SLUICEGATE_HOME=$SLUICEGATE_HOME):
   MLflow UI:     http://$HOST:$MLFLOW_PORT
   Model server:  http://$HOST:$SERVE_PORT $(alive serve || echo "(not running)")
   Logs:          $RUN/*.log
-Start a run: Prefect UI > Deployments > training-pipeline > Run > Custom run.
+Start a run: Prefect UI > Deployments > training-pipeline > Run > Custom run, or
+  PREFECT_API_URL=$PREFECT_API_URL $BIN/prefect deployment run training-pipeline/training-pipeline
 Stop it all: make down
 MSG
