@@ -41,6 +41,9 @@ def test_schemathesis_finds_no_5xx_and_every_malformed_request_gets_a_4xx(server
     assert summary["complete"] and summary["operations"]["tested"] == summary["operations"]["total"] == 8
     assert cases["generated"] >= MIN_CASES, cases
     assert cases["with_failures"] == 0 and cases["errored"] == 0 and not summary["failures"], summary["failures"]
+    # Coverage (boundary and wrong-type values for every field) ran beside fuzzing, not instead of it.
+    phases = summary["phases"]
+    assert phases["coverage"]["status"] == phases["fuzzing"]["status"] == "success", phases
     with httpx.Client(base_url=server.url) as http:  # and the server is still healthy
         assert http.get("/v2/health/ready").status_code == 200
 
@@ -52,3 +55,12 @@ def test_a_timestamp_pandas_cannot_hold_is_a_422_not_a_500(server, world):  # no
             body = {**served._business(world["frame"].iloc[0]), "event_timestamp": when}
             answer = http.post("/predict", json=body, headers=served.AUTH)
             assert answer.status_code == 422 and "event_timestamp" in answer.json()["error"], answer.text
+
+
+@pytest.mark.parametrize("name", [{}, {"numeric": 1}, ["numeric"], [], 7, None])
+def test_a_tensor_name_that_is_not_a_string_is_a_400_not_a_500(server, name):
+    """Found by schemathesis's coverage phase: `{"name": {}}` reached a dict lookup and answered 500."""
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        for inputs in ([{"name": name, "shape": [1, 1], "datatype": "FP32", "data": [0.5]}], [{"name": name}]):
+            answer = http.post(f"/v2/models/{served.NAME}/infer", json={"inputs": inputs}, headers=served.AUTH)
+            assert answer.status_code == 400 and "'name' must be a string" in answer.json()["error"], answer.text

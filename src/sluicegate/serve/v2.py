@@ -103,14 +103,22 @@ def _tensor(item, binary: bytes, offset: int, numeric_names: Sequence[str], card
             max_rows: int):
     if not isinstance(item, dict):
         raise BadRequest("each input must be an object with name, shape, datatype and data")
+    # Every field's JSON type is checked before its value is used: a name that is an object or a
+    # list must be a 400, not an unhashable-key error (schemathesis's coverage phase sends both).
     name = item.get("name")
+    if not isinstance(name, str):
+        raise BadRequest(f"an input's 'name' must be a string, one of {list(INPUT_NAMES)}; "
+                         f"got {_json_type(name)}")
     if name not in DTYPES:
         raise BadRequest(f"unknown input {name!r}; the model takes {list(INPUT_NAMES)}")
     where = f"input {name!r}"
     _no_unknown(item, INPUT_FIELDS, where)
     datatype, dtype = DTYPES[name]
-    if item.get("datatype") != datatype:
-        raise BadRequest(f"{where} must have datatype {datatype}, got {item.get('datatype')!r}")
+    given = item.get("datatype")
+    if not isinstance(given, str):
+        raise BadRequest(f"{where} 'datatype' must be the string {datatype!r}, got {_json_type(given)}")
+    if given != datatype:
+        raise BadRequest(f"{where} must have datatype {datatype}, got {given!r}")
     width = len(numeric_names) if name == INPUT_NAMES[0] else len(cardinalities)
     shape = item.get("shape")
     if not isinstance(shape, list) or len(shape) != 2 or type(shape[0]) is not int or type(shape[1]) is not int:
@@ -121,6 +129,8 @@ def _tensor(item, binary: bytes, offset: int, numeric_names: Sequence[str], card
     size = rows * width
     binary_size = _parameters(item.get("parameters"), where).get("binary_data_size")
     if binary_size is not None:
+        if type(binary_size) is not int:  # not a bool, a float or a string that compares equal
+            raise BadRequest(f"{where}: binary_data_size must be an integer, got {_json_type(binary_size)}")
         if "data" in item:
             raise BadRequest(f"{where} has both 'data' and binary_data_size")
         if binary_size != size * dtype.itemsize:
@@ -135,6 +145,14 @@ def _tensor(item, binary: bytes, offset: int, numeric_names: Sequence[str], card
     array = array.reshape(rows, width)
     _check_range(name, array, where, numeric_names, cardinalities)
     return name, array, used
+
+
+def _json_type(value) -> str:
+    """How a refused value is named in a message: its JSON type, and the value when it is short."""
+    kind = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+    shown = repr(value)
+    return f"{kind} {shown}" if len(shown) <= 40 else kind
 
 
 def _json_data(data, where: str, dtype: np.dtype, size: int) -> np.ndarray:

@@ -91,6 +91,81 @@ def test_v2_row_limit_and_malformed_json(cards):
         v2.parse_infer(b"{nope", None, cards, 2)
 
 
+def _tensor_fields_body(spec, **numeric_override) -> dict:
+    """A valid one-row v2 body for the default spec, with fields of the numeric tensor replaced."""
+    from sluicegate.features.inputs import numeric_inputs
+
+    width, codes = len(numeric_inputs(spec)), len(cardinalities(spec))
+    numeric = {"name": "numeric", "shape": [1, width], "datatype": "FP32", "data": [0.5] * width}
+    categorical = {"name": "categorical", "shape": [1, codes], "datatype": "INT64", "data": [1] * codes}
+    return {"inputs": [{**numeric, **numeric_override}, categorical]}
+
+
+# Found by schemathesis's coverage phase: a tensor `name` that is an object answered 500
+# (an unhashable dict looked up among the input names). Every field of a tensor, any JSON type.
+@pytest.mark.parametrize("field, value, says", [
+    ("name", {}, "'name' must be a string"),
+    ("name", {"numeric": 1}, "'name' must be a string"),
+    ("name", ["numeric"], "'name' must be a string"),
+    ("name", [], "'name' must be a string"),
+    ("name", 1, "'name' must be a string"),
+    ("name", None, "'name' must be a string"),
+    ("datatype", {}, "'datatype' must be the string 'FP32'"),
+    ("datatype", ["FP32"], "'datatype' must be the string 'FP32'"),
+    ("datatype", 32, "'datatype' must be the string 'FP32'"),
+    ("datatype", None, "'datatype' must be the string 'FP32'"),
+    ("shape", {}, "shape must be"),
+    ("shape", "1x14", "shape must be"),
+    ("shape", [1], "shape must be"),
+    ("shape", [1, "14"], "shape must be"),
+    ("shape", [1.0, 14], "shape must be"),
+    ("shape", [True, 14], "shape must be"),
+    ("shape", [[1], 14], "shape must be"),
+    ("shape", [{}, 14], "shape must be"),
+    ("shape", [-1, 14], "1 <= rows"),
+    ("data", {}, "needs 'data'"),
+    ("data", "0.5", "needs 'data'"),
+    ("data", [{}], "must be numbers"),
+    ("data", [None], "must be numbers"),
+    ("data", [[0.5], [0.5, 0.5]], "ragged"),
+    ("parameters", [], "'parameters' of input 'numeric' must be an object"),
+    ("parameters", "x", "'parameters' of input 'numeric' must be an object"),
+])
+def test_v2_every_malformed_tensor_field_is_a_400(spec, cards, field, value, says):
+    import orjson
+
+    from sluicegate.features.inputs import numeric_inputs
+
+    body = _tensor_fields_body(spec, **{field: value})
+    with pytest.raises(BadRequest, match=says) as err:
+        v2.parse_infer(orjson.dumps(body), None, numeric_inputs(spec), cards, 100)
+    assert err.value.status == 400
+
+
+@pytest.mark.parametrize("size", [{}, [56], "56", "a float", True, None])
+def test_v2_binary_data_size_must_be_an_integer(spec, cards, size):
+    """A float size equal to the right byte count once slipped through and failed later, in numpy (500)."""
+    import orjson
+
+    from sluicegate.features.inputs import numeric_inputs
+
+    names = numeric_inputs(spec)
+    nbytes = 4 * len(names)
+    numeric = {"name": "numeric", "shape": [1, len(names)], "datatype": "FP32",
+               "parameters": {"binary_data_size": float(nbytes) if size == "a float" else size}}
+    categorical = {"name": "categorical", "shape": [1, len(cards)], "datatype": "INT64",
+                   "parameters": {"binary_data_size": 8 * len(cards)}}
+    header = orjson.dumps({"inputs": [numeric, categorical]})
+    body = header + np.zeros(len(names), np.float32).tobytes() + np.ones(len(cards), np.int64).tobytes()
+    if size is None:  # no size at all: the tensor then needs JSON data
+        with pytest.raises(BadRequest, match="needs 'data'"):
+            v2.parse_infer(body, str(len(header)), names, cards, 100)
+        return
+    with pytest.raises(BadRequest, match="binary_data_size must be an integer") as err:
+        v2.parse_infer(body, str(len(header)), names, cards, 100)
+    assert err.value.status == 400
+
+
 def _business(**override):
     body = {"customer_id": 1, "merchant_id": 2, "amount": 10.0, "channel": "pos", "country": "US",
             "device": "ios", "merchant_category": "fuel"}
