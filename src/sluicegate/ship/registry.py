@@ -9,19 +9,26 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
+import warnings
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
+import mlflow.data
 import mlflow.onnx
+import numpy as np
 import onnx
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModelInput, Metric
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types.schema import Schema, TensorSpec
 
 from sluicegate.config import Settings, file_lock
-from sluicegate.runtime import sha256_file
+from sluicegate.runtime import INPUT_NAMES, OUTPUT_NAME, sha256_file
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -32,6 +39,7 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 REGISTRY_SCHEMES = ("models:/", "runs:/")
 KEY_METRICS = ("pr_auc", "roc_auc", "ece", "recall", "precision", "p99_ms_batch1", "server_p99_ms", "rows_per_s",
                "cost_per_million", "threshold")
+DIGEST_CHARS = 36  # the width of MLflow's dataset digest column
 
 
 def check_model_name(name: str) -> str:
@@ -60,27 +68,103 @@ def configure(settings: Settings) -> MlflowClient:
     return client
 
 
-def log_onnx_model(onnx_path: Path) -> mlflow.models.model.ModelInfo:
-    """Log the ONNX file as an MLflow model in the active run (CPU provider by default)."""
+# ONNX element types of the tensor contract, as numpy dtypes for MLflow's TensorSpec.
+_ONNX_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.INT64: np.int64,
+                onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.DOUBLE: np.float64}
+
+
+def _tensor_spec(value: onnx.ValueInfoProto) -> TensorSpec:
+    tensor = value.type.tensor_type
+    dtype = _ONNX_DTYPES.get(tensor.elem_type)
+    if dtype is None:
+        raise ValueError(f"ONNX {value.name!r}: element type {tensor.elem_type} is not in the tensor contract")
+    # A named (symbolic) or unknown dimension is the batch: -1 in MLflow's schema.
+    shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim)
+    return TensorSpec(np.dtype(dtype), shape, value.name)
+
+
+def onnx_signature(model: onnx.ModelProto) -> ModelSignature:
+    """The model's signature read from its graph: `numeric` float32 [-1, N] and `categorical`
+    int64 [-1, M] in, `probability` out, with N and M the widths the graph was exported with."""
+    inputs = {v.name: v for v in model.graph.input}
+    outputs = {v.name: v for v in model.graph.output}
+    missing = [n for n in INPUT_NAMES if n not in inputs] + [n for n in (OUTPUT_NAME,) if n not in outputs]
+    if missing:
+        raise ValueError(f"ONNX graph lacks {missing}; the contract is {list(INPUT_NAMES)} -> {OUTPUT_NAME!r}")
+    return ModelSignature(inputs=Schema([_tensor_spec(inputs[n]) for n in INPUT_NAMES]),
+                          outputs=Schema([_tensor_spec(outputs[OUTPUT_NAME])]))
+
+
+def input_example(signature: ModelSignature, rows: int = 2) -> dict[str, np.ndarray]:
+    """A request MLflow stores beside the model and checks it against: zeros (every code 0 = unknown)."""
+    return {spec.name: np.zeros((rows, *spec.shape[1:]), dtype=spec.type) for spec in signature.inputs.inputs}
+
+
+def log_onnx_model(onnx_path: Path, example: dict[str, np.ndarray] | None = None) -> mlflow.models.model.ModelInfo:
+    """Log the ONNX file as an MLflow model in the active run, with its signature and an input
+    example (CPU provider by default; MLflow's own default would be CUDA first)."""
+    model = onnx.load(str(onnx_path))
+    signature = onnx_signature(model)
     return mlflow.onnx.log_model(
-        onnx.load(str(onnx_path)), name="model", save_as_external_data=False,
+        model, name="model", save_as_external_data=False, signature=signature,
+        input_example=example if example is not None else input_example(signature),
         onnx_execution_providers=["CPUExecutionProvider"],
     )
 
 
+def log_training_dataset(frame, data_hash: str, context: str = "training", *, name: str | None = None,
+                         source: str | None = None, targets: str | None = None,
+                         model_id: str | None = None) -> mlflow.data.pandas_dataset.PandasDataset:
+    """Record the training set on the active run with mlflow.data, its hash as the digest.
+
+    MLflow keeps at most 36 characters of a digest, so a longer hash (sha256) is cut to that and
+    also kept whole in the input's `data_hash` tag. With `model_id`, the logged model links to it.
+    """
+    with warnings.catch_warnings():  # MLflow's hint that integer columns cannot hold missing values
+        warnings.filterwarnings("ignore", message=".*Integer columns in Python cannot represent missing values",
+                                category=UserWarning, module="mlflow")
+        dataset = mlflow.data.from_pandas(frame, source=source, targets=targets,
+                                          name=name or f"train-{data_hash[:12]}", digest=data_hash[:DIGEST_CHARS])
+        mlflow.log_input(dataset, context=context, tags={"data_hash": data_hash},  # infers the schema
+                         model=LoggedModelInput(model_id) if model_id else None)
+    return dataset
+
+
 def register_candidate(client: MlflowClient, name: str, model_info, run_id: str, onnx_path: Path,
-                       tags: dict[str, str]) -> ModelVersion:
-    """A new version carrying the ONNX it would ship, its hash and lineage; alias challenger."""
+                       tags: dict[str, str], metrics: dict[str, float] | None = None) -> ModelVersion:
+    """A new version carrying the ONNX it would ship, its hash and lineage; alias challenger.
+
+    The key metrics are logged against the logged model too (model_id), so MLflow's model page
+    shows them; without `metrics`, those the pipeline put on the parent run are used.
+    """
     try:
         client.create_registered_model(name)
     except MlflowException:
         pass  # already registered
     tags = {**tags, "sha256": sha256_file(onnx_path)}
+    log_model_metrics(client, run_id, model_info.model_id, metrics if metrics is not None else
+                      run_key_metrics(client, run_id))
     version = client.create_model_version(name, source=model_info.model_uri, run_id=run_id,
                                           tags={k: str(v) for k, v in tags.items()},
                                           model_id=model_info.model_id)
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     return version
+
+
+def run_key_metrics(client: MlflowClient, run_id: str) -> dict[str, float]:
+    """KEY_METRICS from the pipeline's parent run of `run_id` (where the pipeline logs them), else the run's."""
+    run = client.get_run(run_id)
+    parent_id = run.data.tags.get("mlflow.parentRunId")
+    metrics = client.get_run(parent_id).data.metrics if parent_id else run.data.metrics
+    return {k: metrics[k] for k in KEY_METRICS if k in metrics}
+
+
+def log_model_metrics(client: MlflowClient, run_id: str, model_id: str, metrics: dict[str, float]) -> None:
+    """Metrics on the logged model (and its run), as MLflow 3's model page reads them."""
+    if not metrics:
+        return
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0, model_id=model_id) for k, v in metrics.items()])
 
 
 # What MLflow answers for a model that is not registered yet and for an alias that is not set.
@@ -152,12 +236,31 @@ def previous_champion(client: MlflowClient, name: str) -> str | None:
 
 
 def record_decision(client: MlflowClient, name: str, version: str, decision: dict) -> None:
-    """Keep the latest gate decision on the version and on the registered model."""
+    """Keep the latest gate decision on the version (tags and its description, which MLflow's
+    version page shows first) and on the registered model."""
     summary = json.dumps({"version": version, "promote": decision["promote"],
                           "variant": decision["variant"], "reason": decision["reason"]})
     client.set_model_version_tag(name, version, "gate_decision", "promote" if decision["promote"] else "block")
     client.set_model_version_tag(name, version, "gate_reason", decision["reason"][:4900])
+    client.update_model_version(name, version, description=decision_description(decision))
     client.set_registered_model_tag(name, "last_gate_decision", summary[:4900])
+
+
+def decision_description(decision: dict) -> str:
+    """The gate's verdict in a few lines of markdown: what was decided, why, and each gate."""
+    verdict = "promoted to @champion" if decision["promote"] else "blocked: stays @challenger"
+    lines = [f"**Gate decision: {verdict}** (variant `{decision['variant']}`). {decision['reason']}"]
+    gates = decision.get("gates") or []
+    if gates:
+        lines += ["", "| gate | result | measured | threshold |", "|---|---|---|---|"]
+        for g in gates:
+            result = "pass" if g.get("passed") else "FAIL"
+            lines.append(f"| {g.get('gate')} | {result} | {_cell(g.get('measured'))} | {_cell(g.get('threshold'))} |")
+    return "\n".join(lines)[:4900]
+
+
+def _cell(value) -> str:
+    return "n/a" if value is None else f"{value:.6g}" if isinstance(value, int | float) else str(value)
 
 
 def download_onnx(client: MlflowClient, version: ModelVersion, dst: Path) -> Path:

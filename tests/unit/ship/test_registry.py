@@ -33,3 +33,118 @@ def test_a_set_alias_returns_its_version(client, tmp_path):
     version = client.create_model_version("fraud-detector", source=str(tmp_path))
     client.set_registered_model_alias("fraud-detector", registry.CHAMPION, version.version)
     assert registry.version_by_alias(client, "fraud-detector", registry.CHAMPION).version == version.version
+
+
+# --- what MLflow's own pages show: signature, input example, logged-model metrics, dataset, decision ---
+
+def _tiny_onnx(path, numeric: int = 3, categorical: int = 2):
+    """A real ONNX model on the tensor contract: numeric [batch, N] float, categorical [batch, M] int64."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["categorical"], ["codes"], to=TensorProto.FLOAT),
+         helper.make_node("Concat", ["numeric", "codes"], ["both"], axis=1),
+         helper.make_node("ReduceSum", ["both", "axes"], ["total"], keepdims=0),
+         helper.make_node("Sigmoid", ["total"], ["probability"])],
+        "tiny",
+        [helper.make_tensor_value_info("numeric", TensorProto.FLOAT, ["batch", numeric]),
+         helper.make_tensor_value_info("categorical", TensorProto.INT64, ["batch", categorical])],
+        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch"])],
+        [helper.make_tensor("axes", TensorProto.INT64, [1], [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture
+def store(home):
+    """The embedded MLflow store (SQLite under SLUICEGATE_HOME), configured the way the pipeline does."""
+    from sluicegate.config import Settings
+
+    return registry.configure(Settings())
+
+
+def test_every_logged_model_has_a_signature_read_from_the_graph_and_an_input_example(store, tmp_path):
+    import mlflow
+    import numpy as np
+
+    path = _tiny_onnx(tmp_path / "m.onnx", numeric=5, categorical=3)
+    with mlflow.start_run():
+        info = registry.log_onnx_model(path)
+    signature = mlflow.models.get_model_info(info.model_uri).signature
+    inputs = {s.name: (s.type, s.shape) for s in signature.inputs.inputs}
+    assert inputs == {"numeric": (np.dtype(np.float32), (-1, 5)), "categorical": (np.dtype(np.int64), (-1, 3))}
+    assert [(s.name, s.type, s.shape) for s in signature.outputs.inputs] == [
+        ("probability", np.dtype(np.float32), (-1,))]
+    # The input example is stored with the model and is a request the model answers.
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    example = model.input_example
+    assert example["numeric"].shape == (2, 5) and example["categorical"].dtype == np.int64
+    assert model.predict(example)["probability"].shape == (2,)
+    with pytest.raises(Exception, match="(?i)schema"):  # the signature is enforced: float64 is refused
+        model.predict({"numeric": np.zeros((1, 5)), "categorical": np.zeros((1, 3), np.int64)})
+
+
+def test_key_metrics_are_logged_against_the_logged_model(store, tmp_path):
+    import mlflow
+
+    path = _tiny_onnx(tmp_path / "m.onnx")
+    with mlflow.start_run() as parent:  # the pipeline logs key metrics on its parent run ...
+        mlflow.log_metrics({"pr_auc": 0.42, "server_p99_ms": 1.5, "not_a_key_metric": 7.0})
+        with mlflow.start_run(nested=True) as stage:  # ... and registers in a nested stage run
+            info = registry.log_onnx_model(path)
+            version = registry.register_candidate(store, "fraud-detector", info, stage.info.run_id, path,
+                                                  {"variant": "fp32"})
+    logged = {m.key: m.value for m in store.get_logged_model(info.model_id).metrics}
+    assert logged == {"pr_auc": 0.42, "server_p99_ms": 1.5}
+    assert store.get_model_version("fraud-detector", version.version).source == f"models:/{info.model_id}"
+    assert parent.info.run_id != stage.info.run_id
+    # Explicit metrics win over the parent's.
+    with mlflow.start_run() as run:
+        info2 = registry.log_onnx_model(path)
+        registry.register_candidate(store, "fraud-detector", info2, run.info.run_id, path, {}, metrics={"roc_auc": 0.9})
+    assert {m.key: m.value for m in store.get_logged_model(info2.model_id).metrics} == {"roc_auc": 0.9}
+
+
+def test_the_version_description_says_what_the_gate_decided(store, tmp_path):
+    import mlflow
+
+    path = _tiny_onnx(tmp_path / "m.onnx")
+    with mlflow.start_run() as run:
+        info = registry.log_onnx_model(path)
+        version = registry.register_candidate(store, "fraud-detector", info, run.info.run_id, path, {})
+    decision = {"promote": False, "variant": "int8", "reason": "blocked by latency_slo_p99_ms",
+                "gates": [{"gate": "min_pr_auc", "threshold": 0.3, "measured": 0.41, "passed": True},
+                          {"gate": "latency_slo_p99_ms", "threshold": 5.0, "measured": 7.25, "passed": False}]}
+    registry.record_decision(store, "fraud-detector", version.version, decision)
+    description = store.get_model_version("fraud-detector", version.version).description
+    assert description.startswith("**Gate decision: blocked: stays @challenger** (variant `int8`)")
+    assert "blocked by latency_slo_p99_ms" in description
+    assert "| latency_slo_p99_ms | FAIL | 7.25 | 5 |" in description
+    assert "| min_pr_auc | pass | 0.41 | 0.3 |" in description
+    registry.record_decision(store, "fraud-detector", version.version, {**decision, "promote": True, "reason": "ok"})
+    assert "promoted to @champion" in store.get_model_version("fraud-detector", version.version).description
+
+
+def test_the_training_set_is_recorded_with_its_hash_as_digest(store, tmp_path):
+    import hashlib
+
+    import mlflow
+    import pandas as pd
+
+    frame = pd.DataFrame({"amount": [1.0, 2.5, 3.0], "is_fraud": [0, 1, 0]})
+    data_hash = hashlib.sha256(b"the training set").hexdigest()
+    path = _tiny_onnx(tmp_path / "m.onnx")
+    with mlflow.start_run() as run:
+        info = registry.log_onnx_model(path)
+        registry.log_training_dataset(frame, data_hash, "training", targets="is_fraud", model_id=info.model_id)
+    inputs = store.get_run(run.info.run_id).inputs
+    (logged,) = inputs.dataset_inputs
+    assert logged.dataset.digest == data_hash[:registry.DIGEST_CHARS]
+    assert logged.dataset.name == f"train-{data_hash[:12]}"
+    assert {t.key: t.value for t in logged.tags} == {"mlflow.data.context": "training", "data_hash": data_hash}
+    assert '"num_rows": 3' in logged.dataset.profile and "amount" in logged.dataset.schema
+    assert [m.model_id for m in inputs.model_inputs] == [info.model_id]
