@@ -22,10 +22,17 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-demo: setup ## Generate a batch and run the whole gated pipeline on embedded defaults
+# SPEC=examples/<name>/spec.yaml runs an example table instead: its fetch.sh prints the table's path.
+demo: setup ## The whole gated pipeline on embedded defaults (SPEC=examples/default/spec.yaml: a public table)
+ifeq ($(SPEC),)
 	$(BIN)/sluicegate generate --rows $(ROWS) --days $(DAYS) --seed $(SEED)
 	$(BIN)/sluicegate run
 	$(BIN)/sluicegate status
+else
+	$(BIN)/sluicegate import "$$(PYTHON=$(BIN)/python bash $(dir $(SPEC))fetch.sh)" --spec $(SPEC)
+	$(BIN)/sluicegate run --spec $(SPEC)
+	$(BIN)/sluicegate status --spec $(SPEC)
+endif
 
 # Each integration and end-to-end file runs in its own process: they start real servers
 # (Prefect, MLflow, the model server) and set process-wide state that must not leak between them.

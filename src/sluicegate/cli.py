@@ -11,6 +11,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -34,6 +35,23 @@ def _quiet_library_noise() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+
+
+SpecOption = Annotated[Path | None, typer.Option(
+    "--spec", help="The table's dataset spec [SLUICEGATE_SPEC_PATH]; default: the built-in example")]
+
+
+def _settings(spec: Path | None) -> Settings:
+    """Settings for the table the command is about; a bad spec ends here with the key it names."""
+    from sluicegate.spec import SpecError
+
+    if spec is not None:  # through the environment, so flows and their subprocesses read the same spec
+        os.environ["SLUICEGATE_SPEC_PATH"] = str(spec.resolve())
+    try:
+        return Settings()
+    except (SpecError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
 
 
 def _home(settings: Settings):
@@ -69,6 +87,7 @@ def _check_policy(settings: Settings) -> None:
 
 @app.command()
 def generate(
+    spec: SpecOption = None,
     rows: Annotated[int, typer.Option(help="Number of transactions")] = 200_000,
     days: Annotated[int, typer.Option(help="Days of history, one parquet partition each")] = 30,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same batch")] = 7,
@@ -80,15 +99,19 @@ def generate(
     """Write a synthetic card-transaction batch under SLUICEGATE_HOME/raw."""
     from sluicegate.data import batches as data
     from sluicegate.data import synthetic
-    from sluicegate.spec import load_spec
+    from sluicegate.spec import DEFAULT_SPEC_PATH, load_spec
 
     if drift not in synthetic.DRIFTS:
         raise typer.BadParameter(f"--drift must be one of {', '.join(synthetic.DRIFTS)}, not {drift!r}")
     if fault not in synthetic.FAULTS:
         raise typer.BadParameter(f"--fault must be one of {', '.join(synthetic.FAULTS)}, not {fault!r}")
-    settings = Settings()
+    settings = _settings(spec)
     paths = _home(settings)
     spec = load_spec(settings.spec_path)
+    if spec.column_names != load_spec(DEFAULT_SPEC_PATH).column_names:
+        console.print(f"[red]error:[/red] generate writes the built-in example table; {settings.spec_path} "
+                      "declares other columns. Bring that table in with `sluicegate import TABLE --spec SPEC`")
+        raise typer.Exit(2)
     cfg = synthetic.GenerateConfig(rows=rows, days=days, seed=seed, start=start, drift=drift, fault=fault)
     started = time.perf_counter()
     with console.status(f"generating {rows:,} transactions over {days} days"):
@@ -128,6 +151,7 @@ def _with_train_options(command):
 @_with_train_options
 def run(
     train: dict,
+    spec: SpecOption = None,
     batch: Annotated[str | None, typer.Option(help="Raw batch id; default: the newest")] = None,
     target: Annotated[str, typer.Option(help="Where the model will run: cpu, cuda or rocm")] = "cpu",
     promote: Annotated[bool, typer.Option(help="Gate and promote now, or only register a challenger")] = True,
@@ -135,7 +159,7 @@ def run(
     """Run the training pipeline on a batch. Exit 0 done, 3 blocked by a gate, else error."""
     from sluicegate.flows.pipeline import PipelineParams, training_pipeline
 
-    settings = Settings()
+    settings = _settings(spec)
     _home(settings)
     _check_policy(settings)
     try:
@@ -180,19 +204,21 @@ def _print_outcome(result: dict, settings: Settings, elapsed: float) -> None:
 
 @app.command()
 def status(
+    spec: SpecOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
     show_history: Annotated[bool, typer.Option("--history", help="List promotions and rollbacks")] = False,
 ) -> None:
     """Champion and challenger versions, their metrics and variant, and the last gate decision."""
     from sluicegate.ship import registry
 
-    settings = Settings()
+    settings = _settings(spec)
     _home(settings)
     with _registry_answers():
         client = registry.configure(settings)
         info = registry.status(client, settings.model_name)
         if show_history:
             info["history"] = registry.history(client, settings.model_name)
+        info["models"] = _registered_models(client)
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -214,10 +240,67 @@ def status(
     if last:
         console.print(f"last decision: v{last['version']} {'promote' if last['promote'] else 'block'}: "
                       f"{last['reason']}")
+    others = [f"{m['name']} (champion {'v' + m['champion'] if m['champion'] else 'none'})" for m in info["models"]]
+    console.print(f"models in this registry: {', '.join(others) or 'none'}")
+
+
+def _registered_models(client) -> list[dict]:
+    """Every table's model in the registry (one per spec), with its champion version."""
+    return [{"name": m.name, "champion": (m.aliases or {}).get("champion")}
+            for m in client.search_registered_models(order_by=["name ASC"])]
+
+
+@app.command()
+def init(
+    table: Annotated[Path, typer.Argument(help="A CSV or parquet file")],
+    label: Annotated[str | None, typer.Option(help="The label column, when it cannot be told")] = None,
+    id_column: Annotated[str | None, typer.Option("--id", help="The unique row id column")] = None,
+    timestamp: Annotated[str | None, typer.Option(help="The event-time column")] = None,
+    out: Annotated[Path | None, typer.Option(help="Where to write the spec; default: TABLE's name + .spec.yaml")]
+    = None,
+    name: Annotated[str | None, typer.Option(help="The spec's name; default: from TABLE's file name")] = None,
+) -> None:
+    """Draft a dataset spec from a table: dtypes, ranges, categories, null shares, label band, candidate id,
+    timestamp, and columns that look like leakage. Review it, then `sluicegate import`."""
+    from sluicegate.data import tables
+
+    try:
+        draft = tables.infer_spec(tables.read_table(table), name or table.stem, label, id_column, timestamp)
+    except tables.TableError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    out = out or table.with_name(f"{table.stem}.spec.yaml")
+    out.write_text(draft.to_yaml(table))
+    for note in draft.notes:
+        console.print(f"- {note}")
+    console.print(f"init: wrote {out}; review it, then: sluicegate import {table} --spec {out}")
+    print(out)
+
+
+@app.command(name="import")
+def import_cmd(
+    table: Annotated[Path, typer.Argument(help="A CSV or parquet file")],
+    spec: SpecOption = None,
+    batch: Annotated[str | None, typer.Option(help="Batch id; default: file name + checksum")] = None,
+) -> None:
+    """Check a table against its spec and lay it out as a raw batch (by day with a timestamp); the file
+    itself is only read, and its checksum recorded."""
+    from sluicegate.data import tables
+
+    settings = _settings(spec)
+    paths = _home(settings)
+    try:
+        outcome = tables.import_table(table, settings.spec, paths.raw, batch)
+    except tables.TableError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print(outcome.summary())
+    print(outcome.batch_dir.name)
 
 
 @app.command(name="deploy")
 def deploy_cmd(
+    spec: SpecOption = None,
     actor: Annotated[str, typer.Option(help="Who is deploying, recorded with the promotion")] = "cli",
 ) -> None:
     """Gate the newest challenger against the champion and promote it if every gate passes.
@@ -226,7 +309,7 @@ def deploy_cmd(
     """
     from sluicegate.flows.deploy import deploy_flow
 
-    settings = Settings()
+    settings = _settings(spec)
     _home(settings)
     _check_policy(settings)
     with _registry_answers():
@@ -240,6 +323,7 @@ def deploy_cmd(
 
 @app.command()
 def rollback(
+    spec: SpecOption = None,
     to: Annotated[str | None, typer.Option(help="Version to restore; default: the previous champion")] = None,
     actor: Annotated[str, typer.Option(help="Who is rolling back")] = "cli",
     reason: Annotated[str, typer.Option(help="Why, recorded in the history")] = "manual rollback",
@@ -247,7 +331,7 @@ def rollback(
     """Restore the previous champion (or --to VERSION) and record it."""
     from sluicegate.flows.deploy import rollback_flow
 
-    settings = Settings()
+    settings = _settings(spec)
     _home(settings)
     try:
         with _registry_answers():
@@ -260,6 +344,7 @@ def rollback(
 
 @app.command()
 def serve(
+    spec: SpecOption = None,
     host: Annotated[str | None, typer.Option(help="Bind address [SLUICEGATE_SERVE_HOST]")] = None,
     port: Annotated[int | None, typer.Option(help="Port [SLUICEGATE_SERVE_PORT]")] = None,
     max_batch_rows: Annotated[int | None, typer.Option(help="Rows per model call at most")] = None,
@@ -269,7 +354,7 @@ def serve(
     """Serve MODEL@champion: Open Inference Protocol v2, /predict, /metrics; hot-reloads the champion."""
     from sluicegate.serve import ServeSettings, run
 
-    settings = Settings()
+    settings = _settings(spec)
     _home(settings)
     given = {"host": host, "port": port, "max_batch_rows": max_batch_rows, "max_wait_ms": max_wait_ms,
              "poll_interval_s": poll_interval}
@@ -281,6 +366,7 @@ def serve(
 
 @app.command()
 def monitor(
+    spec: SpecOption = None,
     trigger: Annotated[bool, typer.Option(help="Start training-pipeline through the Prefect API on drift")] = True,
     window_days: Annotated[int, typer.Option(help="Days of newest raw data a triggered retrain uses")] = 14,
 ) -> None:
@@ -288,7 +374,7 @@ def monitor(
     from sluicegate.flows.monitor import MonitorParams
     from sluicegate.flows.monitor import monitor as monitor_flow
 
-    settings = Settings()
+    settings = _settings(spec)
     _home(settings)
     result = monitor_flow(MonitorParams(trigger=trigger, window_days=window_days))
     colour = {"triggered": "yellow", "checked": "green"}.get(result["status"], "cyan")
@@ -300,12 +386,13 @@ def monitor(
 
 @app.command()
 def ingest(
+    spec: SpecOption = None,
     days: Annotated[int, typer.Option(help="Newest N days of raw partitions to assemble")] = 14,
 ) -> None:
     """Assemble the newest N days of raw partitions (from any batch) into a window batch; prints its id."""
     from sluicegate.operate import ingest as ingest_mod
 
-    settings = Settings()
+    settings = _settings(spec)
     paths = _home(settings)
     try:
         window = ingest_mod.assemble_window(paths.raw, days)

@@ -28,6 +28,8 @@ Transform = Literal["none", "log1p"]
 Aggregation = Literal["count", "sum", "mean", "std", "min", "max", "time_since_previous", "label_rate"]
 TimePart = Literal["hour_of_day", "day_of_week"]
 NAME = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+# The row id `sluicegate import` derives (a hash of the row) when the table declares none.
+DERIVED_ID = "row_id"
 # Aggregations whose value is never missing (no history is 0); the others are NaN without history.
 NEVER_MISSING = ("count", "sum")
 
@@ -220,8 +222,9 @@ class DatasetSpec(_Strict):
         return self.table.label
 
     @property
-    def id(self) -> str | None:
-        return self.table.id
+    def id(self) -> str:
+        """The row id: the table's own, or the one `sluicegate import` derives."""
+        return self.table.id or DERIVED_ID
 
     @property
     def timestamp(self) -> str | None:
@@ -239,10 +242,16 @@ class DatasetSpec(_Strict):
     def registered_model(self) -> str:
         return self.model_name or self.name
 
+    @cached_property
+    def all_columns(self) -> dict[str, Column]:
+        """The columns a batch holds, in order: the declared ones, after the derived row id if any
+        (ignored columns included: they are still validated)."""
+        derived = {} if self.table.id else {DERIVED_ID: Column(dtype="string")}
+        return {**derived, **self.columns}
+
     @property
     def column_names(self) -> list[str]:
-        """The columns a batch holds, in order (ignored columns included: they are still validated)."""
-        return list(self.columns)
+        return list(self.all_columns)
 
     @property
     def categorical_features(self) -> list[str]:
@@ -317,6 +326,9 @@ def _check_references(spec: DatasetSpec) -> None:
         if dtypes and cols[name].dtype not in dtypes:
             raise ValueError(f"{key}: {name!r} is {cols[name].dtype}, need {' or '.join(dtypes)}")
 
+    if DERIVED_ID in cols and not table.id:
+        raise ValueError(f"columns.{DERIVED_ID}: the name is taken by the derived row id; declare it as table.id "
+                         "or rename the column")
     need(table.label, "table.label")
     need(table.id, "table.id", ("string", "int64"))
     need(table.timestamp, "table.timestamp", ("timestamp",))

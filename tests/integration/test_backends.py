@@ -209,7 +209,7 @@ def test_predict_through_redis_survives_a_redis_outage(backends, run, tmp_path):
             proc = start_redis()  # same port, same append-only file
             back = http.post("/predict", json=body, headers=served.AUTH)
             assert back.status_code == 200, back.text
-            assert back.json()["fraud_probability"] == first.json()["fraud_probability"]  # same features
+            assert back.json()["probability"] == first.json()["probability"]  # same features
     finally:
         running.stop()
         if proc.poll() is None:

@@ -64,7 +64,7 @@ def _flood_duplicates(df, spec):
 
 def _flood_out_of_range(df, spec):
     df = df.copy()
-    df.loc[df.index[::2], spec.amount] = 5e7  # half the batch far above the spec's maximum
+    df.loc[df.index[::2], "amount"] = 5e7  # half the batch far above the spec's maximum
     return df
 
 

@@ -222,15 +222,15 @@ def test_predict_end_to_end_through_feast(http, world):
     raw = pd.DataFrame([{**body, "event_timestamp": pd.Timestamp(body["event_timestamp"])}])
     model_frame = pd.concat([raw, online[features.FEATURE_NAMES]], axis=1)
     expected = onnx_predict(make_session(world["onnx"]), build_model_input(model_frame, spec))[0]
-    assert got["fraud_probability"] == pytest.approx(float(expected), abs=1e-6)
-    assert got["is_fraud"] == (got["fraud_probability"] >= 0.3) and got["threshold"] == pytest.approx(0.3)
-    assert got["model_version"] == "1" and got["transaction_id"] == body["transaction_id"]
+    assert got["probability"] == pytest.approx(float(expected), abs=1e-6)
+    assert got["positive"] == (got["probability"] >= 0.3) and got["threshold"] == pytest.approx(0.3)
+    assert got["model_version"] == "1" and got["id"] == body["transaction_id"]
 
 
 def test_predict_for_an_unseen_customer_uses_defaults(http, world):
     body = {**_business(world["frame"].iloc[0]), "customer_id": 10**12, "merchant_id": 10**12}
     answer = http.post("/predict", json=body, headers=AUTH)
-    assert answer.status_code == 200 and 0.0 <= answer.json()["fraud_probability"] <= 1.0
+    assert answer.status_code == 200 and 0.0 <= answer.json()["probability"] <= 1.0
 
 
 def test_online_store_down_gives_503_then_recovers(http, server, world):

@@ -117,7 +117,7 @@ def build_expectations(spec: DatasetSpec) -> list:
         gxe.ExpectTableColumnsToMatchSet(column_set=spec.column_names, exact_match=True),
         gxe.ExpectTableRowCountToBeBetween(min_value=1),
     ]
-    for name, col in spec.columns.items():
+    for name, col in spec.all_columns.items():
         if not col.nullable:  # nullable with a share: at most that share; nullable alone: any share
             exps.append(gxe.ExpectColumnValuesToNotBeNull(column=name, mostly=1 - (col.max_null_share or 0.0)))
         exps.append(gxe.ExpectColumnValuesToBeOfType(column=name, type_=GX_TYPES[col.dtype]))
@@ -133,8 +133,7 @@ def build_expectations(spec: DatasetSpec) -> list:
         exps.append(gxe.ExpectColumnValuesToBeInSet(column=spec.label, value_set=positive, mostly=low))
     if high < 1:
         exps.append(gxe.ExpectColumnValuesToNotBeInSet(column=spec.label, value_set=positive, mostly=1 - high))
-    if spec.id:
-        exps.append(gxe.ExpectColumnValuesToBeUnique(column=spec.id))
+    exps.append(gxe.ExpectColumnValuesToBeUnique(column=spec.id))
     if spec.timestamp:
         # The window differs per batch, so it is a suite parameter given at run time.
         exps.append(gxe.ExpectColumnValuesToBeBetween(
@@ -289,7 +288,7 @@ def _fast_frame(df: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
     copy consolidates the blocks: GX filters the whole frame many times and would re-consolidate.
     """
     out = df.copy(deep=False)
-    for name, col in spec.columns.items():
+    for name, col in spec.all_columns.items():
         if col.dtype != "string" or name not in out.columns or out[name].dtype != object:
             continue
         if pd.api.types.infer_dtype(out[name], skipna=True) == "string":
@@ -349,6 +348,12 @@ def _detail(kind: str, kwargs: dict, res: dict) -> str:
     if kind == "expect_column_values_to_be_between":
         high = ")" if kwargs.get("strict_max") else "]"
         return f"{share} outside [{kwargs.get('min_value')}, {kwargs.get('max_value')}{high}"
+    if kind == "expect_column_values_to_be_in_set" and kwargs.get("mostly", 1) < 1:  # the label rate's floor
+        return (f"positive share {1 - (pct or 0) / 100:.2%} is below the spec's label_rate floor "
+                f"{kwargs['mostly']:.2%} (positive = {kwargs['value_set'][0]!r})")
+    if kind == "expect_column_values_to_not_be_in_set":  # the label rate's ceiling
+        return (f"positive share {(pct or 0) / 100:.2%} is above the spec's label_rate ceiling "
+                f"{1 - kwargs.get('mostly', 1):.2%} (positive = {kwargs['value_set'][0]!r})")
     if kind == "expect_column_values_to_be_in_set":
         return f"{share} not in {kwargs['value_set']}"
     if kind == "expect_column_values_to_be_unique":

@@ -24,6 +24,7 @@ import pytz
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, Project, RepoConfig, ValueType
 from feast.infra.offline_stores.dask import DaskOfflineStore, DaskOfflineStoreConfig, DaskRetrievalJob
 from feast.infra.offline_stores.offline_store import RetrievalMetadata
+from feast.infra.offline_stores.offline_utils import DEFAULT_ENTITY_DF_EVENT_TIMESTAMP_COL
 from feast.infra.online_stores.redis import RedisOnlineStoreConfig
 from feast.infra.online_stores.sqlite import SqliteOnlineStoreConfig
 from feast.repo_config import RegistryConfig
@@ -36,7 +37,7 @@ from sluicegate.spec import Aggregate, DatasetSpec
 # Longer than the longest window the spec declares, so the PIT join never drops a row we wrote.
 MIN_TTL = timedelta(days=31)
 # Feast's dask store names the entity timestamp this way; other names make it guess.
-FEAST_EVENT_TS = "event_timestamp"
+FEAST_EVENT_TS = DEFAULT_ENTITY_DF_EVENT_TIMESTAMP_COL
 FEAST_TYPES = {"int64": (ValueType.INT64, Int64), "string": (ValueType.STRING, String)}
 
 

@@ -39,9 +39,9 @@ def reference_profile(settings: Settings, spec: DatasetSpec, client: MlflowClien
     batch_id = champion.tags.get("batch_id")
     batch = data.read_batch(settings.paths.raw / batch_id)
     tables = features.compute_feature_tables(batch, spec) if spec.features.aggregates else {}
-    if spec.features.python:
-        batch = batch.assign(**python_features(batch, spec))
     ref = mon.reference_frame(batch, tables, spec, mon.parse_window(champion.tags.get("train_window")))
+    if spec.features.python:  # after the aggregates, which the function may read
+        ref = ref.assign(**python_features(ref, spec))
     onnx_path = registry.download_onnx(client, champion, settings.paths.monitoring / f"champion-v{champion.version}")
     profile = mon.build_profile(ref, spec, champion.version, batch_id, scores=score(onnx_path, ref, spec))
     cached.parent.mkdir(parents=True, exist_ok=True)

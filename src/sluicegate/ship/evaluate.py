@@ -136,7 +136,7 @@ def reliability_table(y: np.ndarray, scores: np.ndarray, bins: int = ECE_BINS) -
 
 
 def plot_reliability(table: list[dict], ece: float, path: Path) -> Path:
-    """A reliability diagram: observed fraud rate against mean predicted score per bin."""
+    """A reliability diagram: observed positive rate against mean predicted score per bin."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,7 +146,7 @@ def plot_reliability(table: list[dict], ece: float, path: Path) -> Path:
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
     ax.plot([r["mean_score"] for r in table], [r["observed_rate"] for r in table], "o-", label="model")
     ax.set_xlabel("mean predicted probability")
-    ax.set_ylabel("observed fraud rate")
+    ax.set_ylabel("observed positive rate")
     ax.set_title(f"Reliability (ECE {ece:.4f})")
     ax.legend(loc="upper left")
     fig.tight_layout()
@@ -162,8 +162,8 @@ def plot_reliability(table: list[dict], ece: float, path: Path) -> Path:
 class Robustness:
     """PR-AUC drop under perturbations derived from the feature types."""
 
-    drops: dict[str, float]  # noise: 10% of each numeric input's std; no_history: every aggregate at its
-    # no-history value; shuffled_<column>: one categorical column permuted across rows
+    drops: dict[str, float]  # noise: 10% of each numeric input's std; no_history: a tenth of the rows with
+    # every aggregate at its no-history value; shuffled_<column>: one categorical column permuted across rows
 
     @property
     def worst(self) -> float:
@@ -184,12 +184,13 @@ def robustness(score: Scorer, inputs: ModelInput, y: np.ndarray, base_pr_auc: fl
         noisy[:, values] += (rng.normal(0, 0.1, (len(inputs), len(values))).astype(np.float32)
                              * inputs.numeric[:, values].std(axis=0, keepdims=True))
         perturbed["noise"] = ModelInput(noisy, inputs.categorical)
-    if spec.features.aggregates:
+    if spec.features.aggregates:  # as if a tenth of the rows came from entities never seen before
         cold = inputs.numeric.copy()
+        rows = rng.random(len(inputs)) < COLD_SHARE
         for agg in spec.features.aggregates:
-            cold[:, names.index(agg.feature_name)] = 0.0  # a count of 0, or a missing value's 0
+            cold[rows, names.index(agg.feature_name)] = 0.0  # a count of 0, or a missing value's 0
             if agg.may_be_missing:
-                cold[:, names.index(agg.feature_name + MISSING)] = 1.0
+                cold[rows, names.index(agg.feature_name + MISSING)] = 1.0
         perturbed["no_history"] = ModelInput(cold, inputs.categorical)
     for i, column in enumerate(spec.categorical_features):
         shuffled = inputs.categorical.copy()
@@ -215,6 +216,7 @@ class Behaviour:
 
 
 DIRECTION_TOLERANCE = 0.05
+COLD_SHARE = 0.1  # rows that lose their history in the no_history perturbation
 
 
 def behaviour(score_frame: Callable[[pd.DataFrame], np.ndarray], frame: pd.DataFrame, spec: DatasetSpec) -> Behaviour:

@@ -70,13 +70,13 @@ def test_clean_batch_passes(clean, spec, context_root):
 
 # The check each fault must trip, with the spec naming the columns.
 EXPECTED_FAILURE = {
-    "nulls": lambda s: ("expect_column_values_to_not_be_null", s.amount),
-    "out_of_range": lambda s: ("expect_column_values_to_be_between", s.amount),
+    "nulls": lambda s: ("expect_column_values_to_not_be_null", "amount"),
+    "out_of_range": lambda s: ("expect_column_values_to_be_between", "amount"),
     "drop_column": lambda s: ("expect_table_columns_to_match_set", None),
     "rename_column": lambda s: ("expect_table_columns_to_match_set", None),
-    "bad_dtype": lambda s: ("expect_column_values_to_be_of_type", s.amount),
+    "bad_dtype": lambda s: ("expect_column_values_to_be_of_type", "amount"),
     "duplicates": lambda s: ("expect_column_values_to_be_unique", s.id),
-    "label_flip": lambda s: ("expect_column_mean_to_be_between", s.label),
+    "label_flip": lambda s: ("expect_column_values_to_not_be_in_set", s.label),
 }
 
 

@@ -98,7 +98,7 @@ def test_future_transactions_do_not_leak(frame, transactions, spec, tmp_path):
     _, store, _ = build(planted, spec, tmp_path)
     after = F.training_frame(store, transactions, spec)
 
-    unchanged = [n for n in spec.feature_columns if n != "merch_txn_count_24h"]
+    unchanged = [n for n in [a.feature_name for a in spec.features.aggregates] if n != "merch_txn_count_24h"]
     pd.testing.assert_series_equal(after.loc[event, unchanged], frame.loc[event, unchanged])
     # The unlabelled fraud is a past transaction, so it counts; its label does not, yet.
     assert after.loc[event, "merch_txn_count_24h"] == frame.loc[event, "merch_txn_count_24h"] + 1
@@ -110,7 +110,7 @@ def test_future_transactions_do_not_leak(frame, transactions, spec, tmp_path):
 
 
 def test_training_frame_one_row_per_transaction_in_order(built, frame, transactions, spec):
-    assert list(frame.columns) == list(transactions.columns) + spec.feature_columns
+    assert list(frame.columns) == list(transactions.columns) + [a.feature_name for a in spec.features.aggregates]
     pd.testing.assert_frame_equal(frame[transactions.columns], transactions)
     for agg in spec.features.aggregates:
         assert frame[agg.feature_name].dtype == ("int64" if agg.agg == "count" else "float64"), agg.feature_name
@@ -122,8 +122,9 @@ def test_training_frame_one_row_per_transaction_in_order(built, frame, transacti
     messy_frame = F.training_frame(store, messy, spec)
     assert len(messy_frame) == len(messy)
     assert messy_frame[spec.id].tolist() == messy[spec.id].tolist()
-    expected = frame.set_index(spec.id).loc[messy[spec.id], spec.feature_columns].reset_index(drop=True)
-    pd.testing.assert_frame_equal(messy_frame[spec.feature_columns].reset_index(drop=True), expected)
+    names = [a.feature_name for a in spec.features.aggregates]
+    expected = frame.set_index(spec.id).loc[messy[spec.id], names].reset_index(drop=True)
+    pd.testing.assert_frame_equal(messy_frame[names].reset_index(drop=True), expected)
 
 
 def test_fast_offline_store_matches_feast_dask_store(built, frame, transactions, spec):

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sluicegate.features.inputs import NUMERIC_INPUTS, cardinalities
+from sluicegate.features.inputs import cardinalities, numeric_inputs, tensor_widths
 from sluicegate.serve import predict as business
 from sluicegate.serve import predlog, v2
 from sluicegate.serve.batcher import MicroBatcher
@@ -19,6 +19,7 @@ from sluicegate.serve.errors import BadRequest
 from sluicegate.serve.predlog import PredictionLog, Record
 from sluicegate.ship import model_repository
 from sluicegate.ship.loader import ModelRejected, load_from_bytes
+from sluicegate.spec import load_spec
 
 
 @pytest.fixture
@@ -26,8 +27,13 @@ def cards(spec):
     return cardinalities(spec)
 
 
+
+WIDTH = 18  # numeric inputs of the default spec
+NAMES = numeric_inputs(load_spec())
+
+
 def _v2_json(rows=2, **override):
-    numeric = {"name": "numeric", "shape": [rows, 12], "datatype": "FP32", "data": [0.5] * (12 * rows)}
+    numeric = {"name": "numeric", "shape": [rows, WIDTH], "datatype": "FP32", "data": [0.5] * (WIDTH * rows)}
     categorical = {"name": "categorical", "shape": [rows, 4], "datatype": "INT64", "data": [1] * (4 * rows)}
     body = {"inputs": [numeric, categorical], **override}
     return body
@@ -35,22 +41,22 @@ def _v2_json(rows=2, **override):
 
 def test_v2_json_request_parses_to_model_tensors(cards):
     import orjson
-    request = v2.parse_infer(orjson.dumps(_v2_json(3, id="r1")), None, cards, 100)
-    assert request.numeric.shape == (3, 12) and request.numeric.dtype == np.float32
+    request = v2.parse_infer(orjson.dumps(_v2_json(3, id="r1")), None, NAMES, cards, 100)
+    assert request.numeric.shape == (3, WIDTH) and request.numeric.dtype == np.float32
     assert request.categorical.shape == (3, 4) and request.categorical.dtype == np.int64
     assert request.id == "r1" and request.binary_output is False
 
 
 def test_v2_binary_tensor_extension_round_trips(cards):
     import orjson
-    numeric = np.arange(24, dtype=np.float32).reshape(2, 12)
+    numeric = np.arange(2 * WIDTH, dtype=np.float32).reshape(2, WIDTH)
     categorical = np.array([[1, 2, 3, 4], [0, 1, 2, 3]], dtype=np.int64)
     header = orjson.dumps({"inputs": [
-        {"name": "numeric", "shape": [2, 12], "datatype": "FP32", "parameters": {"binary_data_size": 96}},
+        {"name": "numeric", "shape": [2, WIDTH], "datatype": "FP32", "parameters": {"binary_data_size": 8 * WIDTH}},
         {"name": "categorical", "shape": [2, 4], "datatype": "INT64", "parameters": {"binary_data_size": 64}}],
         "outputs": [{"name": "probability", "parameters": {"binary_data": True}}]})
     body = header + numeric.tobytes() + categorical.tobytes()
-    request = v2.parse_infer(body, str(len(header)), cards, 100)
+    request = v2.parse_infer(body, str(len(header)), NAMES, cards, 100)
     np.testing.assert_array_equal(request.numeric, numeric)
     np.testing.assert_array_equal(request.categorical, categorical)
     out, headers = v2.infer_response("m", "1", None, np.array([0.25, 0.5], np.float32), request.binary_output)
@@ -63,11 +69,11 @@ def test_v2_binary_tensor_extension_round_trips(cards):
     (lambda b: b.update(extra=1), "unknown field"),
     (lambda b: b["inputs"][0].update(datatype="FP64"), "datatype FP32"),
     (lambda b: b["inputs"][0].update(shape=[2, 11]), "shape"),
-    (lambda b: b["inputs"][0].update(data=["a"] * 24), "must be numbers"),
+    (lambda b: b["inputs"][0].update(data=["a"] * 2 * WIDTH), "must be numbers"),
     (lambda b: b["inputs"][1].update(data=[1.5] * 8), "must be integers"),
     (lambda b: b["inputs"][1].update(data=[99] * 8), "codes must lie in"),
     (lambda b: b["inputs"][0].update(data=[0.5] * 23), "has 23 values"),
-    (lambda b: b["inputs"][0].update(data=[1e39] * 24), "finite"),
+    (lambda b: b["inputs"][0].update(data=[1e39] * 2 * WIDTH), "finite"),
     (lambda b: b["inputs"].pop(), "missing input"),
     (lambda b: b["inputs"].append(dict(b["inputs"][0])), "given twice"),
     (lambda b: b["inputs"][1].update(shape=[1, 4], data=[1] * 4), "batch size"),
@@ -79,16 +85,16 @@ def test_v2_rejects_each_bad_request_with_a_message(cards, mutate, says):
     body = _v2_json()
     mutate(body)
     with pytest.raises(BadRequest, match=says) as err:
-        v2.parse_infer(orjson.dumps(body), None, cards, 100)
+        v2.parse_infer(orjson.dumps(body), None, NAMES, cards, 100)
     assert err.value.status == 400
 
 
 def test_v2_row_limit_and_malformed_json(cards):
     import orjson
     with pytest.raises(BadRequest, match="rows <= 2"):
-        v2.parse_infer(orjson.dumps(_v2_json(3)), None, cards, 2)
+        v2.parse_infer(orjson.dumps(_v2_json(3)), None, NAMES, cards, 2)
     with pytest.raises(BadRequest, match="not valid JSON"):
-        v2.parse_infer(b"{nope", None, cards, 2)
+        v2.parse_infer(b"{nope", None, NAMES, cards, 2)
 
 
 def _tensor_fields_body(spec, **numeric_override) -> dict:
@@ -197,15 +203,16 @@ def test_predict_schema_matches_the_spec(spec):
 
 
 def test_model_input_is_built_by_the_training_builder(spec):
-    from sluicegate.features.inputs import build_model_input
+    from sluicegate.features.inputs import build_model_input, python_features
     request = business.parse_predict(_business(event_timestamp="2026-10-02T03:04:05+00:00"), spec)
     found = {"cust_txn_count_1h": np.array([1.0]), "cust_txn_count_24h": np.array([3.0]),
              "cust_amount_mean_7d": np.array([np.nan]), "cust_amount_std_7d": np.array([np.nan]),
-             "cust_minutes_since_prev": np.array([12.0]), "merch_txn_count_24h": np.array([40.0]),
+             "cust_seconds_since_prev": np.array([720.0]), "merch_txn_count_24h": np.array([40.0]),
              "merch_fraud_rate_30d": np.array([0.01])}
     got = business.model_input([request], found, spec)
     frame = pd.DataFrame({**_business(), "event_timestamp": [pd.Timestamp("2026-10-02T03:04:05Z")],
                           **found})
+    frame = frame.assign(**python_features(frame, spec))  # as the feature stage adds them in training
     want = build_model_input(frame, spec)
     np.testing.assert_array_equal(got.numeric, want.numeric)
     np.testing.assert_array_equal(got.categorical, want.categorical)
@@ -262,34 +269,34 @@ def test_a_pickle_with_a_matching_hash_is_refused_and_never_unpickled(tmp_path):
     data = pickle.dumps(_Exploit(marker))
     with pytest.raises(ModelRejected, match="not a loadable ONNX model"):
         load_from_bytes("m", "1", data, hashlib.sha256(data).hexdigest(), "0.5", "fp32", 1,
-                        ["CPUExecutionProvider"], 4)
+                        ["CPUExecutionProvider"], (WIDTH, 4))
     assert not marker.exists()
 
 
 def test_hash_mismatch_and_missing_threshold_are_refused():
     with pytest.raises(ModelRejected, match="does not match"):
-        load_from_bytes("m", "1", b"abc", "0" * 64, "0.5", "fp32", 1, ["CPUExecutionProvider"], 4)
+        load_from_bytes("m", "1", b"abc", "0" * 64, "0.5", "fp32", 1, ["CPUExecutionProvider"], (WIDTH, 4))
     data = b"abc"
     with pytest.raises(ModelRejected, match="threshold"):
         load_from_bytes("m", "1", data, hashlib.sha256(data).hexdigest(), None, "fp32", 1,
-                        ["CPUExecutionProvider"], 4)
+                        ["CPUExecutionProvider"], (WIDTH, 4))
 
 
 def _record(i, rows=2):
     """One model call answering one request of `rows` rows."""
     return Record("v2", 1.7e9 + i, "m", "1", [f"req-{i}"], [0.5], [rows], np.full(rows, 0.1, np.float32),
-                  {"numeric": np.zeros((rows, 12), np.float32), "categorical": np.ones((rows, 4), np.int64)})
+                  {"numeric": np.zeros((rows, WIDTH), np.float32), "categorical": np.ones((rows, 4), np.int64)})
 
 
 def test_prediction_log_writes_every_row_by_close(tmp_path):
     log = PredictionLog(tmp_path, max_queue=1000, flush_seconds=3600,
-                        expand={"numeric": NUMERIC_INPUTS, "categorical": ["a", "b", "c", "d"]})
+                        expand={"numeric": [f"n{i}" for i in range(WIDTH)], "categorical": ["a", "b", "c", "d"]})
     for i in range(50):
         log.put(_record(i))
     log.close()
     frame = pd.read_parquet(tmp_path / "v2")
     assert len(frame) == 100 and frame["request_id"].nunique() == 50
-    assert {"log_amount", "a", "probability", "model_version", "latency_ms", "ts"} <= set(frame.columns)
+    assert {"n0", "a", "probability", "model_version", "latency_ms", "ts"} <= set(frame.columns)
 
 
 def test_prediction_log_spreads_a_shared_model_call_over_its_requests(tmp_path):
@@ -350,15 +357,15 @@ def test_prediction_log_drops_and_counts_when_full(tmp_path):
 
 
 def test_model_repository_layout_and_config(tmp_path):
-    model_dir = model_repository.write_version(tmp_path, "fraud-detector", "3", b"onnx-bytes", 4)
+    model_dir = model_repository.write_version(tmp_path, "fraud-detector", "3", b"onnx-bytes", (WIDTH, 4))
     assert (model_dir / "3" / "model.onnx").read_bytes() == b"onnx-bytes"
     config = (model_dir / "config.pbtxt").read_text()
     assert 'platform: "onnxruntime_onnx"' in config and "versions: [ 3 ]" in config
-    assert f"dims: [ {len(NUMERIC_INPUTS)} ]" in config and "TYPE_INT64" in config
-    model_repository.write_version(tmp_path, "fraud-detector", "2", b"older", 4)  # a rollback
+    assert f"dims: [ {WIDTH} ]" in config and "TYPE_INT64" in config
+    model_repository.write_version(tmp_path, "fraud-detector", "2", b"older", (WIDTH, 4))  # a rollback
     assert "versions: [ 2 ]" in (model_dir / "config.pbtxt").read_text()
     with pytest.raises(ValueError):
-        model_repository.write_version(tmp_path, "fraud-detector", "v1", b"x", 4)
+        model_repository.write_version(tmp_path, "fraud-detector", "v1", b"x", (WIDTH, 4))
 
 
 def test_metrics_stay_in_memory_when_an_import_turned_on_multiprocess_mode(tmp_path, monkeypatch):
@@ -373,3 +380,7 @@ def test_metrics_stay_in_memory_when_an_import_turned_on_multiprocess_mode(tmp_p
     metrics.observe("v2_infer", 200, 0.001)
     assert list(tmp_path.iterdir()) == []  # no value files written
     assert b'sluicegate_requests_total{code="200",endpoint="v2_infer"} 1.0' in metrics.render()
+
+
+def test_the_default_spec_has_the_width_these_tests_use(spec):
+    assert tensor_widths(spec) == (WIDTH, 4)

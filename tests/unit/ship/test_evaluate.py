@@ -2,7 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sluicegate.features.inputs import NUMERIC_INPUTS, ModelInput
+from sluicegate.features.inputs import MISSING, build_model_input, numeric_inputs
+from sluicegate.runtime import ModelInput
 from sluicegate.ship.evaluate import (
     average_precision,
     behaviour,
@@ -54,12 +55,13 @@ def test_slices_cover_every_value_with_support():
 
 def test_slice_groups_from_the_spec(spec):
     frame = pd.DataFrame({"channel": ["pos", "atm", "pos"], "country": ["US", "GB", "US"],
-                          spec.amount: [10.0, 150.0, 900.0]})
-    numeric = np.zeros((3, len(NUMERIC_INPUTS)), np.float32)
-    numeric[0, NUMERIC_INPUTS.index("has_history")] = 1.0
+                          "amount": [10.0, 150.0, 900.0]})
+    names = numeric_inputs(spec)
+    numeric = np.zeros((3, len(names)), np.float32)
+    numeric[1:, names.index("cust_amount_mean_7d" + MISSING)] = 1.0  # no history: new
     groups = slice_groups(frame, ModelInput(numeric, np.zeros((3, 4), np.int64)), spec)
     assert list(groups["amount_band"]) == ["<25", "100-500", ">=500"]
-    assert list(groups["customer"]) == ["returning", "new", "new"]
+    assert list(groups["customer_history"]) == ["returning", "new", "new"]
     assert list(groups["channel"]) == ["pos", "atm", "pos"]
 
 
@@ -81,22 +83,49 @@ def test_paired_bootstrap_interval_contains_the_difference():
     assert same.diff == 0 and same.ci_low == 0 == same.ci_high
 
 
+def _rows(spec, n, rng):
+    frame = pd.DataFrame({
+        "amount": rng.gamma(2.0, 30.0, n),
+        spec.timestamp: pd.Timestamp("2026-10-01", tz="UTC") + pd.to_timedelta(rng.uniform(0, 86400, n), unit="s"),
+        **{c: rng.choice(spec.categories(c), n) for c in spec.categorical_features},
+        **{name: rng.gamma(1.0, 2.0, n) for name in spec.feature_columns},
+    })
+    frame["cust_txn_count_1h"] = rng.poisson(1.0, n).astype(float)
+    return frame
+
+
 def test_robustness_and_behaviour_of_a_velocity_model(spec):
+    """A model of velocity alone: losing history hurts it, a shuffled category does not, and its score
+    rises with velocity (no direction violation) and ignores a tiny change of amount (invariant)."""
     rng = np.random.default_rng(5)
-    n = 6000
-    numeric = rng.normal(size=(n, len(NUMERIC_INPUTS))).astype(np.float32)
-    vel = NUMERIC_INPUTS.index("log_cust_count_1h")
-    numeric[:, vel] = np.log1p(rng.poisson(1.0, n))
-    y = (rng.random(n) < 1 / (1 + np.exp(-(3 * numeric[:, vel] - 4)))).astype(float)
-    inputs = ModelInput(numeric, rng.integers(1, 5, (n, 4)))
-    score = lambda x: 1 / (1 + np.exp(-(3 * x.numeric[:, vel] - 4)))  # noqa: E731
+    frame = _rows(spec, 6000, rng)
+    vel = numeric_inputs(spec).index("cust_txn_count_1h")
+
+    def score(x):
+        return 1 / (1 + np.exp(-(3 * x.numeric[:, vel] - 4)))
+
+    inputs = build_model_input(frame, spec)
+    y = (rng.random(len(frame)) < score(inputs)).astype(float)
     base = average_precision(y, score(inputs))
     rob = robustness(score, inputs, y, base, spec)
-    assert rob.missing_velocity_pr_auc_drop > 0.1  # the model depends on velocity
-    assert abs(rob.shuffled_category_pr_auc_drop) < 1e-9  # and not on the category
-    beh = behaviour(score, inputs)
-    assert beh.directional_violation_rate == 0 and beh.directional_mean_delta > 0
-    assert beh.invariance_max_delta == 0
+    assert rob.drops["no_history"] > 0.01  # the model depends on velocity
+    assert abs(rob.drops["shuffled_merchant_category"]) < 1e-9  # and not on the category
+    beh = behaviour(lambda f: score(build_model_input(f, spec)), frame, spec)
+    velocity = next(c for c in beh.checks if c["what"].startswith("cust_txn_count_1h"))
+    invariance = next(c for c in beh.checks if c["kind"] == "invariance")
+    assert beh.violation_rate == 0 and velocity["mean_delta"] > 0
+    assert invariance["max_abs_delta"] == 0
+
+
+def test_a_model_that_lowers_risk_with_velocity_breaks_the_direction_check(spec):
+    rng = np.random.default_rng(6)
+    frame = _rows(spec, 2000, rng)
+    vel = numeric_inputs(spec).index("cust_txn_count_1h")
+
+    def backwards(f):
+        return 1 / (1 + np.exp(3 * build_model_input(f, spec).numeric[:, vel] - 1))
+
+    assert behaviour(backwards, frame, spec).violation_rate > 0.5
 
 
 def test_reliability_plot_is_written(tmp_path):

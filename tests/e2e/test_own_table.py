@@ -1,0 +1,126 @@
+"""Bring your own table, as a user would: ISLP's public `Default` table (no timestamp, no entity, a
+Yes/No label) from CSV to a served champion through the real CLI (`init`, `import`, `run`, `status`,
+`serve`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples/default"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(*args: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "-m", "sluicegate", *args], capture_output=True, text=True, env=env,
+                         cwd=env["WORK"])
+    if check:
+        assert out.returncode == 0, f"sluicegate {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def csv() -> Path:
+    out = subprocess.run(["bash", str(EXAMPLE / "fetch.sh")], capture_output=True, text=True,
+                         env={**os.environ, "PYTHON": sys.executable})
+    assert out.returncode == 0, out.stderr
+    return Path(out.stdout.strip())
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    work = tmp_path_factory.mktemp("own-table")
+    policy = yaml.safe_load((REPO / "gates.yaml").read_text()) | {"latency_slo_p99_ms": 1000.0}  # shared machine
+    (work / "gates.yaml").write_text(yaml.safe_dump(policy))
+    (work / "expectations").mkdir()
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLUICEGATE_", "PREFECT_API_URL"))}
+    return {**base, "WORK": str(work), "SLUICEGATE_HOME": str(work / "home"),
+            "SLUICEGATE_GATES_PATH": str(work / "gates.yaml")}
+
+
+@pytest.fixture(scope="module")
+def drafted(csv, env) -> Path:
+    spec = Path(env["WORK"]) / "default.spec.yaml"
+    _cli("init", str(csv), "--out", str(spec), "--name", "default", env=env)
+    return spec
+
+
+def test_init_writes_the_committed_example_spec(drafted):
+    """The example under examples/ is exactly what `sluicegate init` writes, unedited."""
+    assert yaml.safe_load(drafted.read_text()) == yaml.safe_load((EXAMPLE / "spec.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def promoted(csv, drafted, env) -> dict:
+    imported = _cli("import", str(csv), "--spec", str(drafted), env=env)
+    assert "row_id` derived" in imported.stderr + imported.stdout
+    _cli("run", "--spec", str(drafted), "--max-epochs", "12", env=env)
+    return json.loads(_cli("status", "--spec", str(drafted), "--json", env=env).stdout)
+
+
+def test_the_drafted_spec_runs_end_to_end_unchanged_and_ranks_far_above_the_label_rate(promoted):
+    champion = promoted["champion"]
+    assert champion is not None and promoted["last_gate_decision"]["promote"]
+    assert champion["metrics"]["pr_auc"] > 0.3  # the label rate is 3.3%
+    assert [m["name"] for m in promoted["models"]] == ["default"]
+
+
+def test_the_champion_answers_predict_with_the_specs_own_columns(promoted, drafted, env):
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "sluicegate", "serve", "--spec", str(drafted), "--port",
+                               str(port)], env=env, cwd=env["WORK"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail("the model server did not become ready")
+        low = httpx.post(f"{url}/predict", json={"student": "No", "balance": 300.0, "income": 40000.0}).json()
+        high = httpx.post(f"{url}/predict", json={"student": "Yes", "balance": 2500.0, "income": 15000.0}).json()
+        assert low["model_name"] == "default" and 0 <= low["probability"] < high["probability"] <= 1
+        assert high["positive"] is True and low["positive"] is False
+        bad = httpx.post(f"{url}/predict", json={"student": "Maybe", "balance": 300.0})
+        assert bad.status_code == 422
+        assert {d["field"] for d in bad.json()["details"]} == {"student", "income"}
+        schema = httpx.get(f"{url}/openapi.json").json()["paths"]["/predict"]["post"]["requestBody"]
+        properties = schema["content"]["application/json"]["schema"]["properties"]
+        assert set(properties) == {"row_id", "student", "balance", "income"}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_bad_tables_are_refused_naming_the_column(csv, drafted, env):
+    work = Path(env["WORK"])
+    lines = csv.read_text().splitlines()
+    (work / "odd.csv").write_text("\n".join([lines[0], lines[1].replace("No,No", "No,Perhaps", 1)]))
+    odd = _cli("import", str(work / "odd.csv"), "--spec", str(drafted), env=env, check=False)
+    assert odd.returncode == 2 and "'student' has values outside its categories" in odd.stderr
+    assert "'Perhaps': 1" in odd.stderr
+    (work / "three.csv").write_text("\n".join([lines[0], "No,No,1,2", "Yes,No,1,2", "Maybe,No,1,2"]))
+    three = _cli("init", str(work / "three.csv"), "--label", "default", env=env, check=False)
+    assert three.returncode == 2 and "label 'default' has 3 distinct values" in three.stderr
