@@ -1,24 +1,35 @@
-"""Inference benchmarks of an ONNX variant, after the MLPerf Inference rules.
+"""Inference benchmarks of an ONNX variant, driven by MLPerf's own LoadGen.
 
-MLPerf Inference (mlcommons.org, "MLPerf Inference Rules", v4.x, section
-"Scenarios") defines the scenarios used here:
-- SingleStream: one query of one sample at a time; the metric is the 90th
-  percentile latency.
-- Server: queries arrive by a Poisson process at a target rate; the run is
-  valid only if the 99th percentile latency, measured from arrival, stays
-  within the latency bound.
-- Offline: all samples available at once; the metric is throughput.
-Each scenario warms up first and must reach a minimum query count and
-duration. MLPerf's minimums (e.g. 600 s, 24,576 queries) are for audited
-submissions; ours are scaled to a pipeline stage and configurable.
+MLPerf Inference (mlcommons.org, "MLPerf Inference Rules", section "Scenarios")
+defines the scenarios; `mlcommons-loadgen` (import `mlperf_loadgen`) schedules them
+in C++, measures every query from its scheduled time and says whether the run is valid:
+- SingleStream: one query of one sample at a time, the next issued when the last
+  completes; the metric is the 90th percentile latency, with LoadGen's conservative
+  early-stopping estimates of the 90th and 99th.
+- Server: queries arrive by a Poisson process at a target rate and are served by one
+  worker (one model instance, as served); the run is valid only if the 99th percentile
+  latency, measured from arrival, stays within the latency bound (early stopping checks
+  enough queries were seen to say so).
+- Offline: every sample issued at once; the metric is throughput.
+Each scenario warms up first and must reach a minimum query count and duration.
+MLPerf's minimums (e.g. 600 s, 24,576 queries) are for audited submissions; ours are
+scaled to a pipeline stage and configurable. A batch-size sweep (Batch<n>, not an
+MLPerf scenario) times the session directly at a few batch sizes.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import queue
+import re
+import tempfile
+import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+import mlperf_loadgen as lg
 import numpy as np
 import psutil
 
@@ -28,13 +39,17 @@ from sluicegate.runtime import INPUT_NAMES, OUTPUT_NAME, ModelInput, make_sessio
 @dataclass(frozen=True)
 class BenchConfig:
     warmup_queries: int = 100
+    # LoadGen's min_query_count (Offline: min samples). Early stopping at the 99th percentile needs
+    # about 460 queries even when none exceeds the bound: fewer and Server is INVALID.
     min_queries: int = 1024
-    min_seconds: float = 0.5
+    min_seconds: float = 0.5  # LoadGen's min_duration
     server_qps: float = 500.0  # target arrival rate of the Server scenario
-    offline_batch: int = 1024
+    server_latency_ms: float = 10.0  # the Server scenario's latency bound at its 99th percentile
+    offline_batch: int = 1024  # rows per session call when Offline's samples are processed
     batch_sizes: tuple[int, ...] = (1, 64, 1024)
     threads: int = 1  # intra-op threads; one core per model instance, as served
-    seed: int = 0
+    seed: int = 0  # LoadGen's schedule, sample-index and QSL seeds
+    max_seconds: float = 60.0  # LoadGen's max_duration: a run that cannot finish is cut (and INVALID)
 
 
 @dataclass
@@ -50,6 +65,16 @@ class ScenarioResult:
     p99_ms: float
     samples_per_s: float
     target_qps: float | None = None
+    # LoadGen's verdict (MLPerf scenarios only; None for the batch sweep).
+    validity: str | None = None  # "VALID" or "INVALID"
+    invalid_reason: str | None = None
+    early_stopping_met: bool | None = None
+    early_stopping_p90_ms: float | None = None  # SingleStream: conservative estimates from early stopping
+    early_stopping_p99_ms: float | None = None
+
+    @property
+    def valid(self) -> bool | None:
+        return None if self.validity is None else self.validity == "VALID"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,57 +93,172 @@ class VariantBenchmark:
 
 
 def benchmark_variant(name: str, path, sample: ModelInput, cfg: BenchConfig, provider: str) -> VariantBenchmark:
-    """All three MLPerf scenarios plus a batch-size sweep on one execution provider."""
+    """The three MLPerf scenarios under LoadGen plus a batch-size sweep on one execution provider."""
     process = psutil.Process(os.getpid())
     rss_before = process.memory_info().rss
     session = make_session(path, threads=cfg.threads, providers=[provider])
-    feeds = _single_feeds(sample)
-    for i in range(cfg.warmup_queries):
-        session.run([OUTPUT_NAME], feeds[i % len(feeds)])
-    offline_result = offline(name, session, sample, cfg)
-    results = [single_stream(name, session, feeds, cfg), server(name, session, feeds, cfg), offline_result]
-    # Offline is the sweep's row at its batch size: measured once, reported under both names.
-    results += [replace(offline_result, scenario=f"Batch{b}") if b == cfg.offline_batch
-                else batch_sweep(name, session, sample, b, cfg) for b in cfg.batch_sizes]
+    sut = _Sut(session, sample)
+    warm_ns = [_elapsed_ms(session, sut.feeds[i % len(sut.feeds)]) * 1e6 for i in range(max(1, cfg.warmup_queries))]
+    results = [run_scenario(name, sut, "SingleStream", cfg, expected_ns=float(np.median(warm_ns))),
+               run_scenario(name, sut, "Server", cfg),
+               run_scenario(name, sut, "Offline", cfg, expected_qps=sut.offline_rate(cfg.offline_batch))]
+    results += [batch_sweep(name, session, sample, b, cfg) for b in cfg.batch_sizes]
     memory_mb = max(0.0, (process.memory_info().rss - rss_before) / 2**20)
     return VariantBenchmark(variant=name, provider=provider, model_bytes=os.path.getsize(path),
                             memory_mb=memory_mb, scenarios=results)
 
 
-def single_stream(name: str, session, feeds: list[dict], cfg: BenchConfig) -> ScenarioResult:
+class _Sut:
+    """The system under test LoadGen drives: the session over a fixed set of samples (LoadGen's
+    QSL indexes them), one worker thread for Server and Offline (issue callbacks must not block)."""
+
+    def __init__(self, session, sample: ModelInput):
+        self.session = session
+        self.count = min(len(sample), 256)
+        self.numeric, self.categorical = sample.numeric[:self.count], sample.categorical[:self.count]
+        self.feeds = [{INPUT_NAMES[0]: self.numeric[i:i + 1], INPUT_NAMES[1]: self.categorical[i:i + 1]}
+                      for i in range(self.count)]
+        self.batch = 1
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+
+    def offline_rate(self, batch: int, calls: int = 5) -> float:
+        """Samples per second of the worker's loop (model call and responses), to size Offline's query."""
+        indices = np.arange(batch) % self.count
+        feed = {INPUT_NAMES[0]: self.numeric[indices], INPUT_NAMES[1]: self.categorical[indices]}
+        self.session.run([OUTPUT_NAME], feed)
+        started = time.perf_counter()
+        for _ in range(calls):
+            self.session.run([OUTPUT_NAME], {INPUT_NAMES[0]: self.numeric[indices],
+                                             INPUT_NAMES[1]: self.categorical[indices]})
+            [lg.QuerySampleResponse(i, 0, 0) for i in range(batch)]
+        return calls * batch / (time.perf_counter() - started)
+
+    def issue_inline(self, ids: list[int], indices: list[int]) -> None:
+        """SingleStream: one sample, answered before LoadGen issues the next."""
+        self.session.run([OUTPUT_NAME], self.feeds[indices[0]])
+        lg.QuerySamplesComplete([lg.QuerySampleResponse(ids[0], 0, 0)])
+
+    def issue_queued(self, ids: list[int], indices: list[int]) -> None:
+        for start in range(0, len(ids), self.batch):
+            self._queue.put((ids[start:start + self.batch], indices[start:start + self.batch]))
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            ids, indices = item
+            if len(ids) == 1:
+                self.session.run([OUTPUT_NAME], self.feeds[indices[0]])
+            else:
+                idx = np.asarray(indices)
+                self.session.run([OUTPUT_NAME], {INPUT_NAMES[0]: self.numeric[idx],
+                                                 INPUT_NAMES[1]: self.categorical[idx]})
+            lg.QuerySamplesComplete([lg.QuerySampleResponse(i, 0, 0) for i in ids])
+
+    def run(self, settings, batch: int, inline: bool, log_dir: Path) -> None:
+        self.batch = batch
+        worker = None if inline else threading.Thread(target=self._work, name="loadgen-sut", daemon=True)
+        if worker is not None:
+            worker.start()
+        sut = lg.ConstructFastSUT(self.issue_inline if inline else self.issue_queued, lambda: None)
+        qsl = lg.ConstructQSL(self.count, self.count, lambda _: None, lambda _: None)
+        log = lg.LogSettings()
+        log.log_output.outdir = str(log_dir)  # must exist: LoadGen writes its summary and detail logs there
+        log.log_output.copy_summary_to_stdout = False
+        log.enable_trace = False
+        try:
+            lg.StartTestWithLogSettings(sut, qsl, settings, log)
+        finally:
+            if worker is not None:
+                self._queue.put(None)
+                worker.join()
+            lg.DestroyQSL(qsl)
+            lg.DestroySUT(sut)
+
+
+def run_scenario(name: str, sut: _Sut, scenario: str, cfg: BenchConfig, expected_ns: float | None = None,
+                 expected_qps: float | None = None) -> ScenarioResult:
+    """One MLPerf scenario under LoadGen (PerformanceOnly); the numbers are LoadGen's own.
+
+    LoadGen generates SingleStream's and Offline's queries up front from the expected latency or
+    rate: an estimate too optimistic ends the run before its minimum duration (INVALID). Then the
+    scenario runs once more, sized from what LoadGen measured.
+    """
+    result, detail = _run_scenario(name, sut, scenario, cfg, expected_ns, expected_qps)
+    if scenario != "Server" and detail.get("result_min_duration_met") is False:
+        if scenario == "SingleStream":
+            expected_ns = 0.8 * float(detail["result_mean_latency_ns"])
+        else:
+            expected_qps = 1.5 * result.samples_per_s
+        result, _ = _run_scenario(name, sut, scenario, cfg, expected_ns, expected_qps)
+    return result
+
+
+def _run_scenario(name: str, sut: _Sut, scenario: str, cfg: BenchConfig, expected_ns: float | None,
+                  expected_qps: float | None) -> tuple[ScenarioResult, dict]:
+    settings = lg.TestSettings()
+    settings.scenario = getattr(lg.TestScenario, scenario)
+    settings.mode = lg.TestMode.PerformanceOnly
+    settings.min_query_count = cfg.min_queries
+    settings.min_duration_ms = int(cfg.min_seconds * 1000)
+    settings.max_duration_ms = int(cfg.max_seconds * 1000)
+    settings.qsl_rng_seed = settings.sample_index_rng_seed = settings.schedule_rng_seed = cfg.seed
+    if scenario == "SingleStream":  # LoadGen pre-generates min_duration / expected latency queries
+        settings.single_stream_expected_latency_ns = max(1_000, int(expected_ns or 1_000_000))
+    elif scenario == "Server":
+        settings.server_target_qps = cfg.server_qps
+        settings.server_target_latency_ns = int(cfg.server_latency_ms * 1e6)
+        settings.server_target_latency_percentile = 0.99
+    else:
+        settings.offline_expected_qps = max(1.0, float(expected_qps or 1.0))
+    batch = cfg.offline_batch if scenario == "Offline" else 1
     started = time.perf_counter()
-    times, n = [], 0
-    while n < cfg.min_queries or time.perf_counter() - started < cfg.min_seconds:
-        times.append(_elapsed_ms(session, feeds[n % len(feeds)]))
-        n += 1
-    return _result(name, session, "SingleStream", 1, np.array(times), time.perf_counter() - started)
+    with tempfile.TemporaryDirectory(prefix="loadgen-") as log_dir:
+        sut.run(settings, batch, inline=scenario == "SingleStream", log_dir=Path(log_dir))
+        detail = read_detail_log(Path(log_dir) / "mlperf_log_detail.txt")
+    seconds = time.perf_counter() - started
+    return scenario_result(name, sut.session.get_providers()[0], scenario, batch, detail, seconds,
+                           cfg.server_qps if scenario == "Server" else None), detail
 
 
-def server(name: str, session, feeds: list[dict], cfg: BenchConfig) -> ScenarioResult:
-    """Open-loop Poisson arrivals served by one worker; latency counts queueing from arrival."""
-    rng = np.random.default_rng(cfg.seed)
-    n = max(cfg.min_queries, int(cfg.server_qps * cfg.min_seconds))
-    arrivals = np.cumsum(rng.exponential(1.0 / cfg.server_qps, n))
-    latencies = np.empty(n)
-    origin = time.perf_counter()
-    for i, arrival in enumerate(arrivals):
-        wait = origin + arrival - time.perf_counter()
-        if wait > 0:
-            time.sleep(wait)
-        session.run([OUTPUT_NAME], feeds[i % len(feeds)])
-        latencies[i] = (time.perf_counter() - origin - arrival) * 1e3
-    result = _result(name, session, "Server", 1, latencies, time.perf_counter() - origin)
-    result.target_qps = cfg.server_qps
-    return result
+def read_detail_log(path: Path) -> dict:
+    """LoadGen's machine-readable log: one `:::MLLOG {json}` line per key."""
+    detail = {}
+    for line in path.read_text().splitlines():
+        if line.startswith(":::MLLOG "):
+            entry = json.loads(line[len(":::MLLOG "):])
+            detail[entry["key"]] = entry["value"]
+    if "result_validity" not in detail:
+        raise RuntimeError(f"LoadGen wrote no result to {path}: {sorted(detail)[:20]}")
+    return detail
 
 
-def offline(name: str, session, sample: ModelInput, cfg: BenchConfig) -> ScenarioResult:
-    result = batch_sweep(name, session, sample, cfg.offline_batch, cfg)
-    result.scenario = "Offline"
-    return result
+_ESTIMATE = re.compile(r"Early stopping (\d+(?:\.\d+)?)th percentile estimate: (\d+)")
+
+
+def scenario_result(name: str, provider: str, scenario: str, batch: int, detail: dict, seconds: float,
+                    target_qps: float | None) -> ScenarioResult:
+    def ms(key: str) -> float:
+        return float(detail[key]) / 1e6
+
+    estimates = {float(p): int(ns) / 1e6 for p, ns in _ESTIMATE.findall(str(detail.get("early_stopping_result", "")))}
+    rate_key = {"SingleStream": "result_qps_with_loadgen_overhead", "Server": "result_completed_samples_per_sec",
+                "Offline": "result_samples_per_second"}[scenario]
+    reason = str(detail.get("result_invalid_reason") or "").strip()
+    if detail.get("early_stopping_met") is False:  # LoadGen says how many more queries it would need
+        reason = " ".join(filter(None, [reason, "Early stopping: " + " ".join(
+            str(detail.get("early_stopping_result", "")).replace("*", "").split())]))
+    return ScenarioResult(
+        variant=name, provider=provider, scenario=scenario, batch_size=batch,
+        queries=int(detail.get("result_query_count", 0)), seconds=seconds,
+        p50_ms=ms("result_50.00_percentile_latency_ns"), p90_ms=ms("result_90.00_percentile_latency_ns"),
+        p99_ms=ms("result_99.00_percentile_latency_ns"), samples_per_s=float(detail[rate_key]),
+        target_qps=target_qps, validity=str(detail["result_validity"]),
+        invalid_reason=reason or None,
+        early_stopping_met=detail.get("early_stopping_met"),
+        early_stopping_p90_ms=estimates.get(90.0), early_stopping_p99_ms=estimates.get(99.0))
 
 
 def batch_sweep(name: str, session, sample: ModelInput, batch: int, cfg: BenchConfig) -> ScenarioResult:
+    """Session time at one batch size (not an MLPerf scenario): how batching amortizes the call."""
     big = _tile(sample, batch)
     feed = {INPUT_NAMES[0]: big.numeric, INPUT_NAMES[1]: big.categorical}
     session.run([OUTPUT_NAME], feed)
@@ -127,27 +267,16 @@ def batch_sweep(name: str, session, sample: ModelInput, batch: int, cfg: BenchCo
     while len(times) < max(5, cfg.min_queries // max(1, batch)) or time.perf_counter() - started < cfg.min_seconds:
         times.append(_elapsed_ms(session, feed))
     elapsed = time.perf_counter() - started
-    result = _result(name, session, f"Batch{batch}", batch, np.array(times), elapsed)
-    result.samples_per_s = len(times) * batch / elapsed
-    return result
+    times_ms = np.array(times)
+    return ScenarioResult(variant=name, provider=session.get_providers()[0], scenario=f"Batch{batch}",
+                          batch_size=batch, queries=len(times), seconds=elapsed,
+                          p50_ms=float(np.percentile(times_ms, 50)), p90_ms=float(np.percentile(times_ms, 90)),
+                          p99_ms=float(np.percentile(times_ms, 99)), samples_per_s=len(times) * batch / elapsed)
 
 
 def cost_per_million(samples_per_s: float, price_per_hour: float) -> float:
     """Dollars per one million predictions at a sustained throughput."""
     return price_per_hour / (samples_per_s * 3600.0) * 1e6 if samples_per_s > 0 else float("inf")
-
-
-def _result(name, session, scenario, batch, times_ms: np.ndarray, seconds: float) -> ScenarioResult:
-    return ScenarioResult(variant=name, provider=session.get_providers()[0], scenario=scenario,
-                          batch_size=batch, queries=len(times_ms), seconds=seconds,
-                          p50_ms=float(np.percentile(times_ms, 50)), p90_ms=float(np.percentile(times_ms, 90)),
-                          p99_ms=float(np.percentile(times_ms, 99)),
-                          samples_per_s=len(times_ms) * batch / seconds if seconds > 0 else 0.0)
-
-
-def _single_feeds(sample: ModelInput) -> list[dict]:
-    return [{INPUT_NAMES[0]: sample.numeric[i:i + 1], INPUT_NAMES[1]: sample.categorical[i:i + 1]}
-            for i in range(min(len(sample), 256))]
 
 
 def _elapsed_ms(session, feed: dict) -> float:
