@@ -39,7 +39,7 @@ from sluicegate.config import Settings, ensure_home
 from sluicegate.data import stages as data_stages
 from sluicegate.data.batches import read_batch, write_batch
 from sluicegate.data.synthetic import GenerateConfig, generate_transactions, inject_fault
-from sluicegate.features.inputs import NUMERIC_INPUTS, cardinalities
+from sluicegate.features.inputs import cardinalities, numeric_inputs
 from sluicegate.runtime import sha256_file
 from sluicegate.ship import registry
 from sluicegate.spec import load_spec
@@ -329,7 +329,7 @@ def test_disk_full_prediction_log_keeps_serving_and_surfaces_the_error(world, mo
 
 def _out_of_range_onnx(path: Path, categorical_width: int) -> Path:
     """Meets the tensor contract but answers 5 + sum(numeric): not a probability."""
-    numeric = helper.make_tensor_value_info("numeric", TensorProto.FLOAT, ["N", len(NUMERIC_INPUTS)])
+    numeric = helper.make_tensor_value_info("numeric", TensorProto.FLOAT, ["N", len(numeric_inputs(load_spec()))])
     categorical = helper.make_tensor_value_info("categorical", TensorProto.INT64, ["N", categorical_width])
     out = helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["N"])
     nodes = [helper.make_node("Constant", [], ["axes"], value=helper.make_tensor("a", TensorProto.INT64, [1], [1])),
