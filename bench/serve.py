@@ -25,7 +25,8 @@ import numpy as np
 import orjson
 
 REPO = Path(__file__).resolve().parents[1]
-NUMERIC_ROW = [1.5, 0.1, 0.0, 1.0, 0.2, 5.0, 1.0, 2.0, 0.01, 0.5, 0.8, 0.0]
+# One row of the default example's 18 numeric inputs (values only need to be finite).
+NUMERIC_ROW = [1.5, 0.1, 0.0, 1.0, 0.2, 0.0, 5.0, 0.0, 1.0, 2.0, 0.01, 0.0, 0.5, 0.0, 0.2, 0.0, 0.5, 0.8]
 CATEGORICAL_ROW = [1, 2, 3, 4]
 WRK_HINT = "wrk is not installed: `apt-get update && apt-get install -y wrk` (Debian/Ubuntu) or `brew install wrk`."
 
@@ -54,7 +55,7 @@ class Result:
 
 def v2_body() -> bytes:
     return orjson.dumps({"inputs": [
-        {"name": "numeric", "shape": [1, 12], "datatype": "FP32", "data": NUMERIC_ROW},
+        {"name": "numeric", "shape": [1, len(NUMERIC_ROW)], "datatype": "FP32", "data": NUMERIC_ROW},
         {"name": "categorical", "shape": [1, 4], "datatype": "INT64", "data": CATEGORICAL_ROW}]})
 
 
@@ -62,11 +63,11 @@ def mlflow_body() -> bytes:
     return orjson.dumps({"inputs": {"numeric": [NUMERIC_ROW], "categorical": [CATEGORICAL_ROW]}})
 
 
-def predict_body(home: Path) -> bytes:
+def predict_body(features: Path) -> bytes:
     """A transaction of a customer and a merchant the online store knows."""
     import pandas as pd
-    customer = pd.read_parquet(home / "features" / "customer_activity.parquet", columns=["customer_id"])
-    merchant = pd.read_parquet(home / "features" / "merchant_risk.parquet", columns=["merchant_id"])
+    customer = pd.read_parquet(features / "customer_features.parquet", columns=["customer_id"])
+    merchant = pd.read_parquet(features / "merchant_features.parquet", columns=["merchant_id"])
     return orjson.dumps({"customer_id": int(customer["customer_id"].iloc[-1]),
                          "merchant_id": int(merchant["merchant_id"].iloc[-1]), "amount": 42.5, "channel": "online",
                          "country": "US", "device": "web", "merchant_category": "electronics"})
@@ -143,7 +144,7 @@ def champion_onnx(folder: Path) -> tuple[Path, str]:
         raise SystemExit(f"no {settings.model_name}@champion in {settings.home}: run `make demo` first")
     path = folder / "model.onnx"
     path.write_bytes(fetch_onnx(client, version))
-    example = {"numeric": np.zeros((2, 12), np.float32), "categorical": np.ones((2, 4), np.int64)}
+    example = {"numeric": np.zeros((2, len(NUMERIC_ROW)), np.float32), "categorical": np.ones((2, 4), np.int64)}
     signature = infer_signature(example, np.zeros(2, np.float32))
     mlflow.onnx.save_model(onnx.load(str(path)), str(folder / "mlflow_model"), signature=signature,
                            onnx_execution_providers=["CPUExecutionProvider"])
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         print(WRK_HINT, file=sys.stderr)
         return 2
     from sluicegate.config import Settings
-    home = Settings().paths.root
+    features = Settings().paths.features
     connections = [int(c) for c in args.connections.split(",")]
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             ("sluicegate v2", [sys.executable, "-m", "sluicegate", "serve", "--port", str(ours)],
              f"http://127.0.0.1:{ours}/v2/health/ready",
              [("sluicegate v2", f"http://127.0.0.1:{ours}/v2/models/{model}/infer", v2_body()),
-              ("sluicegate /predict (Feast)", f"http://127.0.0.1:{ours}/predict", predict_body(home))]),
+              ("sluicegate /predict (Feast)", f"http://127.0.0.1:{ours}/predict", predict_body(features))]),
             ("mlflow models serve", [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(mlflow_model),
                                      "-p", str(theirs), "--env-manager", "local", "-w", "1"],
              f"http://127.0.0.1:{theirs}/ping",

@@ -83,7 +83,7 @@ def test_clean_batch_ends_as_champion(first_run):
     # Label rate is about 2%: a useful model ranks far above chance.
     assert champion["metrics"]["pr_auc"] > 0.3
     assert status["last_gate_decision"]["promote"] is True
-    repository = Settings().paths.root / "model_repository" / "fraud-detector"
+    repository = Settings().paths.model_repository / "fraud-detector"
     assert (repository / str(result["version"]) / "model.onnx").exists() and (repository / "config.pbtxt").exists()
     report = open(result["gate_report"]).read()
     assert "PROMOTE" in report and "max_regression_vs_champion" in report

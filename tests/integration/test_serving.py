@@ -24,7 +24,7 @@ from sluicegate.data.synthetic import GenerateConfig, generate_transactions
 from sluicegate.features import catalog
 from sluicegate.features import stages as features_stages
 from sluicegate.features import store as features
-from sluicegate.features.inputs import build_model_input, python_features
+from sluicegate.features.inputs import build_model_input, numeric_inputs, python_features
 from sluicegate.runtime import make_session, onnx_predict, sha256_file
 from sluicegate.serve import ServeSettings, create_app
 from sluicegate.serve.app import uvicorn_config
@@ -37,6 +37,7 @@ from sluicegate.train.config import TrainConfig
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 NAME = "fraud-detector"
+WIDTH = len(numeric_inputs(load_spec()))  # the default spec's numeric inputs
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +119,8 @@ def http(server):
 def _infer_body(rows=1, seed=0):
     rng = np.random.default_rng(seed)
     return {"inputs": [
-        {"name": "numeric", "shape": [rows, 12], "datatype": "FP32",
-         "data": rng.normal(size=rows * 12).astype(np.float32).tolist()},
+        {"name": "numeric", "shape": [rows, WIDTH], "datatype": "FP32",
+         "data": rng.normal(size=rows * WIDTH).astype(np.float32).tolist()},
         {"name": "categorical", "shape": [rows, 4], "datatype": "INT64", "data": [1, 2, 3, 4] * rows}]}
 
 
@@ -149,12 +150,12 @@ def test_v2_through_tritonclient_matches_onnxruntime(server, world):
     meta = client.get_model_metadata(NAME)
     assert [i["name"] for i in meta["inputs"]] == ["numeric", "categorical"]
     rng = np.random.default_rng(3)
-    numeric = rng.normal(size=(5, 12)).astype(np.float32)
+    numeric = rng.normal(size=(5, WIDTH)).astype(np.float32)
     categorical = rng.integers(0, 4, size=(5, 4)).astype(np.int64)
     expected = make_session(world["onnx"]).run(["probability"], {"numeric": numeric,
                                                                  "categorical": categorical})[0].reshape(-1)
     for binary in (True, False):  # the binary tensor extension (default) and plain JSON
-        a = triton.InferInput("numeric", [5, 12], "FP32")
+        a = triton.InferInput("numeric", [5, WIDTH], "FP32")
         a.set_data_from_numpy(numeric, binary_data=binary)
         b = triton.InferInput("categorical", [5, 4], "INT64")
         b.set_data_from_numpy(categorical, binary_data=binary)
@@ -181,7 +182,7 @@ def test_health_metadata_openapi_and_metrics(http):
 
 
 def test_model_repository_exported_for_the_champion(server, world):
-    repo = world["home"] / "model_repository" / NAME
+    repo = world["settings"].paths.model_repository / NAME
     assert (repo / "1" / "model.onnx").read_bytes() == world["onnx"].read_bytes()
     assert "versions: [ 1 ]" in (repo / "config.pbtxt").read_text()
 

@@ -20,7 +20,7 @@ from sluicegate.data.batches import write_batch
 from sluicegate.spec import DERIVED_ID, DatasetSpec, parse_spec
 
 POSITIVE_WORDS = ("yes", "y", "true", "t", "1", "positive", "pos", "fraud", "default", "churn", "bad")
-LABEL_NAMES = re.compile(r"(^|_)(label|target|y|class|outcome|default|churn|churned|fraud|is_.*)$", re.I)
+LABEL_NAMES = re.compile(r"(^|_)(label|target|y|class|outcome|default(ed)?|churn(ed)?|fraud|is_.*)$", re.I)
 ID_NAMES = re.compile(r"(^|_)(id|key|uuid)$", re.I)
 MAX_CATEGORIES = 50  # more distinct strings than this: an identifier or free text, not a category
 LEAKAGE_AUC = 0.99  # a single column ranking the label this well is too good to be a real feature
@@ -135,6 +135,8 @@ def _guess_label(frame: pd.DataFrame) -> str:
     named = [c for c in binary if LABEL_NAMES.search(str(c))]
     if len(named) == 1:
         return named[0]
+    if len(binary) == 1:  # the only two-valued column
+        return binary[0]
     raise TableError("cannot tell which column is the label"
                      + (f" (two-valued columns: {', '.join(map(str, binary))})" if binary else "")
                      + ": pass --label")

@@ -72,10 +72,14 @@ def _entity_table(frame: pd.DataFrame, key: str, ts: str, aggs: list[Aggregate],
     df = frame.sort_values([key, ts], kind="stable").reset_index(drop=True)
     df["_one"] = 1.0
     out = df[[key, ts]].copy()
+    windows: dict[tuple, object] = {}  # one rolling window per (length, column), shared by its statistics
     for agg in aggs:
         if agg.agg in ("count", "sum", "mean", "std", "min", "max"):
             column = "_one" if agg.agg == "count" else agg.column
-            window = _rolling_before(df, key, ts, _window(agg), column)
+            at = (_window(agg), column)
+            window = windows.get(at)
+            if window is None:
+                window = windows[at] = _rolling_before(df, key, ts, *at)
             out[agg.feature_name] = getattr(window, "sum" if agg.agg == "count" else agg.agg)().to_numpy()
     # Rows sharing (key, ts) have the same features: keep the first.
     out = out.drop_duplicates([key, ts], keep="first").reset_index(drop=True)

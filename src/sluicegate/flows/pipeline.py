@@ -223,8 +223,7 @@ def _run_stages(settings, spec, policy, params: PipelineParams, batch_dir, work_
                              evaluated)
     evidence_dir = ship.write_evidence(evaluated, exported, work_dir / "evidence",
                                        extra={"training": trained.device | {"best_epoch": trained.best_epoch}})
-    with mlflow.start_run(run_id=parent):  # key metrics on the parent run, where `sluicegate status` reads them
-        mlflow.log_metrics(evaluated.key_metrics())
+    _log_parent_summary(parent, evaluated)
     version = register(settings, parent, evaluated, evidence_dir, tags)
     clock.lap("register")
     if not params.promote:
@@ -233,3 +232,9 @@ def _run_stages(settings, spec, policy, params: PipelineParams, batch_dir, work_
     outcome = gate(settings, policy, spec, version, params.actor, work_dir)
     clock.lap("gate")
     return {**base, **outcome.pipeline_result(evaluated.shipped.name, work_dir / "gate_report.md")}
+
+
+def _log_parent_summary(parent: str, evaluated) -> None:
+    """Key metrics on the parent run, where `sluicegate status` reads them."""
+    with mlflow.start_run(run_id=parent):
+        mlflow.log_metrics(evaluated.key_metrics())
