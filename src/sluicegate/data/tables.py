@@ -6,7 +6,6 @@ Inference is a draft for a person to review, so every guess is written down as a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ import pandas as pd
 import yaml
 
 from sluicegate.data.batches import write_batch
+from sluicegate.runtime import sha256_file
 from sluicegate.spec import DERIVED_ID, DatasetSpec, parse_spec
 
 POSITIVE_WORDS = ("yes", "y", "true", "t", "1", "positive", "pos", "fraud", "default", "churn", "bad")
@@ -44,12 +44,6 @@ def read_table(path: Path) -> pd.DataFrame:
     raise TableError(f"{path}: read CSV (.csv) or parquet (.parquet) tables, not {path.suffix or 'no suffix'}")
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --- init: infer a spec --------------------------------------------------------------------------
@@ -271,7 +265,7 @@ def import_table(path: Path, spec: DatasetSpec, raw_dir: Path, batch_id: str | N
     """Check the table against its spec and write it as a raw batch (by day when there is a timestamp).
     The source file is only read; its checksum goes into the batch's manifest."""
     path = Path(path)
-    checksum = sha256_of(path)
+    checksum = sha256_file(path)
     frame = conform(read_table(path), spec, where=str(path))
     derived = spec.table.id is None
     if derived:

@@ -4,7 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sluicegate.data.tables import TableError, derive_row_ids, import_table, infer_spec, sha256_of
+from sluicegate.data.tables import TableError, derive_row_ids, import_table, infer_spec
+from sluicegate.runtime import sha256_file as sha256_of
 from sluicegate.spec import DERIVED_ID, parse_spec
 
 
