@@ -26,14 +26,25 @@ console = Console(stderr=True, soft_wrap=True)
 EXIT_BLOCKED = 3
 
 
+# Third-party noise, each by name (message and/or module), the same list as pyproject's pytest
+# filterwarnings: (message regex, category, module regex).
+LIBRARY_NOISE = (
+    ("", DeprecationWarning, "mlflow"),  # SQLAlchemy 2.1's deprecations, raised inside MLflow's store
+    (".*does not refer to an OperatorClass", DeprecationWarning, ""),  # SQLAlchemy 2.1 on Prefect's UUID
+    ("", DeprecationWarning, "great_expectations"),  # its imports of sre_parse / sre_constants
+    (r".*isinstance\(treespec, LeafSpec\)", FutureWarning, ""),  # torch's ONNX exporter
+    (".*axis name.*will not be used", UserWarning, ""),  # torch's ONNX exporter, dynamic batch axis
+)
+
+
 @app.callback()
 def _quiet_library_noise() -> None:
-    """Keep third-party deprecation chatter out of the operator's terminal."""
+    """Keep named third-party chatter out of the operator's terminal; our own warnings stay visible."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
+    for message, category, module in LIBRARY_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    warnings.filterwarnings("default", category=DeprecationWarning, module="sluicegate")
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
 
