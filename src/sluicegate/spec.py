@@ -172,10 +172,16 @@ class Invariance(_Strict):
 
 
 class Direction(_Strict):
-    """Raising a model feature must move the score only this way (the violation rate is gated)."""
+    """Raising a model feature (or several together) must move the score only this way (the violation
+    rate is gated)."""
 
-    feature: str
+    feature: str | list[str]
     direction: Literal["increasing", "decreasing"] = "increasing"
+    step: float | None = Field(None, gt=0, description="How much each feature is raised; default: its std")
+
+    @property
+    def features(self) -> list[str]:
+        return [self.feature] if isinstance(self.feature, str) else list(self.feature)
 
 
 class Behaviour(_Strict):
@@ -377,6 +383,12 @@ def _check_references(spec: DatasetSpec) -> None:
         need(name, "slices.columns")
     for name in spec.slices.bands:
         need(name, "slices.bands", ("int64", "float64"))
+    numeric_features = [f.column for f in spec.features.numeric_columns] + spec.feature_columns
+    for i, check in enumerate(spec.behaviour.direction):
+        for name in check.features:
+            if name not in numeric_features:
+                raise ValueError(f"behaviour.direction[{i}].feature: {name!r} is not a numeric feature "
+                                 f"(numeric features: {', '.join(numeric_features) or 'none'})")
     for check in spec.behaviour.invariance:
         need(check.column, "behaviour.invariance.column", ("int64", "float64"))
         if check.column not in [f.column for f in spec.features.numeric_columns] + [

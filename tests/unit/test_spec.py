@@ -81,3 +81,9 @@ def test_an_aggregate_of_an_undeclared_entity_and_a_bad_window_are_named():
 def test_a_missing_file_says_so(tmp_path):
     with pytest.raises(SpecError, match="not found"):
         load_spec(tmp_path / "nope.yaml")
+
+
+def test_a_behaviour_check_of_an_unknown_feature_is_named():
+    raw = _raw()
+    raw["behaviour"]["direction"][0]["feature"] = ["cust_txn_count_1h", "velocity"]
+    assert "behaviour.direction[0].feature: 'velocity' is not a numeric feature" in _error(raw)

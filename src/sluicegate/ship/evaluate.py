@@ -202,8 +202,8 @@ def robustness(score: Scorer, inputs: ModelInput, y: np.ndarray, base_pr_auc: fl
 @dataclass
 class Behaviour:
     """The spec's behaviour checks: invariance (a small change to a raw column must not move the score by
-    more than its max_shift) and direction (raising a feature by one standard deviation must not move
-    the score the other way by more than DIRECTION_TOLERANCE)."""
+    more than its max_shift) and direction (raising a feature by its step, default one standard deviation,
+    must not move the score the other way by more than DIRECTION_TOLERANCE)."""
 
     checks: list[dict]  # one per check: kind, what, violation_rate, mean_delta, max_abs_delta
 
@@ -231,13 +231,15 @@ def behaviour(score_frame: Callable[[pd.DataFrame], np.ndarray], frame: pd.DataF
         checks.append(_check("invariance", f"{check.column} x{1 + check.relative_change:g}", delta,
                              np.abs(delta) > check.max_shift))
     for check in spec.behaviour.direction:
-        moved = frame.copy()
-        values = pd.to_numeric(moved[check.feature], errors="coerce").astype("float64")
-        step = float(np.nanstd(values)) or 1.0
+        moved, raised = frame.copy(), []
+        for name in check.features:
+            values = pd.to_numeric(moved[name], errors="coerce").astype("float64")
+            step = check.step or float(np.nanstd(values)) or 1.0
+            moved[name] = values + step
+            raised.append(f"{name} +{step:.3g}")
         sign = 1.0 if check.direction == "increasing" else -1.0
-        moved[check.feature] = values + step
         delta = (score_frame(moved) - base) * sign
-        checks.append(_check("direction", f"{check.feature} +{step:.3g} ({check.direction})", delta,
+        checks.append(_check("direction", f"{', '.join(raised)} ({check.direction})", delta,
                              delta < -DIRECTION_TOLERANCE))
     return Behaviour(checks)
 
