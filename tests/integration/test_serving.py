@@ -330,7 +330,7 @@ def test_prediction_log_is_complete_after_shutdown(world):
     mine = v2_log[v2_log["request_id"].str.startswith(tag, na=False)]
     assert len(mine) == 80 and mine["request_id"].nunique() == 40
     assert mine["model_version"].eq("1").all() and mine["latency_ms"].gt(0).all()
-    assert mine["log_amount"].notna().all() and mine["probability"].between(0, 1).all()
+    assert mine["amount"].notna().all() and mine["probability"].between(0, 1).all()
     predict_log = pd.read_parquet(folder / "predict")
     row = predict_log[predict_log["request_id"] == f"{tag}-p"]
     assert len(row) == 1 and row["customer_id"].iloc[0] == business["customer_id"]
