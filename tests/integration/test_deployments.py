@@ -154,12 +154,15 @@ def test_a_run_started_with_prefects_cli_is_completed_by_make_ups_worker(stack):
 def _prediction_log(spec, home: Path, champion_onnx: Path, version: str, drift: str, seed: int, name: str) -> None:
     """What the model server logs: raw columns without the label, features, score, version, latency, time."""
     from sluicegate.features import store as features
+    from sluicegate.features.inputs import python_features
     from sluicegate.operate import monitor as mon
     from sluicegate.operate.stages import score
 
     batch = generate_transactions(GenerateConfig(rows=3_000, days=2, seed=seed, start="2026-10-20", drift=drift),
                                   spec)
     frame = mon.reference_frame(batch, features.compute_feature_tables(batch, spec), spec, None)
+    if spec.features.python:  # the spec's Python features, after the aggregates they read (as the server logs them)
+        frame = frame.assign(**python_features(frame, spec))
     frame["score"] = score(champion_onnx, frame, spec)
     frame["model_version"], frame["latency_ms"] = version, 1.5
     frame["logged_at"] = pd.Timestamp(datetime.now(UTC))
