@@ -34,7 +34,8 @@ class Settings(BaseSettings):
 
     home: Path = Path(".sluicegate")
     spec_path: Path = DEFAULT_SPEC_PATH
-    gates_path: Path = Path("gates.yaml")
+    # None: the spec's own `gates` file (relative to the spec), else gates.yaml
+    gates_path: Path | None = None
     # None: the spec's model_name (or its name); set to register and serve under another name.
     model_name: str | None = None
     # None means MLflow on SQLite under home.
@@ -49,9 +50,12 @@ class Settings(BaseSettings):
     price_per_hour: float | None = None
 
     @model_validator(mode="after")
-    def _model_name_from_spec(self) -> Settings:
+    def _defaults_from_spec(self) -> Settings:
         if self.model_name is None:
             self.model_name = self.spec.registered_model
+        if self.gates_path is None:
+            own = self.spec.gates
+            self.gates_path = Path(self.spec_path).parent / own if own else Path("gates.yaml")
         return self
 
     @property

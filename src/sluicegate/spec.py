@@ -194,6 +194,7 @@ class DatasetSpec(_Strict):
     name: str = Field(description="Lower-case id: Feast project, GX suite, folders")
     model_name: str | None = Field(None, description="Registered model name; default: the spec's name")
     predicts: str = Field("the positive class", description="What the model predicts, for the model card")
+    gates: str | None = Field(None, description="The table's own gate policy, relative to the spec file")
     table: Table
     columns: dict[str, Column]
     ignore: list[str] = []

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from sluicegate.config import CorruptHomeError, Settings, ensure_home
@@ -33,3 +35,18 @@ def test_tracking_uri_defaults_under_home(tmp_path):
     settings = Settings(home=tmp_path)
     assert settings.tracking_uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     assert Settings(home=tmp_path, mlflow_tracking_uri="http://x:5000").tracking_uri == "http://x:5000"
+
+
+def test_a_spec_can_bring_its_own_gate_policy(tmp_path, monkeypatch):
+    import yaml
+
+    from sluicegate.spec import DEFAULT_SPEC_PATH
+
+    monkeypatch.delenv("SLUICEGATE_GATES_PATH", raising=False)
+    raw = yaml.safe_load(DEFAULT_SPEC_PATH.read_text()) | {"name": "strict", "gates": "policy/strict.yaml"}
+    spec = tmp_path / "strict.spec.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    assert Settings(spec_path=spec).gates_path == tmp_path / "policy/strict.yaml"
+    assert Settings().gates_path == Path("gates.yaml")
+    monkeypatch.setenv("SLUICEGATE_GATES_PATH", "elsewhere.yaml")
+    assert Settings(spec_path=spec).gates_path == Path("elsewhere.yaml")
