@@ -197,13 +197,3 @@ def inject_fault(df: pd.DataFrame, fault: Fault, spec: DatasetSpec, seed: int) -
     else:
         raise ValueError(f"unknown fault {fault!r}; choose one of {FAULTS}")
     return df.reset_index(drop=True)
-
-
-def spending_pattern(frame: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
-    """The example's Python features (`features.python` in dataset.yaml): the amount against the card's
-    own 7-day habit. Each row reads only its own columns and aggregates, which are point-in-time."""
-    amount = frame[AMOUNT].astype("float64")
-    usual = frame["cust_amount_mean_7d"].astype("float64")
-    ratio = np.log(np.maximum(amount, 0.01) / np.maximum(usual.fillna(amount), 0.01))
-    spread = frame["cust_amount_std_7d"].astype("float64") / np.maximum(usual, 0.01)
-    return pd.DataFrame({"amount_to_usual_7d": ratio, "amount_cv_7d": spread.fillna(0.0)}, index=frame.index)
