@@ -74,7 +74,7 @@ def build_features(settings: Settings, spec: DatasetSpec, frame, parent: str):
 
 
 @task(name="train", retries=1, retry_delay_seconds=[5], cache_policy=NO_CACHE)
-def train(prepared, spec: DatasetSpec, cfg: TrainConfig, checkpoint_dir: Path, parent: str):
+def train(prepared, spec: DatasetSpec, cfg: TrainConfig, checkpoint_dir: Path, data_hash: str, parent: str):
     """Train (resuming from `checkpoint_dir/last.pt` if a previous attempt was killed); record the hardware."""
     logger = get_run_logger()
     mlflow.enable_system_metrics_logging()  # CPU, memory and (with nvidia-ml-py) GPU use, for this stage run only
@@ -82,6 +82,7 @@ def train(prepared, spec: DatasetSpec, cfg: TrainConfig, checkpoint_dir: Path, p
     try:
         with registry.stage_run(parent, "train"):
             mlflow.log_params({f"train.{k}": v for k, v in cfg.model_dump().items()})
+            registry.log_training_dataset(prepared.splits.train, data_hash, "training", targets=spec.label)
             outcome = training.train_stage(prepared, spec, cfg, checkpoint_dir,
                                            on_epoch=lambda row: _log_epoch(row, logger))
             mlflow.log_dict(outcome.device, "hardware.json")
@@ -211,7 +212,7 @@ def _run_stages(settings, spec, policy, params: PipelineParams, batch_dir, work_
     # Transform
     prepared = training.prepare(feats.frame, spec)
     checkpoints = training.checkpoint_dir(settings, feats.data_hash, cfg)
-    trained = train(prepared, spec, cfg, checkpoints, parent)
+    trained = train(prepared, spec, cfg, checkpoints, feats.data_hash, parent)
     clock.lap("train")
     exported = export_model(trained.model, prepared, work_dir, policy, parent)
     clock.lap("export")

@@ -37,6 +37,7 @@ class VariantReport:
     rows_per_s: float  # MLPerf Offline
     memory_mb: float
     cost_per_million: float
+    server_verdict: str = "not measured"  # LoadGen's validity of the Server run, with its reason if INVALID
 
 
 @dataclass
@@ -137,7 +138,8 @@ def decide(policy: GatePolicy, evidence: Evidence, links: dict[str, str] | None 
                  evidence.behaviour_violation_rate, "worst share of rows breaking a behaviour check of the spec",
                  links.get("robustness", "")),
         _at_most("latency_slo_p99_ms", policy.latency_slo_p99_ms, v.server_p99_ms,
-                 f"Server-scenario p99 (ms) at {policy.slo_target_qps:g} q/s on {v.provider}",
+                 f"Server-scenario p99 (ms; LoadGen: {v.server_verdict}) at {policy.slo_target_qps:g} q/s "
+                 f"on {v.provider}",
                  links.get("benchmark", "")),
         *_champion_gates(policy, evidence, links.get("comparison", "")),
     ]

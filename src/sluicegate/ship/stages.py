@@ -129,7 +129,7 @@ def evaluate_stage(model, prepared: Prepared, exported: ExportOutcome, spec: Dat
     """Score torch and every ONNX variant on the test window, benchmark them on the
     target's execution provider, and pick the variant to ship."""
     started = time.perf_counter()
-    bench = bench or BenchConfig(server_qps=policy.slo_target_qps)
+    bench = bench or BenchConfig(server_qps=policy.slo_target_qps, server_latency_ms=policy.latency_slo_p99_ms)
     y = prepared.y_test
     threshold = evaluation.choose_threshold(
         prepared.y_valid, predict(model, prepared.valid.numeric, prepared.valid.categorical))
@@ -173,7 +173,7 @@ def _variant_report(name, path, hw: Hardware, metrics, torch_metrics, max_abs_di
         roc_auc_drop=torch_metrics["roc_auc"] - metrics["roc_auc"], max_abs_diff=max_abs_diff,
         size_bytes=Path(path).stat().st_size, p50_ms_batch1=single.p50_ms, p90_ms_batch1=single.p90_ms,
         p99_ms_batch1=single.p99_ms, server_p99_ms=server.p99_ms, rows_per_s=offline.samples_per_s,
-        memory_mb=result.memory_mb,
+        memory_mb=result.memory_mb, server_verdict=_verdict(server),
         cost_per_million=benchmark.cost_per_million(offline.samples_per_s, hw.price_per_hour))
 
 def write_evidence(evaluated: EvaluationOutcome, exported: ExportOutcome, out_dir: Path,
@@ -194,6 +194,12 @@ def write_evidence(evaluated: EvaluationOutcome, exported: ExportOutcome, out_di
     evaluated.holdout.to_parquet(out_dir / "holdout.parquet", index=False)
     evaluation.plot_reliability(evaluated.reliability, evaluated.shipped_metrics["ece"], out_dir / "reliability.png")
     return out_dir
+
+
+def _verdict(scenario) -> str:
+    if scenario.validity is None:
+        return "not measured"
+    return scenario.validity + (f" ({scenario.invalid_reason})" if scenario.invalid_reason else "")
 
 
 # --- register, gate, deploy, roll back --------------------------------------------------------------
