@@ -25,8 +25,8 @@ import numpy as np
 import orjson
 
 REPO = Path(__file__).resolve().parents[1]
-# One row of the default example's 14 numeric inputs (values only need to be finite).
-NUMERIC_ROW = [1.5, 0.1, 0.0, 1.0, 0.2, 0.0, 5.0, 0.0, 1.0, 2.0, 0.01, 0.0, 0.5, 0.8]
+# One row of the default example's 18 numeric inputs (values only need to be finite).
+NUMERIC_ROW = [1.5, 0.1, 0.0, 1.0, 0.2, 0.0, 5.0, 0.0, 1.0, 2.0, 0.01, 0.0, 0.5, 0.8, 0.1, 0.0, 0.2, 0.0]
 CATEGORICAL_ROW = [1, 2, 3, 4]
 WRK_HINT = "wrk is not installed: `apt-get update && apt-get install -y wrk` (Debian/Ubuntu) or `brew install wrk`."
 

@@ -99,6 +99,20 @@ class NumericFeature(_Strict):
     transform: Transform = "none"
 
 
+class Ratio(_Strict):
+    """One numeric value against another of the same row, e.g. an amount against the entity's usual
+    amount: missing when either is missing or the denominator is not positive."""
+
+    numerator: str = Field(description="A raw numeric column or a feature")
+    denominator: str = Field(description="A raw numeric column or a feature")
+    name: str | None = None
+    transform: Transform = "none"
+
+    @property
+    def feature_name(self) -> str:
+        return self.name or f"{self.numerator}_per_{self.denominator}"
+
+
 class Aggregate(_Strict):
     entity: str
     agg: Aggregation
@@ -151,6 +165,7 @@ class Features(_Strict):
     categorical: list[str] = []
     time: list[TimePart] = []
     aggregates: list[Aggregate] = []
+    ratios: list[Ratio] = []
     python: PythonFeatures | None = None
 
     @property
@@ -286,6 +301,7 @@ class DatasetSpec(_Strict):
         """The raw columns a /predict request carries: everything the model reads from the row."""
         keys = [e.key for e in self.entities.values()]
         used = [f.column for f in self.features.numeric_columns] + self.categorical_features
+        used += [n for r in self.features.ratios for n in (r.numerator, r.denominator) if n in self.columns]
         if self.timestamp:
             used.append(self.timestamp)
         return _unique(keys + used)
@@ -385,6 +401,14 @@ def _check_references(spec: DatasetSpec) -> None:
     for name in spec.slices.bands:
         need(name, "slices.bands", ("int64", "float64"))
     numeric_features = [f.column for f in spec.features.numeric_columns] + spec.feature_columns
+    numeric_columns = [c for c, col in cols.items() if col.dtype in ("int64", "float64")]
+    for i, ratio in enumerate(spec.features.ratios):
+        for side in ("numerator", "denominator"):
+            name = getattr(ratio, side)
+            if name not in numeric_columns + spec.feature_columns:
+                raise ValueError(f"features.ratios[{i}].{side}: {name!r} is neither a numeric column nor a feature")
+            if name == table.label:
+                raise ValueError(f"features.ratios[{i}].{side}: the label {name!r} cannot be a feature")
     for i, check in enumerate(spec.behaviour.direction):
         for name in check.features:
             if name not in numeric_features:

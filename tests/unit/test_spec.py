@@ -87,3 +87,9 @@ def test_a_behaviour_check_of_an_unknown_feature_is_named():
     raw = _raw()
     raw["behaviour"]["direction"][0]["feature"] = ["cust_txn_count_1h", "velocity"]
     assert "behaviour.direction[0].feature: 'velocity' is not a numeric feature" in _error(raw)
+
+
+def test_a_ratio_of_an_unknown_value_is_named():
+    raw = _raw()
+    raw["features"]["ratios"][0]["denominator"] = "usual"
+    assert "features.ratios[0].denominator: 'usual' is neither a numeric column nor a feature" in _error(raw)

@@ -32,6 +32,8 @@ class NumericInput:
     name: str  # the column in the training frame, the request or the prediction log
     transform: Transform
     may_be_missing: bool
+    denominator: str | None = None  # a ratio: `source` over this column
+    source: str | None = None  # the numerator of a ratio
 
 
 def numeric_features(spec: DatasetSpec) -> list[NumericInput]:
@@ -40,7 +42,9 @@ def numeric_features(spec: DatasetSpec) -> list[NumericInput]:
     aggs = [NumericInput(a.feature_name, a.value_transform, a.may_be_missing) for a in spec.features.aggregates]
     python = [NumericInput(name, "none", True) for name in (spec.features.python.outputs if spec.features.python
                                                              else [])]
-    return raw + aggs + python
+    ratios = [NumericInput(r.feature_name, r.transform, True, r.denominator, r.numerator)
+              for r in spec.features.ratios]
+    return raw + aggs + python + ratios
 
 
 def numeric_inputs(spec: DatasetSpec) -> list[str]:
@@ -74,7 +78,7 @@ def build_model_input(columns: Mapping[str, ArrayLike], spec: DatasetSpec) -> Mo
     """
     parts = []
     for f in numeric_features(spec):
-        values = _floats(columns[f.name])
+        values = _ratio(columns, f) if f.denominator else _floats(columns[f.name])
         missing = np.isnan(values)
         parts.append(np.where(missing, 0.0, _transform(values, f.transform)))
         if f.may_be_missing:
@@ -88,6 +92,12 @@ def build_model_input(columns: Mapping[str, ArrayLike], spec: DatasetSpec) -> Mo
                                     for c in spec.categorical_features])
                    if spec.categorical_features else np.zeros((n, 0), np.int64))
     return ModelInput(numeric=numeric, categorical=categorical)
+
+
+def _ratio(columns: Mapping[str, ArrayLike], f: NumericInput) -> np.ndarray:
+    top, bottom = _floats(columns[f.source]), _floats(columns[f.denominator])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(bottom > 0, top / np.where(bottom > 0, bottom, 1.0), np.nan)
 
 
 def _rows(columns: Mapping[str, ArrayLike], spec: DatasetSpec) -> int:

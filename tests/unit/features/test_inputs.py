@@ -98,3 +98,14 @@ def test_python_features_follow_their_contract():
     assert "x2" in numeric_inputs(spec) and build_model_input(frame.assign(x2=out["x2"]), spec).numeric.shape == (2, 3)
     with pytest.raises(ValueError, match=r"exactly the columns \['x3'\]"):
         python_features(frame, _spec_with_python(f"{__name__}:double_x", ["x3"]))
+
+
+def test_a_ratio_is_missing_when_its_denominator_is_not_positive(spec):
+    frame = _frame(spec, n=3)
+    frame["cust_amount_mean_7d"] = [20.0, 0.0, np.nan]
+    frame["amount"] = [10.0, 5.0, 5.0]
+    names = numeric_inputs(spec)
+    got = build_model_input(frame, spec).numeric
+    ratio = names.index("amount_to_usual_7d")
+    np.testing.assert_allclose(got[:, ratio], [np.log1p(0.5), 0.0, 0.0], rtol=1e-6)
+    np.testing.assert_array_equal(got[:, names.index("amount_to_usual_7d" + MISSING)], [0.0, 1.0, 1.0])

@@ -28,7 +28,7 @@ def cards(spec):
 
 
 
-WIDTH = 14  # numeric inputs of the default spec
+WIDTH = 18  # numeric inputs of the default spec
 NAMES = numeric_inputs(load_spec())
 
 
