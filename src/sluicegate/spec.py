@@ -290,13 +290,13 @@ class DatasetSpec(_Strict):
     def aggregates_by_entity(self) -> dict[str, list[Aggregate]]:
         return {name: [a for a in self.features.aggregates if a.entity == name] for name in self.entities}
 
-    @property
+    @cached_property
     def feature_columns(self) -> list[str]:
         """Columns the feature stage adds to each row (aggregates, then the Python function's)."""
         out = [a.feature_name for a in self.features.aggregates]
         return out + (list(self.features.python.outputs) if self.features.python else [])
 
-    @property
+    @cached_property  # read per /predict request
     def request_columns(self) -> list[str]:
         """The raw columns a /predict request carries: everything the model reads from the row."""
         keys = [e.key for e in self.entities.values()]

@@ -38,6 +38,7 @@ from sluicegate.spec import Aggregate, DatasetSpec
 MIN_TTL = timedelta(days=31)
 # Feast's dask store names the entity timestamp this way; other names make it guess.
 FEAST_EVENT_TS = DEFAULT_ENTITY_DF_EVENT_TIMESTAMP_COL
+LABEL = "__positive"  # the label as 1.0 / 0.0, for label rates
 FEAST_TYPES = {"int64": (ValueType.INT64, Int64), "string": (ValueType.STRING, String)}
 
 
@@ -58,9 +59,6 @@ def compute_feature_tables(rows: pd.DataFrame, spec: DatasetSpec) -> dict[str, p
             frame[LABEL] = spec.positive(rows[spec.label]).to_numpy()
         tables[catalog.entity_view(entity)] = _entity_table(frame, key, ts, aggs, spec)
     return tables
-
-
-LABEL = "__positive"  # the label as 1.0 / 0.0, for label rates
 
 
 def _utc(ts: pd.Series) -> pd.Series:

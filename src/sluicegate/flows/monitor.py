@@ -87,22 +87,21 @@ def trigger_retrain(settings: Settings, params: MonitorParams, decision) -> str:
 
 
 @task(name="check-traffic", cache_policy=NO_CACHE)
-def check_traffic(settings: Settings, params: MonitorParams) -> operate.MonitorOutcome:
-    thresholds = load_policy(settings.gates_path).drift
+def check_traffic(settings: Settings, params: MonitorParams, thresholds) -> operate.MonitorOutcome:
     trigger = PrefectTrigger(settings, params) if params.trigger else None
     return operate.monitor_stage(settings, load_spec(settings.spec_path), thresholds, Path(params.expectations),
                                  trigger)
 
 
 @task(name="publish-report", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
-def publish(settings: Settings, outcome: operate.MonitorOutcome) -> str:
+def publish(settings: Settings, outcome: operate.MonitorOutcome, thresholds) -> str:
     """The report as Prefect artifacts (table + markdown) and as an MLflow run with the plot."""
     report, decision = outcome.report, outcome.decision
     create_table_artifact(key="drift-report", table=report.table(),
                           description=f"PSI per column vs. champion v{report.reference_version}")
     create_markdown_artifact(key="drift-summary", markdown=report.to_markdown(decision),
                              description=decision.summary())
-    return operate.record_report(settings, report, decision, load_policy(settings.gates_path).drift)
+    return operate.record_report(settings, report, decision, thresholds)
 
 
 @flow(name="monitor", log_prints=True)
@@ -111,8 +110,9 @@ def monitor(params: MonitorParams | None = None) -> dict:
     params = params or MonitorParams()
     settings = Settings()
     ensure_home(settings.paths)
-    outcome = check_traffic(settings, params)
+    thresholds = load_policy(settings.gates_path).drift  # read once; a broken policy fails before any work
+    outcome = check_traffic(settings, params, thresholds)
     get_run_logger().info(outcome.summary())
     if outcome.report is None:
         return outcome.to_dict()
-    return outcome.to_dict() | {"mlflow_run_id": publish(settings, outcome)}
+    return outcome.to_dict() | {"mlflow_run_id": publish(settings, outcome, thresholds)}
