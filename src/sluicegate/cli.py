@@ -355,24 +355,33 @@ def rollback(
 
 @app.command()
 def serve(
-    spec: SpecOption = None,
+    specs: Annotated[list[Path] | None, typer.Option(
+        "--spec", help="A table's dataset spec; repeat to serve several models from one server (/predict answers "
+                       "for the first, /predict/{name} for each) [SLUICEGATE_SPEC_PATH]")] = None,
     host: Annotated[str | None, typer.Option(help="Bind address [SLUICEGATE_SERVE_HOST]")] = None,
     port: Annotated[int | None, typer.Option(help="Port [SLUICEGATE_SERVE_PORT]")] = None,
     max_batch_rows: Annotated[int | None, typer.Option(help="Rows per model call at most")] = None,
     max_wait_ms: Annotated[float | None, typer.Option(help="Wait for more requests before a call")] = None,
     poll_interval: Annotated[float | None, typer.Option(help="Seconds between champion checks")] = None,
 ) -> None:
-    """Serve MODEL@champion: Open Inference Protocol v2, /predict, /metrics; hot-reloads the champion."""
+    """Serve MODEL@champion of each spec: Open Inference Protocol v2, /predict, /metrics; hot-reloads champions."""
     from sluicegate.serve import ServeSettings, run
 
-    settings = _settings(spec)
-    _home(settings)
+    tables = [_settings(spec) for spec in specs or [None]]
+    names = [table.model_name for table in tables]
+    if len(set(names)) < len(names):
+        console.print(f"[red]error:[/red] --spec: two specs register the same model ({', '.join(names)}); "
+                      "give each its own model_name")
+        raise typer.Exit(2)
+    for table in tables:
+        _home(table)
     given = {"host": host, "port": port, "max_batch_rows": max_batch_rows, "max_wait_ms": max_wait_ms,
              "poll_interval_s": poll_interval}
     serve_settings = ServeSettings(**{k: v for k, v in given.items() if v is not None})
-    console.print(f"serving {settings.model_name}@champion on http://{serve_settings.host}:{serve_settings.port} "
-                  f"(v2: /v2/models/{settings.model_name}/infer, /predict, /metrics, /openapi.json)")
-    run(settings, serve_settings)
+    console.print(f"serving {', '.join(f'{n}@champion' for n in names)} on "
+                  f"http://{serve_settings.host}:{serve_settings.port} "
+                  f"(v2: /v2/models/{{{'|'.join(names)}}}/infer, /predict, /metrics, /openapi.json)")
+    run(tables, serve_settings)
 
 
 @app.command()

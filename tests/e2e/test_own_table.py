@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -82,23 +83,35 @@ def test_the_drafted_spec_runs_end_to_end_unchanged_and_ranks_far_above_the_labe
     assert [m["name"] for m in promoted["models"]] == ["default"]
 
 
-def test_the_champion_answers_predict_with_the_specs_own_columns(promoted, drafted, env):
+def _wait_ready(url: str) -> dict:
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            ready = httpx.get(f"{url}/v2/health/ready", timeout=2)
+            if ready.status_code == 200:
+                return ready.json()
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail("the model server did not become ready")
+
+
+@contextmanager
+def _server(env: dict, *specs: Path):
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "sluicegate", "serve", "--spec", str(drafted), "--port",
-                               str(port)], env=env, cwd=env["WORK"], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    args = [a for spec in specs for a in ("--spec", str(spec))]
+    server = subprocess.Popen([sys.executable, "-m", "sluicegate", "serve", *args, "--port", str(port)],
+                              env=env, cwd=env["WORK"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("the model server did not become ready")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_the_champion_answers_predict_with_the_specs_own_columns(promoted, drafted, env):
+    with _server(env, drafted) as url:
+        _wait_ready(url)
         low = httpx.post(f"{url}/predict", json={"student": "No", "balance": 300.0, "income": 40000.0}).json()
         high = httpx.post(f"{url}/predict", json={"student": "Yes", "balance": 2500.0, "income": 15000.0}).json()
         assert low["model_name"] == "default" and 0 <= low["probability"] < high["probability"] <= 1
@@ -109,9 +122,60 @@ def test_the_champion_answers_predict_with_the_specs_own_columns(promoted, draft
         schema = httpx.get(f"{url}/openapi.json").json()["paths"]["/predict"]["post"]["requestBody"]
         properties = schema["content"]["application/json"]["schema"]["properties"]
         assert set(properties) == {"row_id", "student", "balance", "income"}
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def second(csv, drafted, promoted, env) -> Path:
+    """A second table in the same install: the same CSV declared with fewer features, its own model."""
+    spec = yaml.safe_load(drafted.read_text())
+    spec["name"] = "default-balance"
+    spec["features"] = {"numeric": ["balance"], "categorical": ["student"]}
+    # Its own gate file beside it (named by the spec's `gates` key): a looser calibration bound.
+    spec["gates"] = "balance.gates.yaml"
+    policy = yaml.safe_load(Path(env["SLUICEGATE_GATES_PATH"]).read_text()) | {"max_ece": 0.05}
+    work = Path(env["WORK"])
+    (work / "balance.gates.yaml").write_text(yaml.safe_dump(policy))
+    path = work / "balance.spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    own_gates = {k: v for k, v in env.items() if k != "SLUICEGATE_GATES_PATH"}
+    _cli("import", str(csv), "--spec", str(path), env=own_gates)
+    _cli("run", "--spec", str(path), "--max-epochs", "12", env=own_gates)
+    return path
+
+
+def test_one_server_serves_each_specs_champion_under_its_own_name(second, drafted, env):
+    status = json.loads(_cli("status", "--spec", str(second), "--json", env=env).stdout)
+    assert {m["name"] for m in status["models"]} == {"default", "default-balance"}
+    with _server(env, drafted, second) as url:
+        ready = _wait_ready(url)
+        assert [m["name"] for m in ready["models"]] == ["default", "default-balance"]
+        widths = {}
+        for name in ("default", "default-balance"):
+            meta = httpx.get(f"{url}/v2/models/{name}").json()
+            assert meta["name"] == name
+            widths[name] = {i["name"]: i["shape"][1] for i in meta["inputs"]}
+            assert httpx.get(f"{url}/v2/models/{name}/ready").json()["ready"] is True
+        # Each model keeps its own tensor contract.
+        assert widths["default-balance"]["numeric"] < widths["default"]["numeric"]
+        infer = httpx.post(f"{url}/v2/models/default-balance/infer", json={"inputs": [
+            {"name": name, "shape": [1, width], "datatype": "FP32" if name == "numeric" else "INT64",
+             "data": [0] * width} for name, width in widths["default-balance"].items()]})
+        assert infer.status_code == 200, infer.text
+        assert infer.json()["model_name"] == "default-balance"
+        row = {"student": "Yes", "balance": 2500.0, "income": 15000.0}
+        assert httpx.post(f"{url}/predict", json=row).json()["model_name"] == "default"
+        lite = httpx.post(f"{url}/predict/default-balance", json={"student": "Yes", "balance": 2500.0})
+        assert lite.status_code == 200 and lite.json()["model_name"] == "default-balance"
+        # The default model still needs its own columns; the second one does not.
+        assert httpx.post(f"{url}/predict/default", json={"student": "Yes", "balance": 2500.0}).status_code == 422
+        unknown = httpx.post(f"{url}/predict/churn", json=row)
+        assert unknown.status_code == 404 and "'default-balance'" in unknown.json()["error"]
+        paths = httpx.get(f"{url}/openapi.json").json()["paths"]
+        body = paths["/predict/default-balance"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert set(body["properties"]) == {"row_id", "student", "balance"}
+    # Each model's predictions land in its own table's folder.
+    tables = Path(env["SLUICEGATE_HOME"]) / "tables"
+    assert list((tables / "default-balance" / "predictions").rglob("*.parquet"))
 
 
 def test_bad_tables_are_refused_naming_the_column(csv, drafted, env):

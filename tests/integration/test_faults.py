@@ -361,7 +361,7 @@ def test_server_keeps_serving_when_the_new_champions_warm_up_fails(world, tmp_pa
             served._wait_for(lambda: served._metric(http.get("/metrics").text,
                                                     'sluicegate_model_reloads_total{outcome="rejected"}') > 0,
                              "the new champion to be rejected")
-            assert "warm-up gave" in (running.app.manager.last_error or "")
+            assert "warm-up gave" in (running.app.default.manager.last_error or "")
             answer = http.post(f"/v2/models/{NAME}/infer", json=served._infer_body(), headers=served.AUTH)
             assert answer.status_code == 200 and answer.json()["model_version"] == world["champion"]
             assert np.all(np.array(answer.json()["outputs"][0]["data"]) <= 1.0)

@@ -240,7 +240,7 @@ def test_predict_for_an_unseen_customer_uses_defaults(http, world):
 def test_online_store_down_gives_503_then_recovers(http, server, world):
     body = _business(world["frame"].iloc[1])
     assert http.post("/predict", json=body, headers=AUTH).status_code == 200
-    store = server.app._lookup.store
+    store = server.app.default._lookup.store
 
     def down(*args, **kwargs):  # injected fault: the online store refuses connections
         raise ConnectionError("connection refused")
@@ -391,7 +391,7 @@ def test_tampered_artifact_is_refused_and_the_old_model_keeps_serving(server, ht
     world["client"].set_registered_model_alias(NAME, registry.CHAMPION, bad_version)
     _wait_for(lambda: _metric(http.get("/metrics").text, 'sluicegate_model_reloads_total{outcome="rejected"}')
               > rejected_before, "the tampered version to be rejected")
-    assert "does not match" in (server.app.manager.last_error or "")
+    assert "does not match" in (server.app.default.manager.last_error or "")
     assert http.get(f"/v2/models/{NAME}/ready").json()["version"] == serving
     answer = http.post(f"/v2/models/{NAME}/infer", json=_infer_body(), headers=AUTH)
     assert answer.status_code == 200 and answer.json()["model_version"] == serving

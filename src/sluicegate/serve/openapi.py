@@ -19,7 +19,8 @@ def _errors(*codes: int) -> dict:
     return {str(c): _json(ERROR, text[c]) for c in codes}
 
 
-def document(spec: DatasetSpec, model_name: str, secured: bool, metrics_secured: bool = False) -> dict:
+def document(models: list[tuple[DatasetSpec, str]], secured: bool, metrics_secured: bool = False) -> dict:
+    """The document of a server serving each (spec, model name); /predict is the first one's."""
     tensor = {
         "type": "object",
         "properties": {
@@ -45,23 +46,18 @@ def document(spec: DatasetSpec, model_name: str, secured: bool, metrics_secured:
     infer_response = {"type": "object", "properties": {
         "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
         "outputs": {"type": "array", "items": {"type": "object"}}}, "required": ["model_name", "outputs"]}
-    predict_response = {"type": "object", "properties": {
-        "id": {"anyOf": [{"type": "string"}, {"type": "integer"}], "nullable": True},
-        "probability": {"type": "number", "description": f"probability of {spec.predicts!r}"},
-        "positive": {"type": "boolean", "description": f"probability >= threshold: predicted "
-                                                       f"{spec.label} = {spec.table.positive!r}"},
-        "threshold": {"type": "number"}, "model_name": {"type": "string"},
-        "model_version": {"type": "string"}}, "required": ["probability", "positive", "model_version"]}
     status = {"type": "object"}
-    # This server serves one model: any other name is a 404.
-    model_param = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string", "enum": [model_name]}}]
+    # Any name but these is a 404.
+    names = [name for _, name in models]
+    model_param = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string", "enum": names}}]
     security = [{"bearer": []}, {"apiKey": []}] if secured else []
     auth_errors = (401,) if secured else ()
     metrics_security, metrics_errors = (security, auth_errors) if metrics_secured else ([], ())
     doc = {
         "openapi": "3.0.3",
         "info": {"title": "Sluicegate model server", "version": "1",
-                 "description": f"Serves {model_name}@champion: Open Inference Protocol v2 and /predict."},
+                 "description": f"Serves {', '.join(f'{n}@champion' for n in names)}: "
+                                f"Open Inference Protocol v2 and /predict."},
         "paths": {
             "/v2": {"get": {"summary": "Server metadata", "responses": {"200": _json(status, "Metadata")}}},
             "/v2/health/live": {"get": {"summary": "Liveness", "responses": {"200": _json(status, "Live")}}},
@@ -77,12 +73,6 @@ def document(spec: DatasetSpec, model_name: str, secured: bool, metrics_secured:
                 "requestBody": {"required": True, "content": {"application/json": {"schema": infer_request}}},
                 "responses": {"200": _json(infer_response, "Probabilities"),
                               **_errors(400, *auth_errors, 404, 413, 503)}}},
-            "/predict": {"post": {
-                "summary": f"Probability and decision for one row: {spec.predicts} (entity features from Feast)",
-                "security": security,
-                "requestBody": {"required": True, "content": {"application/json": {"schema": request_schema(spec)}}},
-                "responses": {"200": _json(predict_response, "Decision"),
-                              **_errors(400, *auth_errors, 413, 422, 503)}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "security": metrics_security, "responses": {
                 "200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}}},
                 **_errors(*metrics_errors)}}},
@@ -91,4 +81,25 @@ def document(spec: DatasetSpec, model_name: str, secured: bool, metrics_secured:
             "bearer": {"type": "http", "scheme": "bearer"},
             "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}},
     }
+    predict_errors = _errors(400, *auth_errors, 413, 422, 503)
+    first_spec, first_name = models[0]
+    doc["paths"]["/predict"] = _predict_path(first_spec, first_name, security, predict_errors)
+    if len(models) > 1:
+        for spec, name in models:
+            doc["paths"][f"/predict/{name}"] = _predict_path(spec, name, security, predict_errors)
     return doc
+
+
+def _predict_path(spec: DatasetSpec, model_name: str, security: list, errors: dict) -> dict:
+    response = {"type": "object", "properties": {
+        "id": {"anyOf": [{"type": "string"}, {"type": "integer"}], "nullable": True},
+        "probability": {"type": "number", "description": f"probability of {spec.predicts!r}"},
+        "positive": {"type": "boolean", "description": f"probability >= threshold: predicted "
+                                                       f"{spec.label} = {spec.table.positive!r}"},
+        "threshold": {"type": "number"}, "model_name": {"type": "string", "enum": [model_name]},
+        "model_version": {"type": "string"}}, "required": ["probability", "positive", "model_version"]}
+    return {"post": {
+        "summary": f"{model_name}: probability and decision for one row: {spec.predicts} (entity features from Feast)",
+        "security": security,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": request_schema(spec)}}},
+        "responses": {"200": _json(response, "Decision"), **errors}}}
