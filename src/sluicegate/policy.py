@@ -39,6 +39,9 @@ class GatePolicy(BaseModel):
     max_behaviour_violation_rate: float = Field(ge=0, le=1)
     latency_slo_p99_ms: float = Field(gt=0)
     slo_target_qps: float = Field(gt=0)
+    # USD per million predictions at the Offline throughput and the hardware profile's price per hour;
+    # absent (None): no cost gate.
+    max_cost_per_million: float | None = Field(None, gt=0)
     max_regression_vs_champion: float = Field(ge=0)
     max_slice_regression: float = Field(ge=0)
     min_slice_support: int = Field(ge=1)

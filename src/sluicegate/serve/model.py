@@ -11,6 +11,7 @@ from mlflow import MlflowClient
 from sluicegate.config import Settings
 from sluicegate.ship import registry
 from sluicegate.ship.loader import (
+    FetchFailed,
     LoadedModel,
     ModelRejected,
     choose_providers,
@@ -27,6 +28,10 @@ class ModelManager:
 
     Readers take `manager.current` once per batch, so a swap never mixes models
     within a batch and in-flight batches finish on the model they started with.
+
+    A version the checks refuse is remembered (by version and sha256) and not fetched again; a
+    version whose artifact could not be fetched (`FetchFailed`: MLflow, the artifact store or the
+    network down) is not: `fetch_error` says why, and the next `refresh` tries it again.
     """
 
     def __init__(self, settings: Settings, threads: int, providers: list[str], widths: tuple[int, int],
@@ -38,6 +43,7 @@ class ModelManager:
         self.widths = widths
         self.current: LoadedModel | None = None
         self.last_error: str | None = None
+        self.fetch_error: str | None = None  # the champion's artifact could not be fetched; retried next poll
         self._rejected: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._on_loaded = on_loaded
@@ -54,6 +60,7 @@ class ModelManager:
         with self._lock:  # one load at a time, even if a poll overlaps a manual refresh
             name = self.settings.model_name
             version = registry.version_by_alias(self.client(), name, registry.CHAMPION)
+            self.fetch_error = None  # set again below if this champion's artifact cannot be fetched
             if version is None:
                 return False
             number = str(version.version)
@@ -67,6 +74,11 @@ class ModelManager:
                 model = load_from_bytes(name, number, data, version.tags.get("sha256"),
                                         version.tags.get("threshold"), version.tags.get("variant", ""),
                                         self.threads, self.providers, self.widths)
+            except FetchFailed as exc:  # nothing known against the model: not rejected, tried again next poll
+                self.last_error = self.fetch_error = str(exc)
+                log.error("champion %s v%s not fetched, still serving %s; trying again at the next poll: %s",
+                          name, number, f"v{self.current.version}" if self.current else "nothing", exc)
+                return False
             except ModelRejected as exc:
                 self._rejected.add(key)
                 self.last_error = str(exc)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from sluicegate.hardware import Hardware
 from sluicegate.policy import GatePolicy
 from sluicegate.ship.evaluate import Comparison
 
@@ -51,6 +52,7 @@ class Evidence:
     champion_version: str | None = None
     comparisons: list[Comparison] = field(default_factory=list)  # overall first; empty without a champion
     missing: list[str] = field(default_factory=list)  # required evidence not found
+    hardware: Hardware | None = None  # the target and price per hour the cost was computed at
 
 
 @dataclass
@@ -141,9 +143,25 @@ def decide(policy: GatePolicy, evidence: Evidence, links: dict[str, str] | None 
                  f"Server-scenario p99 (ms; LoadGen: {v.server_verdict}) at {policy.slo_target_qps:g} q/s "
                  f"on {v.provider}",
                  links.get("benchmark", "")),
+        *_cost_gate(policy, evidence, links.get("benchmark", "")),
         *_champion_gates(policy, evidence, links.get("comparison", "")),
     ]
     return GateDecision(variant=v.name, results=results)
+
+
+def _cost_gate(policy: GatePolicy, evidence: Evidence, link: str) -> list[GateResult]:
+    """USD per million predictions of the shipped variant; only when gates.yaml sets a limit."""
+    limit = policy.max_cost_per_million
+    if limit is None:
+        return []
+    v, hw = evidence.shipped, evidence.hardware
+    cost = v.cost_per_million
+    passed = bool(cost <= limit)
+    priced = (f"${hw.price_per_hour:.4g}/h ({hw.profile}, {hw.provider})" if hw is not None
+              else f"a price per hour not recorded in the evidence ({v.provider})")
+    detail = (f"${cost:.4g} per 1M predictions {'within' if passed else 'exceeds'} the limit ${limit:.4g}: "
+              f"Offline {v.rows_per_s:,.0f} rows/s at {priced}")
+    return [GateResult("max_cost_per_million", limit, cost, passed, detail, link)]
 
 
 def _evidence_gate(evidence: Evidence) -> GateResult:

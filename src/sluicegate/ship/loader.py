@@ -35,6 +35,11 @@ class ModelRejected(RuntimeError):
     """A version that must not serve: bad hash, not ONNX, wrong contract, failed warm-up."""
 
 
+class FetchFailed(RuntimeError):
+    """The version's artifact could not be fetched (registry, artifact store or network down, a full
+    disk): nothing is known against the model, so a caller tries it again rather than refusing it."""
+
+
 @dataclass
 class LoadedModel:
     name: str
@@ -127,12 +132,18 @@ def registry_client(settings: Settings) -> MlflowClient:
 
 
 def fetch_onnx(client: MlflowClient, version: ModelVersion) -> bytes:
-    """The version's ONNX bytes; registry.download_onnx checks them against the sha256 tag."""
-    with tempfile.TemporaryDirectory(prefix="sluicegate-serve-") as tmp:
-        try:
+    """The version's ONNX bytes; registry.download_onnx checks them against the sha256 tag.
+
+    ModelRejected when the artifact itself is refused (not from the registry, no model.onnx, a hash
+    mismatch); FetchFailed when it could not be fetched (MLflow, the artifact store, the network or
+    the local disk failed), which says nothing against the model.
+    """
+    try:
+        with tempfile.TemporaryDirectory(prefix="sluicegate-serve-") as tmp:
             path = registry.download_onnx(client, version, Path(tmp))
-        except RuntimeError as exc:
-            raise ModelRejected(str(exc)) from exc
-        except (OSError, mlflow.exceptions.MlflowException) as exc:
-            raise ModelRejected(f"{version.name} v{version.version}: cannot fetch the artifact: {exc}") from exc
-        return path.read_bytes()
+            return path.read_bytes()
+    except registry.ArtifactRefused as exc:
+        raise ModelRejected(str(exc)) from exc
+    except (OSError, mlflow.exceptions.MlflowException) as exc:  # requests' errors are OSErrors too
+        raise FetchFailed(f"{version.name} v{version.version}: cannot fetch the artifact: "
+                          f"{type(exc).__name__}: {exc}") from exc

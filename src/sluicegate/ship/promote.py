@@ -20,7 +20,7 @@ from mlflow.entities.model_registry import ModelVersion
 
 from sluicegate.config import Settings
 from sluicegate.features.inputs import tensor_widths
-from sluicegate.hardware import hardware
+from sluicegate.hardware import Hardware, hardware
 from sluicegate.policy import GatePolicy
 from sluicegate.ship import card as modelcard
 from sluicegate.ship import registry
@@ -140,7 +140,11 @@ def server_load_check(settings: Settings, spec: DatasetSpec, client: MlflowClien
 def _load_as_served(settings: Settings, spec: DatasetSpec, client: MlflowClient,
                     version: ModelVersion) -> tuple[GateResult, bytes | None]:
     """The server_load gate, and the hash-checked ONNX bytes when they could be fetched
-    (the champion comparison scores these same bytes, so the artifact is downloaded once)."""
+    (the champion comparison scores these same bytes, so the artifact is downloaded once).
+
+    A fetch that failed (`FetchFailed`: the registry or artifact store down) raises instead of
+    failing the gate: it says nothing against the model, so it must not record a block on it; the
+    caller's retries (the gate task's) try again."""
     from sluicegate.ship.loader import ModelRejected, choose_providers, fetch_onnx, load_from_bytes
 
     evidence = "sluicegate.ship.loader.load_from_bytes"
@@ -181,7 +185,8 @@ def _evidence(raw: dict | None, missing: list[str], champion_version: str | None
     return Evidence(shipped=VariantReport(**raw["shipped"]), fp32_parity=raw["fp32_parity"],
                     robustness_worst=max(raw["robustness"].values()),
                     behaviour_violation_rate=raw["behaviour"]["behaviour_violation_rate"],
-                    champion_version=champion_version, comparisons=comparisons, missing=missing)
+                    champion_version=champion_version, comparisons=comparisons, missing=missing,
+                    hardware=Hardware(**raw["hardware"]) if raw.get("hardware") else None)
 
 
 def _links(settings: Settings, version: ModelVersion) -> dict[str, str]:
@@ -220,7 +225,9 @@ def rollback(settings: Settings, to_version: str | None, actor: str, reason: str
         raise ValueError(f"{name} has no previous champion to roll back to; name a version with --to")
     try:
         version = client.get_model_version(name, str(target))
-    except mlflow.exceptions.MlflowException:
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code not in registry.NOT_FOUND_CODES:  # an outage is not "no such version"
+            raise
         raise ValueError(f"{name} has no version {target}") from None
     if current is not None and str(current.version) == str(target):
         raise ValueError(f"v{target} is already champion")

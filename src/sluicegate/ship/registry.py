@@ -40,6 +40,18 @@ REGISTRY_SCHEMES = ("models:/", "runs:/")
 KEY_METRICS = ("pr_auc", "roc_auc", "ece", "recall", "precision", "p99_ms_batch1", "server_p99_ms", "rows_per_s",
                "cost_per_million", "threshold")
 DIGEST_CHARS = 36  # the width of MLflow's dataset digest column
+# What MLflow answers for a model that is not registered yet and for an alias that is not set.
+NOT_FOUND_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
+ALREADY_EXISTS = "RESOURCE_ALREADY_EXISTS"
+
+
+class ArtifactRefused(RuntimeError):
+    """A version's artifact that must not load whatever the registry's health: not from the registry,
+    no model.onnx in it, or bytes that do not match its sha256 tag. Retrying cannot help."""
+
+
+def _is(exc: MlflowException, *codes: str) -> bool:
+    return exc.error_code in codes
 
 
 def check_model_name(name: str) -> str:
@@ -62,8 +74,9 @@ def configure(settings: Settings) -> MlflowClient:
             location = settings.paths.mlflow_artifacts.as_uri()
         try:
             client.create_experiment(settings.experiment, artifact_location=location)
-        except MlflowException:
-            pass  # created meanwhile by a concurrent run
+        except MlflowException as exc:
+            if not _is(exc, ALREADY_EXISTS):  # an outage is not "created meanwhile by a concurrent run"
+                raise
     mlflow.set_experiment(settings.experiment)
     return client
 
@@ -134,14 +147,24 @@ def register_candidate(client: MlflowClient, name: str, model_info, run_id: str,
                        tags: dict[str, str], metrics: dict[str, float] | None = None) -> ModelVersion:
     """A new version carrying the ONNX it would ship, its hash and lineage; alias challenger.
 
-    The key metrics are logged against the logged model too (model_id), so MLflow's model page
-    shows them; without `metrics`, those the pipeline put on the parent run are used.
+    Idempotent: a retry after a lost response (the version was created, the answer never came)
+    finds the version this run already registered with this sha256 and returns it, so a run never
+    leaves two versions. The key metrics are logged against the logged model too (model_id), so
+    MLflow's model page shows them; without `metrics`, those the pipeline put on the parent run are used.
     """
     try:
         client.create_registered_model(name)
-    except MlflowException:
-        pass  # already registered
-    tags = {**tags, "sha256": sha256_file(onnx_path)}
+    except MlflowException as exc:
+        if not _is(exc, ALREADY_EXISTS):
+            raise
+    sha = sha256_file(onnx_path)
+    existing = registered_by_run(client, name, run_id, sha)
+    if existing is not None:
+        challenger = version_by_alias(client, name, CHALLENGER)
+        if challenger is None or int(challenger.version) <= int(existing.version):  # never move it backwards
+            client.set_registered_model_alias(name, CHALLENGER, existing.version)
+        return existing
+    tags = {**tags, "sha256": sha}
     log_model_metrics(client, run_id, model_info.model_id, metrics if metrics is not None else
                       run_key_metrics(client, run_id))
     version = client.create_model_version(name, source=model_info.model_uri, run_id=run_id,
@@ -149,6 +172,23 @@ def register_candidate(client: MlflowClient, name: str, model_info, run_id: str,
                                           model_id=model_info.model_id)
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     return version
+
+
+def registered_by_run(client: MlflowClient, name: str, run_id: str, sha256: str) -> ModelVersion | None:
+    """The (oldest) version of `name` that run `run_id` registered with this ONNX hash, if any.
+
+    Matched on the run and the sha256 tag, not the source: a retried register stage logs the
+    same ONNX again as a new logged model, so the source differs while the artifact does not.
+    """
+    found = client.search_model_versions(f"name='{check_model_name(name)}' and run_id='{_quoted(run_id)}'")
+    same = [v for v in found if v.run_id == run_id and v.tags.get("sha256") == sha256]
+    return min(same, key=lambda v: int(v.version)) if same else None
+
+
+def _quoted(value: str) -> str:
+    if "'" in value or "\\" in value:
+        raise ValueError(f"run id {value!r} cannot be used in a registry search")
+    return value
 
 
 def run_key_metrics(client: MlflowClient, run_id: str) -> dict[str, float]:
@@ -165,10 +205,6 @@ def log_model_metrics(client: MlflowClient, run_id: str, model_id: str, metrics:
         return
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0, model_id=model_id) for k, v in metrics.items()])
-
-
-# What MLflow answers for a model that is not registered yet and for an alias that is not set.
-NOT_FOUND_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
 
 
 def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
@@ -218,11 +254,17 @@ def move_champion(client: MlflowClient, name: str, version: str, expected: str |
 
 
 def history(client: MlflowClient, name: str) -> list[dict]:
-    """Every promotion and rollback, oldest first."""
+    """Every promotion and rollback, oldest first; [] only for a model that is not registered.
+
+    A registry that cannot answer raises: read as "no history" it would tell `rollback` there is
+    no previous champion and `status --history` that nothing was ever promoted.
+    """
     try:
         tags = client.get_registered_model(name).tags
-    except MlflowException:
-        return []
+    except MlflowException as exc:
+        if _is(exc, "RESOURCE_DOES_NOT_EXIST"):
+            return []
+        raise
     return [json.loads(v) for k, v in sorted(tags.items()) if k.startswith("audit.")]
 
 
@@ -264,18 +306,26 @@ def _cell(value) -> str:
 
 
 def download_onnx(client: MlflowClient, version: ModelVersion, dst: Path) -> Path:
-    """Fetch a version's ONNX file and check it against the hash recorded at registration."""
+    """Fetch a version's ONNX file and check it against the hash recorded at registration.
+
+    A version that must never load raises ArtifactRefused (a RuntimeError); a failure to fetch
+    it (the registry or artifact store down, a network error, a full disk) raises what the
+    download raised (MlflowException, OSError), so a caller can tell the two apart and try again.
+    """
     source = str(version.source or "")
     if not source.startswith(REGISTRY_SCHEMES) or ".." in source.split("/"):
-        raise RuntimeError(f"{version.name} v{version.version}: source {source!r} is not in the registry "
-                           f"({' or '.join(REGISTRY_SCHEMES)} URIs only); refusing to load it")
+        raise ArtifactRefused(f"{version.name} v{version.version}: source {source!r} is not in the registry "
+                              f"({' or '.join(REGISTRY_SCHEMES)} URIs only); refusing to load it")
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(dst)))
     path = local / ONNX_FILE
+    if not path.is_file():
+        raise ArtifactRefused(f"{version.name} v{version.version}: its artifact {source} has no {ONNX_FILE}; "
+                              "refusing to load it")
     expected = version.tags.get("sha256")
     actual = sha256_file(path)
     if expected != actual:
-        raise RuntimeError(f"{version.name} v{version.version}: artifact sha256 {actual} does not match "
-                           f"the registered {expected}; refusing to load it")
+        raise ArtifactRefused(f"{version.name} v{version.version}: artifact sha256 {actual} does not match "
+                              f"the registered {expected}; refusing to load it")
     return path
 
 
@@ -299,10 +349,15 @@ def describe_version(client: MlflowClient, version: ModelVersion | None) -> dict
 
 
 def status(client: MlflowClient, name: str) -> dict:
-    """Champion, challenger and the last gate decision, as one JSON-able object."""
+    """Champion, challenger and the last gate decision, as one JSON-able object.
+
+    Empty only for a model that is not registered; a registry that cannot answer raises.
+    """
     try:
         model = client.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as exc:
+        if not _is(exc, "RESOURCE_DOES_NOT_EXIST"):
+            raise
         return {"model": name, "champion": None, "challenger": None, "last_gate_decision": None}
     last = model.tags.get("last_gate_decision")
     return {

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import yaml
 
+from sluicegate.hardware import Hardware
 from sluicegate.policy import GatePolicyError, load_policy
 from sluicegate.ship.evaluate import compare_with_champion
 from sluicegate.ship.gates import (
@@ -41,8 +42,8 @@ def test_good_candidate_is_promoted_and_every_gate_is_listed(policy):
     assert decision.promote and not decision.failed
     listed = {r.gate for r in decision.results}
     gated = {"min_pr_auc", "max_ece", "max_quantization_drop", "parity_tolerance", "max_robustness_drop",
-             "max_behaviour_violation_rate", "latency_slo_p99_ms", "max_regression_vs_champion",
-             "max_slice_regression", "required_evidence"}
+             "max_behaviour_violation_rate", "latency_slo_p99_ms", "max_cost_per_million",
+             "max_regression_vs_champion", "max_slice_regression", "required_evidence"}
     assert listed == gated
 
 
@@ -66,6 +67,66 @@ def test_latency_slo_blocks_a_slow_variant(policy):
     decision = decide(policy, evidence(shipped=variant(server_p99_ms=policy.latency_slo_p99_ms * 3)))
     assert [r.gate for r in decision.failed] == ["latency_slo_p99_ms"]
     assert "Server-scenario p99" in decision.reason()
+
+
+CPU_2CORE = Hardware(target="cpu", provider="CPUExecutionProvider", profile="cpu-2core", price_per_hour=0.085)
+
+
+def test_the_shipped_policy_sets_a_cost_limit_well_above_what_the_benchmark_measures(policy):
+    from sluicegate.ship.benchmark import cost_per_million
+
+    # The MLP's Offline throughput on the 2-core VM (bench/RESULTS.md: ~0.84M rows/s) and the
+    # FT-Transformer's (~10k rows/s), priced as cpu-2core.
+    assert policy.max_cost_per_million is not None
+    assert cost_per_million(840_000, 0.085) * 1000 < policy.max_cost_per_million
+    assert cost_per_million(10_000, 0.085) * 10 < policy.max_cost_per_million
+
+
+def test_cost_gate_passes_under_the_limit_and_says_what_it_was_priced_at(policy):
+    cost = 0.085 / (800_000 * 3600) * 1e6
+    decision = decide(policy, evidence(shipped=variant(rows_per_s=800_000, cost_per_million=cost),
+                                       hardware=CPU_2CORE), links={"benchmark": "evidence/benchmark.json"})
+    assert decision.promote, decision.reason()
+    (gate,) = [r for r in decision.results if r.gate == "max_cost_per_million"]
+    assert gate.passed and gate.measured == cost and gate.threshold == policy.max_cost_per_million
+    assert gate.detail == (f"${cost:.4g} per 1M predictions within the limit ${policy.max_cost_per_million:.4g}: "
+                           "Offline 800,000 rows/s at $0.085/h (cpu-2core, CPUExecutionProvider)")
+    assert gate.evidence == "evidence/benchmark.json"
+
+
+def test_cost_gate_blocks_an_expensive_variant_naming_the_figure(policy):
+    h100 = Hardware(target="cuda", provider="CUDAExecutionProvider", profile="nvidia-h100", price_per_hour=4.0)
+    cost = 4.0 / (2_000 * 3600) * 1e6  # $0.556 per 1M at 2,000 rows/s
+    decision = decide(policy, evidence(shipped=variant(rows_per_s=2_000, cost_per_million=cost), hardware=h100))
+    assert not decision.promote
+    assert [r.gate for r in decision.failed] == ["max_cost_per_million"]
+    reason = decision.reason()
+    assert "max_cost_per_million: $0.5556 per 1M predictions exceeds the limit $0.1" in reason
+    assert "Offline 2,000 rows/s at $4/h (nvidia-h100, CUDAExecutionProvider)" in reason
+
+
+def test_cost_gate_without_a_recorded_price_says_so(policy):
+    decision = decide(policy, evidence(shipped=variant(cost_per_million=1.0)))
+    (gate,) = decision.failed
+    assert gate.gate == "max_cost_per_million" and "price per hour not recorded" in gate.detail
+
+
+def test_no_cost_limit_means_no_cost_gate(policy):
+    unlimited = policy.model_copy(update={"max_cost_per_million": None})
+    decision = decide(unlimited, evidence(shipped=variant(cost_per_million=1e6)))
+    assert decision.promote and "max_cost_per_million" not in {r.gate for r in decision.results}
+
+
+def test_the_cost_gate_reads_the_price_from_the_evidence_of_the_version(policy):
+    from dataclasses import asdict
+
+    from sluicegate.ship.promote import _evidence
+
+    raw = {"shipped": asdict(variant(cost_per_million=0.5)), "fp32_parity": 1e-6, "robustness": {"noise": 0.01},
+           "behaviour": {"behaviour_violation_rate": 0.0}, "hardware": asdict(CPU_2CORE)}
+    decision = decide(policy, _evidence(raw, [], None, []))
+    assert [r.gate for r in decision.failed] == ["max_cost_per_million"]
+    assert "$0.085/h (cpu-2core" in decision.reason()
 
 
 def _scores(rng, y, quality):
@@ -163,3 +224,21 @@ def test_drift_block_is_validated(tmp_path):
     bad.write_text(yaml.safe_dump(raw))
     with pytest.raises(GatePolicyError, match="unknown gate 'drift.psi_retrian'"):
         load_policy(bad)
+
+
+@pytest.mark.parametrize("value, says", [("cheap", "valid number"), (-0.5, "greater than 0"), (0, "greater than 0")])
+def test_a_bad_cost_limit_is_an_error_naming_the_key(tmp_path, value, says):
+    raw = yaml.safe_load(REPO_GATES.read_text())
+    raw["max_cost_per_million"] = value
+    bad = tmp_path / "gates.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(GatePolicyError, match=f"'max_cost_per_million': .*{says}"):
+        load_policy(bad)
+
+
+def test_the_cost_limit_is_optional(tmp_path):
+    raw = yaml.safe_load(REPO_GATES.read_text())
+    raw.pop("max_cost_per_million")
+    policy_file = tmp_path / "gates.yaml"
+    policy_file.write_text(yaml.safe_dump(raw))
+    assert load_policy(policy_file).max_cost_per_million is None

@@ -148,3 +148,135 @@ def test_the_training_set_is_recorded_with_its_hash_as_digest(store, tmp_path):
     assert {t.key: t.value for t in logged.tags} == {"mlflow.data.context": "training", "data_hash": data_hash}
     assert '"num_rows": 3' in logged.dataset.profile and "amount" in logged.dataset.schema
     assert [m.model_id for m in inputs.model_inputs] == [info.model_id]
+
+
+# --- a registry that cannot answer is never read as "no champion", "no history" or "no version" ---
+
+def _outage(code: str = "TEMPORARILY_UNAVAILABLE"):
+    """What the MLflow client raises for a registry that answered 503 (or with another error code)."""
+    from mlflow.protos import databricks_pb2
+
+    def fail(*args, **kwargs):
+        raise MlflowException("API request to http://mlflow:5000 failed: 503 Service Unavailable",
+                              error_code=getattr(databricks_pb2, code))
+    return fail
+
+
+def _refused(*args, **kwargs):
+    import requests
+
+    raise requests.exceptions.ConnectionError("HTTPConnectionPool(host='mlflow', port=5000): connection refused")
+
+
+def _registered_with_history(client, tmp_path):
+    client.create_registered_model("fraud-detector")
+    for _ in range(2):
+        version = client.create_model_version("fraud-detector", source=str(tmp_path))
+        before = registry.version_by_alias(client, "fraud-detector", registry.CHAMPION)
+        registry.move_champion(client, "fraud-detector", version.version, before.version if before else None,
+                               {"event": "promote", "actor": "test"}, tmp_path)
+
+
+def test_a_model_that_is_not_registered_has_no_history_and_an_empty_status(client):
+    assert registry.history(client, "fraud-detector") == []
+    assert registry.previous_champion(client, "fraud-detector") is None
+    assert registry.status(client, "fraud-detector") == {"model": "fraud-detector", "champion": None,
+                                                         "challenger": None, "last_gate_decision": None}
+
+
+@pytest.mark.parametrize("fault", [_outage("TEMPORARILY_UNAVAILABLE"), _outage("INTERNAL_ERROR"), _refused],
+                         ids=["503", "500", "connection_refused"])
+def test_an_outage_raises_instead_of_reading_as_no_history_or_no_champion(client, tmp_path, monkeypatch, fault):
+    import requests
+
+    _registered_with_history(client, tmp_path)
+    assert registry.previous_champion(client, "fraud-detector") == "1"
+    monkeypatch.setattr(client, "get_registered_model", fault)
+    for read in (registry.history, registry.previous_champion, registry.status):
+        with pytest.raises((MlflowException, requests.exceptions.ConnectionError)):
+            read(client, "fraud-detector")
+    monkeypatch.setattr(client, "get_model_version_by_alias", fault)
+    with pytest.raises((MlflowException, requests.exceptions.ConnectionError)):
+        registry.version_by_alias(client, "fraud-detector", registry.CHAMPION)
+
+
+def test_rollback_and_configure_raise_on_an_outage_and_name_a_missing_version(store, monkeypatch):
+    from sluicegate.config import Settings
+    from sluicegate.ship.promote import rollback
+
+    settings = Settings()
+    with pytest.raises(ValueError, match="has no version 7"):  # genuinely missing
+        rollback(settings, "7", actor="test", reason="test")
+    monkeypatch.setattr(MlflowClient, "get_model_version", _outage())
+    with pytest.raises(MlflowException, match="503"):  # not "has no version 7"
+        rollback(settings, "7", actor="test", reason="test")
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", lambda self, name: None)
+    monkeypatch.setattr(MlflowClient, "create_experiment", _outage())
+    with pytest.raises(MlflowException, match="503"):  # not "created meanwhile by a concurrent run"
+        registry.configure(settings)
+
+
+# --- register is idempotent: a retry finds the version its run already created ---
+
+def _versions(client, name="fraud-detector"):
+    return client.search_model_versions(f"name='{name}'")
+
+
+def test_registering_the_same_run_twice_leaves_one_version(store, tmp_path):
+    import mlflow
+
+    path = _tiny_onnx(tmp_path / "m.onnx")
+    with mlflow.start_run() as run:
+        info = registry.log_onnx_model(path)
+        first = registry.register_candidate(store, "fraud-detector", info, run.info.run_id, path, {"variant": "fp32"})
+        again = registry.log_onnx_model(path)  # a retried register stage logs the same ONNX once more
+        second = registry.register_candidate(store, "fraud-detector", again, run.info.run_id, path,
+                                             {"variant": "fp32"})
+    assert second.version == first.version and second.source == first.source
+    assert [v.version for v in _versions(store)] == [first.version]
+    assert registry.version_by_alias(store, "fraud-detector", registry.CHALLENGER).version == first.version
+    with mlflow.start_run() as other:  # another run is another version
+        info = registry.log_onnx_model(path)
+        third = registry.register_candidate(store, "fraud-detector", info, other.info.run_id, path, {})
+    assert int(third.version) == int(first.version) + 1 and len(_versions(store)) == 2
+    with mlflow.start_run(run_id=run.info.run_id):  # a late retry of the first run does not move challenger back
+        assert registry.register_candidate(store, "fraud-detector", info, run.info.run_id, path,
+                                           {}).version == first.version
+    assert registry.version_by_alias(store, "fraud-detector", registry.CHALLENGER).version == third.version
+
+
+def test_a_retry_after_a_lost_response_returns_the_version_already_created(store, tmp_path, monkeypatch):
+    import mlflow
+    import requests
+
+    path = _tiny_onnx(tmp_path / "m.onnx")
+    create, created = store.create_model_version, []
+
+    def created_then_lost(*args, **kwargs):  # the registry created it; its answer never arrived
+        created.append(create(*args, **kwargs))
+        raise requests.exceptions.ConnectionError("('Connection aborted.', RemoteDisconnected('Remote end "
+                                                  "closed connection without response'))")
+
+    monkeypatch.setattr(store, "create_model_version", created_then_lost)
+    with mlflow.start_run() as run:
+        info = registry.log_onnx_model(path)
+        with pytest.raises(requests.exceptions.ConnectionError):
+            registry.register_candidate(store, "fraud-detector", info, run.info.run_id, path, {"variant": "fp32"})
+        retried = registry.register_candidate(store, "fraud-detector", registry.log_onnx_model(path),
+                                              run.info.run_id, path, {"variant": "fp32"})
+    (lost,) = created
+    assert retried.version == lost.version and retried.tags["sha256"] == lost.tags["sha256"]
+    assert retried.tags["variant"] == "fp32" and retried.run_id == run.info.run_id
+    assert [v.version for v in _versions(store)] == [lost.version]
+    assert registry.version_by_alias(store, "fraud-detector", registry.CHALLENGER).version == lost.version
+
+
+def test_register_raises_on_an_outage_instead_of_assuming_the_model_exists(store, tmp_path, monkeypatch):
+    import mlflow
+
+    path = _tiny_onnx(tmp_path / "m.onnx")
+    monkeypatch.setattr(store, "create_registered_model", _outage())
+    with mlflow.start_run() as run:
+        info = registry.log_onnx_model(path)
+        with pytest.raises(MlflowException, match="503"):
+            registry.register_candidate(store, "fraud-detector", info, run.info.run_id, path, {})
