@@ -9,6 +9,9 @@ from __future__ import annotations
 from sluicegate.spec import DatasetSpec
 
 ROW_ENTITY = "row"
+# The row view's timestamp when the table has none: one constant instant, so Feast's point-in-time
+# join (feature ts <= event ts) matches each row's own values.
+ROW_TS = "__row_ts"
 
 
 def project(spec: DatasetSpec) -> str:
@@ -29,6 +32,16 @@ def row_view() -> str:
     return "row_features"
 
 
+def row_features(spec: DatasetSpec) -> list[str]:
+    """The raw columns the model reads from the row itself: the row view's features."""
+    keys = {e.key for e in spec.entities.values()}
+    return [c for c in spec.request_columns if c not in keys and c != spec.timestamp]
+
+
+def row_timestamp(spec: DatasetSpec) -> str:
+    return spec.timestamp or ROW_TS
+
+
 def entity_features(spec: DatasetSpec, entity: str) -> list[str]:
     """The feature columns one entity's view serves."""
     return [a.feature_name for a in spec.aggregates_by_entity[entity]]
@@ -40,5 +53,11 @@ def served_entities(spec: DatasetSpec) -> list[str]:
 
 
 def online_features(spec: DatasetSpec) -> list[str]:
-    """What `/predict` looks up in the online store: every entity view's features."""
+    """What `/predict` looks up in the online store: every entity view's features (a request carries
+    its row's own values, so the row view is offline only)."""
     return [f for entity in served_entities(spec) for f in entity_features(spec, entity)]
+
+
+def online_refs(spec: DatasetSpec) -> list[str]:
+    """The same, as Feast feature references."""
+    return [f"{entity_view(e)}:{f}" for e in served_entities(spec) for f in entity_features(spec, e)]

@@ -20,38 +20,36 @@ class FeatureOutcome:
     data_hash: str
     rows: int
     view_rows: dict[str, int]  # rows written per Feast feature view
-    feature_service: str | None  # None: the spec declares no aggregates, nothing goes through Feast
+    feature_service: str
     seconds: float
 
     def summary(self) -> str:
         views = ", ".join(f"{n:,} {view} rows" for view, n in self.view_rows.items())
-        store = f"{views} materialized; " if views else "no point-in-time features (none declared); "
-        return (f"features: {store}training set of {self.rows:,} rows (hash {self.data_hash[:12]}) "
-                f"in {self.seconds:.1f}s")
+        return (f"features: {views} written; training set of {self.rows:,} rows from feature service "
+                f"{self.feature_service} (hash {self.data_hash[:12]}) in {self.seconds:.1f}s")
 
     def params(self) -> dict[str, str]:
-        return {"data_hash": self.data_hash, "feature_service": self.feature_service or ""}
+        return {"data_hash": self.data_hash, "feature_service": self.feature_service}
 
     def metrics(self) -> dict[str, float]:
         return {"training_rows": self.rows, **{f"{view}_rows": n for view, n in self.view_rows.items()}}
 
 
 def feature_stage(settings: Settings, spec: DatasetSpec, rows: pd.DataFrame) -> FeatureOutcome:
-    """Point-in-time aggregates through Feast (tables, registration, materialization, historical
-    retrieval), then the spec's Python features; the training set and its hash."""
+    """The row view and the point-in-time aggregates through Feast (tables, registration,
+    materialization of the online views, historical retrieval through the feature service), then the
+    spec's Python features; the training set and its hash."""
     started = time.perf_counter()
-    frame, view_rows, service = rows, {}, None
-    if spec.features.aggregates:
-        tables = store.compute_feature_tables(rows, spec)
-        store.write_feature_tables(tables, settings.paths.features, spec)
-        feast_store = store.feature_store(settings, spec)
-        store.apply_definitions(feast_store, spec, settings)
+    tables = store.feature_tables(rows, spec)
+    store.write_feature_tables(tables, settings.paths.features, spec)
+    feast_store = store.feature_store(settings, spec)
+    store.apply_definitions(feast_store, spec, settings)
+    if spec.timestamp:
         end = pd.to_datetime(rows[spec.timestamp], utc=True).max() + pd.Timedelta(seconds=1)
         store.materialize(feast_store, end.to_pydatetime())
-        frame = store.training_frame(feast_store, rows, spec)
-        view_rows, service = {view: len(t) for view, t in tables.items()}, catalog.feature_service(spec)
+    frame = store.training_frame(feast_store, rows, spec)
     if spec.features.python:
-        frame = frame.copy()
         frame[spec.features.python.outputs] = python_features(frame, spec)
-    return FeatureOutcome(frame=frame, data_hash=store.frame_hash(frame), rows=len(frame), view_rows=view_rows,
-                          feature_service=service, seconds=time.perf_counter() - started)
+    return FeatureOutcome(frame=frame, data_hash=store.frame_hash(frame), rows=len(frame),
+                          view_rows={view: len(t) for view, t in tables.items()},
+                          feature_service=catalog.feature_service(spec), seconds=time.perf_counter() - started)

@@ -28,7 +28,7 @@ from feast.infra.offline_stores.offline_utils import DEFAULT_ENTITY_DF_EVENT_TIM
 from feast.infra.online_stores.redis import RedisOnlineStoreConfig
 from feast.infra.online_stores.sqlite import SqliteOnlineStoreConfig
 from feast.repo_config import RegistryConfig
-from feast.types import Float64, Int64, String
+from feast.types import Bool, Float64, Int64, String
 
 from sluicegate.config import Settings
 from sluicegate.features import catalog
@@ -40,6 +40,9 @@ MIN_TTL = timedelta(days=31)
 FEAST_EVENT_TS = DEFAULT_ENTITY_DF_EVENT_TIMESTAMP_COL
 LABEL = "__positive"  # the label as 1.0 / 0.0, for label rates
 FEAST_TYPES = {"int64": (ValueType.INT64, Int64), "string": (ValueType.STRING, String)}
+FIELD_TYPES = {"int64": Int64, "string": String, "float64": Float64, "bool": Bool}
+# The row view's constant instant when the table has no timestamp.
+ROW_INSTANT = pd.Timestamp("1970-01-02", tz="UTC")
 
 
 # ---------------------------------------------------------------- transformation
@@ -59,6 +62,19 @@ def compute_feature_tables(rows: pd.DataFrame, spec: DatasetSpec) -> dict[str, p
             frame[LABEL] = spec.positive(rows[spec.label]).to_numpy()
         tables[catalog.entity_view(entity)] = _entity_table(frame, key, ts, aggs, spec)
     return tables
+
+
+def feature_tables(rows: pd.DataFrame, spec: DatasetSpec) -> dict[str, pd.DataFrame]:
+    """Every view's table: the row view's, then each entity's aggregates."""
+    return {catalog.row_view(): row_table(rows, spec), **compute_feature_tables(rows, spec)}
+
+
+def row_table(rows: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
+    """The row view's table: each row's own raw model columns under its id and timestamp."""
+    table = rows[[spec.id, *catalog.row_features(spec)]].copy()
+    when = _utc(rows[spec.timestamp]) if spec.timestamp else pd.Series(ROW_INSTANT, index=rows.index)
+    table.insert(1, catalog.row_timestamp(spec), when.dt.as_unit("ns") if spec.timestamp else when)
+    return table
 
 
 def _utc(ts: pd.Series) -> pd.Series:
@@ -141,9 +157,9 @@ def _with_dtypes(df: pd.DataFrame, keys: list[str], aggs: list[Aggregate]) -> pd
 # ---------------------------------------------------------------- offline tables
 
 def feature_table_paths(features_dir: Path, spec: DatasetSpec) -> dict[str, Path]:
-    """Parquet file of each entity view, the FileSource Feast reads."""
-    return {catalog.entity_view(e): features_dir / f"{catalog.entity_view(e)}.parquet"
-            for e in catalog.served_entities(spec)}
+    """Parquet file of each view (the rows', then each entity's), the FileSource Feast reads."""
+    views = [catalog.row_view()] + [catalog.entity_view(e) for e in catalog.served_entities(spec)]
+    return {view: features_dir / f"{view}.parquet" for view in views}
 
 
 def write_feature_tables(tables: dict[str, pd.DataFrame], features_dir: Path, spec: DatasetSpec) -> None:
@@ -179,28 +195,38 @@ class FeastDefinitions(NamedTuple):
 
 
 def build_definitions(spec: DatasetSpec, features_dir: Path) -> FeastDefinitions:
-    """The Feast objects of a spec: an entity per declared entity (its key's type), a feature view per
-    entity with aggregates, a feature service named after the spec. apply_definitions and
-    feature_repo/definitions.py both use these."""
+    """The Feast objects of a spec: a row entity keyed by the row id with an offline view of the row's
+    own columns; an entity per declared entity (its key's type) with a view of its aggregates; a
+    feature service named after the spec. apply_definitions and feature_repo/definitions.py use these."""
     paths = feature_table_paths(features_dir, spec)
-    entities, sources, views = [], [], []
     longest = max([pd.Timedelta(a.window or 0) for a in spec.features.aggregates] + [pd.Timedelta(0)])
     ttl = max(MIN_TTL, (longest + pd.Timedelta(days=1)).to_pytimedelta())
+    row_key = spec.id
+    row = _view(catalog.ROW_ENTITY, row_key, spec.all_columns[row_key].dtype, catalog.row_view(),
+                paths[catalog.row_view()], catalog.row_timestamp(spec),
+                [Field(name=c, dtype=FIELD_TYPES[spec.columns[c].dtype]) for c in catalog.row_features(spec)],
+                ttl, online=False)  # a request carries its own row: nothing to look up online
+    parts = [row]
     for name in catalog.served_entities(spec):
         key = spec.entities[name].key
-        value_type, field_type = FEAST_TYPES[spec.columns[key].dtype]
-        entity = Entity(name=name, join_keys=[key], value_type=value_type)
+        features = [Field(name=a.feature_name, dtype=Int64 if a.agg == "count" else Float64)
+                    for a in spec.aggregates_by_entity[name]]
         view_name = catalog.entity_view(name)
-        source = FileSource(name=f"{view_name}_source", path=str(paths[view_name]), timestamp_field=spec.timestamp)
-        schema = [Field(name=key, dtype=field_type),
-                  *[Field(name=a.feature_name, dtype=Int64 if a.agg == "count" else Float64)
-                    for a in spec.aggregates_by_entity[name]]]
-        entities.append(entity)
-        sources.append(source)
-        views.append(FeatureView(name=view_name, entities=[entity], ttl=ttl, online=True, schema=schema,
-                                 source=source))
+        parts.append(_view(name, key, spec.columns[key].dtype, view_name, paths[view_name], spec.timestamp,
+                           features, ttl, online=True))
+    entities, sources, views = (list(p) for p in zip(*parts, strict=True))
     service = FeatureService(name=catalog.feature_service(spec), features=views)
     return FeastDefinitions(Project(name=catalog.project(spec)), entities, sources, views, service)
+
+
+def _view(entity_name: str, key: str, key_dtype: str, view_name: str, path: Path, timestamp: str,
+          features: list[Field], ttl: timedelta, online: bool) -> tuple[Entity, FileSource, FeatureView]:
+    value_type, field_type = FEAST_TYPES[key_dtype]
+    entity = Entity(name=entity_name, join_keys=[key], value_type=value_type)
+    source = FileSource(name=f"{view_name}_source", path=str(path), timestamp_field=timestamp)
+    view = FeatureView(name=view_name, entities=[entity], ttl=ttl, online=online,
+                       schema=[Field(name=key, dtype=field_type), *features], source=source)
+    return entity, source, view
 
 
 def feature_store(settings: Settings, spec: DatasetSpec) -> feast.FeatureStore:
@@ -243,7 +269,10 @@ def materialize(store: feast.FeatureStore, end: datetime) -> None:
     would start at now - ttl, which skips data older than that.
     """
     end = _aware(end)
-    fresh = [v.name for v in store.list_feature_views() if v.most_recent_end_time is None]
+    online = [v for v in store.list_feature_views() if v.online]
+    if not online:
+        return
+    fresh = [v.name for v in online if v.most_recent_end_time is None]
     if fresh:
         store.materialize(start_date=datetime(1970, 1, 2, tzinfo=UTC), end_date=end, feature_views=fresh)
     store.materialize_incremental(end_date=end)
@@ -343,36 +372,39 @@ def _asof_join(entity_df: pd.DataFrame, view: FeatureView, features: list[str], 
 # ---------------------------------------------------------------- retrieval
 
 def training_frame(store: feast.FeatureStore, rows: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
-    """The rows, in order, with every entity view's features as of each row's timestamp.
+    """The rows, in order, with the model's columns from Feast's feature service: the row view's (the
+    row's own values) and every entity view's as of each row's timestamp. Other columns (label, slices)
+    are the rows' own.
 
-    Each view is fetched with an entity frame of its distinct (key, timestamp)
-    pairs, then joined back: Feast's stock dask store keeps one row per (join
-    keys seen so far, timestamp), so two events of one entity in the same second
-    would lose a row; fewer rows also join faster.
+    Each view is fetched with an entity frame of its distinct (key, timestamp) pairs, then
+    joined back: Feast's stock dask store keeps one row per (join keys seen so far, timestamp), so two
+    events of one entity in the same second would lose a row; fewer rows also join faster.
     """
-    out = rows.copy()
+    row_columns = catalog.row_features(spec)
+    out = rows.drop(columns=row_columns)
     # Feast re-parses any timestamp whose tz is not pytz's UTC object, row by row.
-    when = _utc(out[spec.timestamp]).dt.tz_convert(pytz.UTC)
+    when = (_utc(rows[spec.timestamp]) if spec.timestamp
+            else pd.Series(ROW_INSTANT, index=rows.index).dt.as_unit("ns")).dt.tz_convert(pytz.UTC)
     service = store.get_feature_service(catalog.feature_service(spec))
     for projection in service.feature_view_projections:
         view = store.get_feature_view(projection.name)
         key = view.entity_columns[0].name
         refs = [f"{projection.name_to_use()}:{f.name}" for f in projection.features]
-        lookup = pd.DataFrame({key: out[key].array, FEAST_EVENT_TS: when.array})
+        lookup = pd.DataFrame({key: rows[key].array, FEAST_EVENT_TS: when.array})
         entity_df = lookup.drop_duplicates(ignore_index=True)
         found = store.get_historical_features(entity_df=entity_df, features=refs).to_df()
         found = found[[key, FEAST_EVENT_TS, *(f.name for f in projection.features)]]
         joined = lookup.merge(found, on=[key, FEAST_EVENT_TS], how="left", validate="many_to_one")
         for feature in projection.features:
             out[feature.name] = joined[feature.name].to_numpy()
-    return out
+    # The rows' column order, then the features.
+    return out[[c for c in rows.columns] + [c for c in out.columns if c not in rows.columns]]
 
 
 def online_features(store: feast.FeatureStore, spec: DatasetSpec, keys: dict[str, list]) -> dict[str, list]:
-    """Latest feature values through the feature service; `keys` maps each entity's key column to one
-    value per request row."""
-    service = store.get_feature_service(catalog.feature_service(spec))
-    return store.get_online_features(features=service, entity_rows=keys).to_dict()
+    """Latest values of the online views; `keys` maps each entity's key column to one value per
+    request row."""
+    return store.get_online_features(features=catalog.online_refs(spec), entity_rows=keys).to_dict()
 
 
 # ---------------------------------------------------------------- lineage

@@ -150,7 +150,7 @@ def _timestamp(value) -> tuple[str | None, datetime | None]:
 class FeatureLookup:
     """Online features for many requests in one Feast call.
 
-    The store, the feature service and the join keys are resolved once;
+    The store, the online feature references and the join keys are resolved once;
     `get_online_features(...).to_dict()` is the fast path of Feast's SDK
     (`to_df()` on one row costs about 20x more here).
     """
@@ -158,14 +158,14 @@ class FeatureLookup:
     def __init__(self, store: feast.FeatureStore, spec: DatasetSpec):
         self.store = store
         self.spec = spec
-        self.service = store.get_feature_service(catalog.feature_service(spec))
+        self.refs = catalog.online_refs(spec)
         self.keys = [store.get_entity(e).join_key for e in catalog.served_entities(spec)]
         self.names = catalog.online_features(spec)
 
     def fetch(self, requests: list[PredictRequest]) -> dict[str, np.ndarray]:
         rows = {key: [r.fields[key] for r in requests] for key in self.keys}
         try:
-            found = self.store.get_online_features(features=self.service, entity_rows=rows).to_dict()
+            found = self.store.get_online_features(features=self.refs, entity_rows=rows).to_dict()
         except Exception as exc:  # any store failure (file, network, Redis) means: not now
             raise Unavailable(f"online feature store unavailable: {type(exc).__name__}: {exc}") from exc
         # Feast answers None for an entity it has never seen: the feature is missing, as in training.

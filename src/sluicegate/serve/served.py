@@ -109,6 +109,9 @@ class ServedModel:
         if self.registry_error:
             problems.append(f"{self.name}: registry unreachable, new champions are not picked up: "
                             f"{self.registry_error}")
+        if self.manager.fetch_error:
+            problems.append(f"{self.name}: the new champion could not be fetched, retried at the next poll: "
+                            f"{self.manager.fetch_error}")
         return problems
 
     # ------------------------------------------------------------------ model calls

@@ -208,7 +208,7 @@ def lineage_tags(batch_id: str, data_hash: str, fp: str, flow_run_id: str, targe
                  spec: DatasetSpec, evaluated: EvaluationOutcome) -> dict[str, str]:
     """What a registered version records about where it came from (read by deploy, monitor and status)."""
     return {"batch_id": batch_id, "data_hash": data_hash, "fingerprint": fp,
-            "feature_service": catalog.feature_service(spec) if spec.features.aggregates else "",
+            "feature_service": catalog.feature_service(spec),
             "git_commit": registry.git_commit(),
             "prefect_flow_run_id": flow_run_id, "target": target,
             "train_window": prepared.splits.window("train", spec),

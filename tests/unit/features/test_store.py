@@ -30,7 +30,7 @@ def build(transactions: pd.DataFrame, spec, home) -> tuple[Settings, feast.Featu
     """Transform, write and apply into a fresh home."""
     settings = Settings(home=home)
     ensure_home(settings.paths)
-    tables = F.compute_feature_tables(transactions, spec)
+    tables = F.feature_tables(transactions, spec)
     F.write_feature_tables(tables, settings.paths.features, spec)
     store = F.feature_store(settings, spec)
     F.apply_definitions(store, spec, settings)
@@ -147,7 +147,7 @@ def test_apply_is_idempotent_and_online_serves_latest(built, transactions, spec)
     F.apply_definitions(store, spec, settings)
     assert registered() == before
     assert before[2] == [catalog.feature_service(spec)] == [spec.name]
-    assert before[0] == ["customer", "merchant"]
+    assert before[0] == ["customer", "merchant", "row"]
 
     F.materialize(store, transactions[spec.timestamp].max().to_pydatetime() + pd.Timedelta("1s"))
     keys = {e: spec.entities[e].key for e in ("customer", "merchant")}
@@ -161,7 +161,7 @@ def test_apply_is_idempotent_and_online_serves_latest(built, transactions, spec)
 
     # Re-applying keeps the materialization watermark: the next run is incremental.
     F.apply_definitions(store, spec, settings)
-    assert all(v.most_recent_end_time is not None for v in store.list_feature_views())
+    assert all(v.most_recent_end_time is not None for v in store.list_feature_views() if v.online)
 
 
 def test_write_feature_tables_merges_later_batches(built, spec, tmp_path):
@@ -220,8 +220,14 @@ def test_any_spec_string_keys_and_every_aggregation_are_point_in_time_correct(tm
     })
     settings, store, _ = build(rows, spec, tmp_path)
     frame = F.training_frame(store, rows, spec)
-    assert [e.name for e in store.list_entities()] == ["policy"]
+    assert sorted(e.name for e in store.list_entities()) == ["policy", "row"]
     assert store.get_entity("policy").value_type == feast.ValueType.STRING
+    # The row view serves the row's own model columns, keyed by its id, offline only.
+    row_view = store.get_feature_view("row_features")
+    assert store.get_entity("row").join_key == "claim_id" and not row_view.online
+    assert [f.name for f in row_view.features] == ["amount"]
+    np.testing.assert_array_equal(frame["amount"].to_numpy(), rows["amount"].to_numpy())
+    assert list(frame.columns[:len(rows.columns)]) == list(rows.columns)
     for i in rng.choice(n, size=150, replace=False):
         for name, value in brute_force(rows, spec, rows.iloc[i]).items():
             np.testing.assert_allclose(frame.iloc[i][name], value, rtol=1e-9, atol=1e-9, equal_nan=True,
