@@ -324,7 +324,7 @@ def test_disk_full_prediction_log_keeps_serving_and_surfaces_the_error(world, mo
     logged = pd.read_parquet(Settings().paths.predictions / "v2")
     mine = logged[logged["request_id"].str.startswith(tag, na=False)]
     assert mine["request_id"].nunique() == 30  # every record kept through the outage, none lost
-    assert not list((Settings().paths.predictions / "v2").glob(".*.tmp"))
+    assert not list((Settings().paths.predictions / "v2").rglob(".*.tmp"))
 
 
 def _out_of_range_onnx(path: Path, categorical_width: int) -> Path:

@@ -201,7 +201,7 @@ def test_no_key_in_the_prediction_log(server, world):
             body = {**served._infer_body(seed=i), "id": f"sec-{i}"}
             assert http.post(f"/v2/models/{NAME}/infer", json=body,
                              headers={"Authorization": f"Bearer {SERVE_KEY}"}).status_code == 200
-    served._wait_for(lambda: list((world["settings"].paths.predictions / "v2").glob("*.parquet")),
+    served._wait_for(lambda: list((world["settings"].paths.predictions / "v2").rglob("*.parquet")),
                      "the prediction log to be written")
     for path in world["settings"].paths.predictions.rglob("*"):
         assert not path.is_file() or SERVE_KEY.encode() not in path.read_bytes(), path

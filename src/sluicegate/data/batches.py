@@ -35,6 +35,34 @@ def read_batch(batch_dir: Path) -> pd.DataFrame:
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
 
 
+def day_partitions(raw_dir: Path) -> dict[str, Path]:
+    """The most recently written date=YYYY-MM-DD folder of each day, over every batch under raw_dir."""
+    best: dict[str, tuple[float, Path]] = {}
+    for day_dir in raw_dir.glob("*/date=*") if raw_dir.exists() else []:
+        files = list(day_dir.glob("*.parquet"))
+        if not files or day_dir.parent.name.startswith("."):  # empty, or a window being staged
+            continue
+        written = max(f.stat().st_mtime for f in files)
+        day = day_dir.name.removeprefix("date=")
+        if day not in best or written > best[day][0]:
+            best[day] = (written, day_dir)
+    return {day: path for day, (_, path) in sorted(best.items())}
+
+
+def read_history(raw_dir: Path, timestamp: str, since: pd.Timestamp, before: pd.Timestamp,
+                 columns: list[str]) -> pd.DataFrame:
+    """Raw rows with since <= timestamp < before, only `columns`, from the newest partition of each day."""
+    days = pd.date_range(since.floor("D"), before.floor("D"), freq="D").strftime("%Y-%m-%d")
+    found = day_partitions(raw_dir)
+    parts = [pd.read_parquet(f, columns=columns) for day in days if day in found
+             for f in sorted(found[day].glob("*.parquet"))]
+    if not parts:
+        return pd.DataFrame(columns=columns)
+    rows = pd.concat(parts, ignore_index=True)
+    when = pd.to_datetime(rows[timestamp], utc=True)
+    return rows[(when >= since) & (when < before)].reset_index(drop=True)
+
+
 def quarantine_batch(batch_dir: Path, quarantine_dir: Path) -> Path:
     """Move a batch out of the raw area, keeping every file."""
     target = quarantine_dir / batch_dir.name

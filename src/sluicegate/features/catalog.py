@@ -6,9 +6,15 @@ without loading Feast's offline machinery.
 
 from __future__ import annotations
 
-from sluicegate.spec import DatasetSpec
+import numpy as np
+
+from sluicegate.spec import Aggregate, DatasetSpec
 
 ROW_ENTITY = "row"
+# A time-since-previous feature is stored as the entity's last event time before the row (epoch
+# seconds) and derived against the time it is asked for: the row's own in training, the request's at
+# serving, so a request long after the entity's last event sees the real gap.
+LAST_EVENT = "__last_event"
 # The row view's timestamp when the table has none: one constant instant, so Feast's point-in-time
 # join (feature ts <= event ts) matches each row's own values.
 ROW_TS = "__row_ts"
@@ -42,9 +48,23 @@ def row_timestamp(spec: DatasetSpec) -> str:
     return spec.timestamp or ROW_TS
 
 
+def stored_name(agg: Aggregate) -> str:
+    """The column an aggregate has in its entity view."""
+    return agg.feature_name + LAST_EVENT if agg.agg == "time_since_previous" else agg.feature_name
+
+
 def entity_features(spec: DatasetSpec, entity: str) -> list[str]:
     """The feature columns one entity's view serves."""
-    return [a.feature_name for a in spec.aggregates_by_entity[entity]]
+    return [stored_name(a) for a in spec.aggregates_by_entity[entity]]
+
+
+def derive_since_previous(columns, when_seconds: np.ndarray, spec: DatasetSpec) -> None:
+    """Put each time-since-previous feature in `columns` (a dict or a DataFrame), from its stored last
+    event time and the time each row is scored at (epoch seconds), and remove the stored column."""
+    for agg in spec.features.aggregates:
+        if agg.agg == "time_since_previous":
+            last = np.asarray(columns.pop(stored_name(agg)), dtype=np.float64)
+            columns[agg.feature_name] = when_seconds - last
 
 
 def served_entities(spec: DatasetSpec) -> list[str]:

@@ -22,6 +22,7 @@ from sluicegate.runtime import ModelInput
 from sluicegate.spec import DatasetSpec, Transform
 
 MISSING = "__missing"
+INPUT_PREFIX = "input."
 CYCLES = {"hour_of_day": 24.0, "day_of_week": 7.0}
 
 
@@ -57,6 +58,13 @@ def numeric_inputs(spec: DatasetSpec) -> list[str]:
     for part in spec.features.time:
         names += [f"{part}_sin", f"{part}_cos"]
     return names
+
+
+def logged_inputs(spec: DatasetSpec) -> dict[str, list[str]]:
+    """Where the prediction log and the monitor's reference keep each tensor column: `input.<name>`,
+    never a raw column's name (the input `amount` of a log1p feature is not the raw amount)."""
+    return {"numeric": [INPUT_PREFIX + n for n in numeric_inputs(spec)],
+            "categorical": [INPUT_PREFIX + c for c in spec.categorical_features]}
 
 
 def tensor_widths(spec: DatasetSpec) -> tuple[int, int]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from sluicegate.config import Settings
+from sluicegate.data.batches import read_history
 from sluicegate.features import catalog, store
 from sluicegate.features.inputs import python_features
 from sluicegate.spec import DatasetSpec
@@ -19,13 +20,15 @@ class FeatureOutcome:
     frame: pd.DataFrame
     data_hash: str
     rows: int
-    view_rows: dict[str, int]  # rows written per Feast feature view
+    view_rows: dict[str, int]  # rows computed per Feast feature view
+    history_rows: int  # earlier raw rows the windows reached back to
     feature_service: str
     seconds: float
 
     def summary(self) -> str:
         views = ", ".join(f"{n:,} {view} rows" for view, n in self.view_rows.items())
-        return (f"features: {views} written; training set of {self.rows:,} rows from feature service "
+        reach = f"windows reached back over {self.history_rows:,} earlier rows; " if self.history_rows else ""
+        return (f"features: {views} written; {reach}training set of {self.rows:,} rows from feature service "
                 f"{self.feature_service} (hash {self.data_hash[:12]}) in {self.seconds:.1f}s")
 
     def params(self) -> dict[str, str]:
@@ -38,18 +41,27 @@ class FeatureOutcome:
 def feature_stage(settings: Settings, spec: DatasetSpec, rows: pd.DataFrame) -> FeatureOutcome:
     """The row view and the point-in-time aggregates through Feast (tables, registration,
     materialization of the online views, historical retrieval through the feature service), then the
-    spec's Python features; the training set and its hash."""
+    spec's Python features; the training set and its hash.
+
+    Windows reach back into earlier raw batches (the newest partition of each day under raw/), so a
+    batch never starts cold; the online store gets each entity's features as of the batch's end."""
     started = time.perf_counter()
-    tables = store.feature_tables(rows, spec)
+    history, end = None, None
+    if spec.features.aggregates:
+        when = pd.to_datetime(rows[spec.timestamp], utc=True)
+        history = read_history(settings.paths.raw, spec.timestamp, when.min() - store.history_reach(spec),
+                               when.min(), store.history_columns(spec))
+        end = when.max() + pd.Timedelta(seconds=1)  # the online rows: everything known at the batch's end
+    tables = store.feature_tables(rows, spec, history, probe_at=end)
     store.write_feature_tables(tables, settings.paths.features, spec)
     feast_store = store.feature_store(settings, spec)
     store.apply_definitions(feast_store, spec, settings)
-    if spec.timestamp:
-        end = pd.to_datetime(rows[spec.timestamp], utc=True).max() + pd.Timedelta(seconds=1)
-        store.materialize(feast_store, end.to_pydatetime())
+    if end is not None:
+        store.materialize(feast_store, (end + pd.Timedelta(seconds=1)).to_pydatetime())
     frame = store.training_frame(feast_store, rows, spec)
     if spec.features.python:
         frame[spec.features.python.outputs] = python_features(frame, spec)
     return FeatureOutcome(frame=frame, data_hash=store.frame_hash(frame), rows=len(frame),
                           view_rows={view: len(t) for view, t in tables.items()},
+                          history_rows=0 if history is None else len(history),
                           feature_service=catalog.feature_service(spec), seconds=time.perf_counter() - started)

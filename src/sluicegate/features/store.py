@@ -39,34 +39,71 @@ MIN_TTL = timedelta(days=31)
 # Feast's dask store names the entity timestamp this way; other names make it guess.
 FEAST_EVENT_TS = DEFAULT_ENTITY_DF_EVENT_TIMESTAMP_COL
 LABEL = "__positive"  # the label as 1.0 / 0.0, for label rates
+EVENT = "__event"  # 1.0 on an event; missing on a probe row, which only asks what is known then
 FEAST_TYPES = {"int64": (ValueType.INT64, Int64), "string": (ValueType.STRING, String)}
 FIELD_TYPES = {"int64": Int64, "string": String, "float64": Float64, "bool": Bool}
 # The row view's constant instant when the table has no timestamp.
 ROW_INSTANT = pd.Timestamp("1970-01-02", tz="UTC")
+EPOCH = pd.Timestamp(0, tz="UTC")
 
 
 # ---------------------------------------------------------------- transformation
 
-def compute_feature_tables(rows: pd.DataFrame, spec: DatasetSpec) -> dict[str, pd.DataFrame]:
-    """One table per entity view: one row per distinct (key, timestamp), with that entity's aggregates
-    as of just before the timestamp (labels only once known, `table.label_delay` after their event)."""
+def compute_feature_tables(rows: pd.DataFrame, spec: DatasetSpec, history: pd.DataFrame | None = None,
+                           probe_at: pd.Timestamp | None = None) -> dict[str, pd.DataFrame]:
+    """One table per entity view: one row per distinct (key, timestamp) of `rows`, with that entity's
+    aggregates as of just before the timestamp (labels only once known, `table.label_delay` after
+    their event).
+
+    `history`: earlier raw rows (before the first of `rows`), so windows reach back across batches;
+    they shape the features but get no rows of their own. `probe_at`: one more row per key of `rows`
+    at that time (the batch's end), holding everything known then, the latest event included: the
+    row the online store serves.
+    """
     ts = spec.timestamp
+    start = _utc(rows[ts]).min() if len(rows) else None
     tables = {}
     for entity in catalog.served_entities(spec):
         key = spec.entities[entity].key
         aggs = spec.aggregates_by_entity[entity]
         values = sorted({a.column for a in aggs if a.column})
-        frame = rows[[key, ts, *values]].copy()
-        frame[ts] = _utc(frame[ts])
-        if any(a.agg == "label_rate" for a in aggs):
-            frame[LABEL] = spec.positive(rows[spec.label]).to_numpy()
-        tables[catalog.entity_view(entity)] = _entity_table(frame, key, ts, aggs, spec)
+        frame = _events(rows, spec, key, values, aggs)
+        if history is not None and len(history):
+            frame = pd.concat([_events(history, spec, key, values, aggs), frame], ignore_index=True)
+        if probe_at is not None:
+            probes = pd.DataFrame({key: frame[key].drop_duplicates().to_numpy(), ts: _utc(pd.Series([probe_at]))[0]})
+            frame = pd.concat([frame, probes], ignore_index=True)  # values and label missing: not events
+        table = _entity_table(frame, key, ts, aggs, spec)
+        tables[catalog.entity_view(entity)] = table[table[ts] >= start].reset_index(drop=True)
     return tables
 
 
-def feature_tables(rows: pd.DataFrame, spec: DatasetSpec) -> dict[str, pd.DataFrame]:
+def _events(rows: pd.DataFrame, spec: DatasetSpec, key: str, values: list[str], aggs: list[Aggregate]) -> pd.DataFrame:
+    frame = rows[[key, spec.timestamp, *values]].copy()
+    frame[spec.timestamp] = _utc(frame[spec.timestamp])
+    frame[EVENT] = 1.0
+    if any(a.agg == "label_rate" for a in aggs):
+        frame[LABEL] = spec.positive(rows[spec.label]).to_numpy()
+    return frame
+
+
+def history_columns(spec: DatasetSpec) -> list[str]:
+    """The raw columns the aggregates read: what the feature stage reads of earlier batches."""
+    keys = [spec.entities[e].key for e in catalog.served_entities(spec)]
+    values = sorted({a.column for a in spec.features.aggregates if a.column})
+    label = [spec.label] if any(a.agg == "label_rate" for a in spec.features.aggregates) else []
+    return list(dict.fromkeys([*keys, spec.timestamp, *values, *label]))
+
+
+def history_reach(spec: DatasetSpec) -> pd.Timedelta:
+    """How far before a batch its windows reach: the longest one (time since previous sees that far)."""
+    return max([pd.Timedelta(a.window) for a in spec.features.aggregates if a.window] + [pd.Timedelta(days=1)])
+
+
+def feature_tables(rows: pd.DataFrame, spec: DatasetSpec, history: pd.DataFrame | None = None,
+                   probe_at: pd.Timestamp | None = None) -> dict[str, pd.DataFrame]:
     """Every view's table: the row view's, then each entity's aggregates."""
-    return {catalog.row_view(): row_table(rows, spec), **compute_feature_tables(rows, spec)}
+    return {catalog.row_view(): row_table(rows, spec), **compute_feature_tables(rows, spec, history, probe_at)}
 
 
 def row_table(rows: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
@@ -84,7 +121,7 @@ def _utc(ts: pd.Series) -> pd.Series:
 
 def _entity_table(frame: pd.DataFrame, key: str, ts: str, aggs: list[Aggregate], spec: DatasetSpec) -> pd.DataFrame:
     df = frame.sort_values([key, ts], kind="stable").reset_index(drop=True)
-    df["_one"] = 1.0
+    df["_one"] = df[EVENT]  # 1 for an event, missing for a probe row
     out = df[[key, ts]].copy()
     windows: dict[tuple, object] = {}  # one rolling window per (length, column), shared by its statistics
     for agg in aggs:
@@ -98,9 +135,9 @@ def _entity_table(frame: pd.DataFrame, key: str, ts: str, aggs: list[Aggregate],
     # Rows sharing (key, ts) have the same features: keep the first.
     out = out.drop_duplicates([key, ts], keep="first").reset_index(drop=True)
     for agg in aggs:
-        if agg.agg == "time_since_previous":
+        if agg.agg == "time_since_previous":  # stored as the last event before the row, epoch seconds
             previous = out.groupby(key, sort=False)[ts].shift(1)
-            out[agg.feature_name] = (out[ts] - previous).dt.total_seconds()
+            out[catalog.stored_name(agg)] = (previous - EPOCH).dt.total_seconds()
         elif agg.agg == "label_rate":
             out[agg.feature_name] = _lagged_label_rate(df, out, key, ts, _window(agg), spec.label_delay)
     return _with_dtypes(out, [key, ts], aggs)
@@ -126,7 +163,7 @@ def _lagged_label_rate(df: pd.DataFrame, keys: pd.DataFrame, key: str, ts: str, 
     Cumulative per-key sums at each distinct timestamp, looked up as of the two window edges
     with merge_asof: inclusive at the label-known edge, exclusive at the old edge.
     """
-    per_ts = df.groupby([key, ts], sort=True)[LABEL].agg(n="size", pos="sum").reset_index()
+    per_ts = df.groupby([key, ts], sort=True)[LABEL].agg(n="count", pos="sum").reset_index()  # labelled rows
     per_ts["cum_n"] = per_ts.groupby(key, sort=False)["n"].cumsum()
     per_ts["cum_pos"] = per_ts.groupby(key, sort=False)["pos"].cumsum()
     known = _cumulative_as_of(keys, per_ts, key, ts, keys[ts] - delay, inclusive=True)
@@ -147,9 +184,9 @@ def _cumulative_as_of(keys, per_ts, key, ts, when: pd.Series, inclusive: bool) -
 
 
 def _with_dtypes(df: pd.DataFrame, keys: list[str], aggs: list[Aggregate]) -> pd.DataFrame:
-    df = df[keys + [a.feature_name for a in aggs]].copy()
+    df = df[keys + [catalog.stored_name(a) for a in aggs]].copy()
     for agg in aggs:
-        name = agg.feature_name
+        name = catalog.stored_name(agg)
         df[name] = df[name].fillna(0).astype("int64") if agg.agg == "count" else df[name].astype("float64")
     return df
 
@@ -163,7 +200,8 @@ def feature_table_paths(features_dir: Path, spec: DatasetSpec) -> dict[str, Path
 
 
 def write_feature_tables(tables: dict[str, pd.DataFrame], features_dir: Path, spec: DatasetSpec) -> None:
-    """Write every table, merged with rows already there; new rows win on (entity, timestamp)."""
+    """Add every table's rows to its view's file; a row already there for an (entity, timestamp) stays:
+    a later batch never rewrites what earlier training runs were served and trained on."""
     paths = feature_table_paths(features_dir, spec)
     features_dir.mkdir(parents=True, exist_ok=True)
     for view, table in tables.items():
@@ -174,7 +212,7 @@ def _merge_and_replace(new: pd.DataFrame, path: Path, keys: list[str]) -> None:
     table = new
     if path.exists():
         table = pd.concat([pd.read_parquet(path), new], ignore_index=True)
-    table = table.drop_duplicates(keys, keep="last").sort_values(keys[::-1], kind="stable")
+    table = table.drop_duplicates(keys, keep="first").sort_values(keys[::-1], kind="stable")
     # Write aside and rename, so a reader (or a crash) never sees half a table.
     tmp = path.with_suffix(".parquet.tmp")
     table.to_parquet(tmp, index=False)
@@ -209,7 +247,7 @@ def build_definitions(spec: DatasetSpec, features_dir: Path) -> FeastDefinitions
     parts = [row]
     for name in catalog.served_entities(spec):
         key = spec.entities[name].key
-        features = [Field(name=a.feature_name, dtype=Int64 if a.agg == "count" else Float64)
+        features = [Field(name=catalog.stored_name(a), dtype=Int64 if a.agg == "count" else Float64)
                     for a in spec.aggregates_by_entity[name]]
         view_name = catalog.entity_view(name)
         parts.append(_view(name, key, spec.columns[key].dtype, view_name, paths[view_name], spec.timestamp,
@@ -397,8 +435,9 @@ def training_frame(store: feast.FeatureStore, rows: pd.DataFrame, spec: DatasetS
         joined = lookup.merge(found, on=[key, FEAST_EVENT_TS], how="left", validate="many_to_one")
         for feature in projection.features:
             out[feature.name] = joined[feature.name].to_numpy()
-    # The rows' column order, then the features.
-    return out[[c for c in rows.columns] + [c for c in out.columns if c not in rows.columns]]
+    catalog.derive_since_previous(out, (when - EPOCH).dt.total_seconds().to_numpy(), spec)
+    # The rows' column order, then the aggregates in the spec's order.
+    return out[[*rows.columns, *(a.feature_name for a in spec.features.aggregates)]]
 
 
 def online_features(store: feast.FeatureStore, spec: DatasetSpec, keys: dict[str, list]) -> dict[str, list]:

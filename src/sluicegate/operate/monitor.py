@@ -3,13 +3,18 @@ late-label precision and recall, and the retrain trigger with cooldown and dedup
 
 Plain functions and dataclasses; `flows/monitor.py` wires them to Prefect and MLflow.
 
-The prediction log this module reads: parquet files anywhere under
-SLUICEGATE_HOME/predictions (`**/*.parquet`), one row per scored transaction,
-holding the spec's raw columns (the label may be absent), the feature columns,
-`score` (float probability), `model_version` (str), `latency_ms` (float) and
-`logged_at` (UTC timestamp). `probability` is read as `score` and `ts` as
-`logged_at` when those are absent. Missing columns are tolerated; a file without
-either time column is dated by its modification time; unreadable files are skipped.
+The prediction log this module reads: parquet files anywhere under the table's predictions
+folder, in hourly partitions (`<endpoint>/date=YYYY-MM-DD/hour=HH/`, which the model server writes)
+or not; one row per scored row, holding the model's inputs as `input.<name>` columns, and, where the
+request carried them (/predict, or a log of your own), the spec's raw columns and feature columns;
+`score` (float probability), `model_version` (str), `latency_ms` (float) and `logged_at` (UTC
+timestamp). `probability` is read as `score` and `ts` as `logged_at` when those are absent. Missing
+columns are tolerated; a file without either time column is dated by its modification time; an
+unreadable file is moved to quarantine and counted in the report, never skipped silently.
+
+Like is compared with like: the reference profile holds both representations of the champion's
+training window (raw columns and model inputs), and a raw column is compared only on the rows that
+carry raw columns (v2 requests carry tensors alone).
 
 Late labels: parquet files under SLUICEGATE_HOME/labels holding the spec's id
 and label columns (and optionally `labelled_at`), joined to the log by id.
@@ -30,7 +35,9 @@ import numpy as np
 import pandas as pd
 
 from sluicegate.config import file_lock
+from sluicegate.features.inputs import logged_inputs
 from sluicegate.policy import DriftThresholds
+from sluicegate.runtime import ModelInput
 from sluicegate.spec import DatasetSpec
 
 LOG_COLUMNS = ("score", "model_version", "latency_ms", "logged_at")
@@ -38,6 +45,8 @@ LOG_COLUMNS = ("score", "model_version", "latency_ms", "logged_at")
 LOG_ALIASES = {"probability": "score", "ts": "logged_at"}
 SCORE = "score"
 LOGGED_AT = "logged_at"
+ENDPOINT = "endpoint"
+TENSORS_ONLY = "v2"  # the endpoint whose rows hold model inputs but no raw columns
 EPS = 1e-4  # floor on a bin's share, so an empty bin gives a large but finite PSI
 NUMERIC_BINS = 10  # reference deciles
 REFERENCE_ROWS = 50_000  # enough for stable deciles; keeps the reference profile cheap
@@ -108,6 +117,7 @@ class ColumnProfile:
     shares: list[float]
     edges: list[float] = field(default_factory=list)  # numeric only
     categories: list[str] = field(default_factory=list)  # categorical only
+    source: str = "raw"  # "raw": a column of the table or a feature; "input": a model-input column
 
 
 @dataclass
@@ -136,49 +146,49 @@ def monitored_columns(spec: DatasetSpec) -> tuple[list[str], list[str]]:
 
 
 def build_profile(reference: pd.DataFrame, spec: DatasetSpec, model_version: str, batch_id: str,
-                  scores: np.ndarray | None = None) -> ReferenceProfile:
-    """Fix the bins from the reference frame (and its scores under the champion)."""
+                  scores: np.ndarray | None = None, inputs: ModelInput | None = None) -> ReferenceProfile:
+    """Fix the bins from the reference frame, its model inputs and its scores under the champion."""
     numeric, categorical = monitored_columns(spec)
     columns = []
     for name in numeric:
         if name in reference.columns:
-            values = reference[name].to_numpy(dtype=float, na_value=np.nan)
-            edges = numeric_edges(values)
-            columns.append(ColumnProfile(name, "numeric", numeric_shares(values, edges).tolist(), edges.tolist()))
+            columns.append(_numeric_profile(name, reference[name].to_numpy(dtype=float, na_value=np.nan), "raw"))
     for name in categorical:
         if name in reference.columns:
             cats = [str(c) for c in spec.categories(name)]
             columns.append(ColumnProfile(name, "categorical", categorical_shares(reference[name], cats).tolist(),
                                          categories=cats))
+    if inputs is not None:
+        names = logged_inputs(spec)
+        for j, name in enumerate(names["numeric"]):
+            columns.append(_numeric_profile(name, inputs.numeric[:, j].astype(float), "input"))
+        for j, (name, column) in enumerate(zip(names["categorical"], spec.categorical_features, strict=True)):
+            codes = [str(i) for i in range(len(spec.categories(column)) + 1)]  # 0: unknown or missing
+            columns.append(ColumnProfile(name, "categorical", categorical_shares(pd.Series(inputs.categorical[:, j]),
+                                                                                 codes).tolist(),
+                                         categories=codes, source="input"))
     if scores is not None:
-        edges = numeric_edges(np.asarray(scores, dtype=float))
-        columns.append(ColumnProfile(SCORE, "numeric", numeric_shares(scores, edges).tolist(), edges.tolist()))
+        columns.append(_numeric_profile(SCORE, np.asarray(scores, dtype=float), "input"))
     return ReferenceProfile(model_version=str(model_version), batch_id=batch_id, rows=len(reference),
                             columns=columns)
 
 
-def reference_frame(batch: pd.DataFrame, tables: dict[str, pd.DataFrame], spec: DatasetSpec,
-                    window: tuple[pd.Timestamp, pd.Timestamp] | None, rows: int = REFERENCE_ROWS,
-                    seed: int = 0) -> pd.DataFrame:
-    """Raw rows of the training window joined with their point-in-time feature rows.
+def _numeric_profile(name: str, values: np.ndarray, source: str) -> ColumnProfile:
+    edges = numeric_edges(values)
+    return ColumnProfile(name, "numeric", numeric_shares(values, edges).tolist(), edges.tolist(), source=source)
 
-    Every row has a feature row at its own timestamp in each entity table (see features.store), so
-    an exact join on (entity key, timestamp) gives what the model saw in training. Without a
-    timestamp there is no window: the whole batch is the reference.
-    """
+
+def reference_rows(batch: pd.DataFrame, spec: DatasetSpec, window: tuple[pd.Timestamp, pd.Timestamp] | None,
+                   rows: int = REFERENCE_ROWS, seed: int = 0) -> pd.DataFrame:
+    """Raw rows of the training window (a sample of at most `rows`), in time order. Without a
+    timestamp there is no window: the whole batch is the reference."""
     ts = spec.timestamp
-    frame = batch.copy()
-    if ts:
-        frame[ts] = pd.to_datetime(frame[ts], utc=True).dt.as_unit("ns")
-        if window is not None:
-            frame = frame[(frame[ts] >= window[0]) & (frame[ts] <= window[1])]
+    frame = batch
+    if ts and window is not None:
+        when = pd.to_datetime(frame[ts], utc=True)
+        frame = frame[(when >= window[0]) & (when <= window[1])]
     if len(frame) > rows:
         frame = frame.sample(rows, random_state=seed)
-    for table in tables.values():
-        key = table.columns[0]
-        table = table.copy()
-        table[ts] = pd.to_datetime(table[ts], utc=True).dt.as_unit("ns")
-        frame = frame.merge(table, on=[key, ts], how="left")
     return frame.sort_values(ts, kind="stable").reset_index(drop=True) if ts else frame.reset_index(drop=True)
 
 
@@ -222,6 +232,7 @@ class DriftReport:
     quality_passed: bool | None = None
     quality_failures: list[str] = field(default_factory=list)
     live: LiveMetrics | None = None
+    quarantined: list[str] = field(default_factory=list)  # log files that could not be read, moved aside
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -242,6 +253,9 @@ class DriftReport:
             p = "" if r["p_value"] is None else f"{r['p_value']:.4f}"
             lines.append(f"| {r['column']} | {r['kind']} | {r['psi']:.4f} | {p} | {r['status']} |")
         lines.append("")
+        if self.quarantined:
+            lines += [f"**{len(self.quarantined)} unreadable log file(s) moved to quarantine:** "
+                      + ", ".join(self.quarantined), ""]
         if self.quality_passed is not None:
             verdict = "passed" if self.quality_passed else "FAILED: " + "; ".join(self.quality_failures)
             lines += [f"Data quality (GX suite): {verdict}", ""]
@@ -280,15 +294,18 @@ def column_drift(profile: ColumnProfile, live: pd.Series, thresholds: DriftThres
 
 def drift_report(log: pd.DataFrame, profile: ReferenceProfile, thresholds: DriftThresholds,
                  since: pd.Timestamp | None = None) -> DriftReport:
-    """Drift of every profiled column present in the log, and of the score."""
+    """Drift of every profiled column present in the log, and of the score; a raw column only on the
+    rows that carry raw columns."""
     columns, score = [], None
+    raw_rows = log[log[ENDPOINT] != TENSORS_ONLY] if ENDPOINT in log.columns else log
     for col in profile.columns:
-        if col.name not in log.columns:
+        rows = raw_rows if col.source == "raw" else log
+        if col.name not in rows.columns or rows.empty:
             continue
         if col.name == SCORE:
-            score = column_drift(col, log[SCORE], thresholds, thresholds.score_psi_retrain)
+            score = column_drift(col, rows[SCORE], thresholds, thresholds.score_psi_retrain)
         else:
-            columns.append(column_drift(col, log[col.name], thresholds, thresholds.psi_retrain))
+            columns.append(column_drift(col, rows[col.name], thresholds, thresholds.psi_retrain))
     stamps = pd.to_datetime(log[LOGGED_AT], utc=True) if LOGGED_AT in log.columns and len(log) else None
     versions = sorted(log["model_version"].dropna().astype(str).unique()) if "model_version" in log.columns else []
     return DriftReport(rows=len(log), since=None if since is None else str(since),
@@ -316,16 +333,26 @@ def live_metrics(log: pd.DataFrame, labels: pd.DataFrame, spec: DatasetSpec, thr
 # --- reading the logs ------------------------------------------------------------------------------
 
 
-def read_prediction_log(folder: Path, since: pd.Timestamp | None = None) -> pd.DataFrame:
-    """Rows logged strictly after `since`, from every parquet file under folder, oldest first."""
-    frames = []
-    for path in sorted(folder.rglob("*.parquet")) if folder.exists() else []:
+@dataclass
+class LogRead:
+    frame: pd.DataFrame
+    quarantined: list[str]  # files that could not be read, as moved to quarantine
+
+
+def read_prediction_log(folder: Path, since: pd.Timestamp | None = None,
+                        quarantine: Path | None = None) -> LogRead:
+    """Rows logged strictly after `since`, oldest first, from the parquet files under folder; hourly
+    partitions that ended before `since` are not even listed. An unreadable file is moved under
+    `quarantine` (with a .reason.txt beside it) and named in the result."""
+    frames, quarantined = [], []
+    for path in _log_files(folder, since):
         mtime = pd.Timestamp(path.stat().st_mtime, unit="s", tz="UTC")
         if since is not None and mtime <= since:
             continue  # not written since the last run: nothing new in it
         try:
             frame = pd.read_parquet(path)
-        except Exception:  # a file being written or broken must not stop monitoring
+        except Exception as exc:  # a broken file must not stop monitoring, nor vanish unseen
+            quarantined.append(str(_quarantine(path, folder, quarantine, exc)))
             continue
         frame = frame.rename(columns={k: v for k, v in LOG_ALIASES.items()
                                       if k in frame.columns and v not in frame.columns})
@@ -333,12 +360,51 @@ def read_prediction_log(folder: Path, since: pd.Timestamp | None = None) -> pd.D
             frame[LOGGED_AT] = mtime
         frames.append(frame)
     if not frames:
-        return pd.DataFrame(columns=list(LOG_COLUMNS))
+        return LogRead(pd.DataFrame(columns=list(LOG_COLUMNS)), quarantined)
     log = pd.concat(frames, ignore_index=True)
     log[LOGGED_AT] = pd.to_datetime(log[LOGGED_AT], utc=True)
     if since is not None:
         log = log[log[LOGGED_AT] > since]
-    return log.sort_values(LOGGED_AT, kind="stable").reset_index(drop=True)
+    return LogRead(log.sort_values(LOGGED_AT, kind="stable").reset_index(drop=True), quarantined)
+
+
+def _log_files(folder: Path, since: pd.Timestamp | None) -> list[Path]:
+    """Parquet files under folder, skipping `date=`/`hour=` partitions wholly before `since`."""
+    if not folder.exists():
+        return []
+    files, todo = [], [(folder, None)]
+    while todo:
+        directory, day = todo.pop()
+        for entry in directory.iterdir():
+            if entry.is_dir():
+                entry_day = entry.name.removeprefix("date=") if entry.name.startswith("date=") else day
+                if not _partition_before(entry.name, entry_day, since):
+                    todo.append((entry, entry_day))
+            elif entry.suffix == ".parquet" and not entry.name.startswith("."):
+                files.append(entry)
+    return sorted(files)
+
+
+def _partition_before(name: str, day: str | None, since: pd.Timestamp | None) -> bool:
+    """Whether a `date=`/`hour=` folder holds only rows logged before `since`."""
+    if since is None or day is None:
+        return False
+    since_day = f"{since:%Y-%m-%d}"
+    if name.startswith("date="):
+        return day < since_day
+    if name.startswith("hour="):
+        return day == since_day and int(name.removeprefix("hour=")) < since.hour
+    return False
+
+
+def _quarantine(path: Path, folder: Path, quarantine: Path | None, exc: Exception) -> Path:
+    if quarantine is None:
+        raise ValueError(f"cannot read prediction log file {path}: {exc}") from exc
+    target = quarantine / path.relative_to(folder)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path.replace(target)
+    target.with_name(target.name + ".reason.txt").write_text(f"{type(exc).__name__}: {exc}\n")
+    return target
 
 
 def read_labels(folder: Path, spec: DatasetSpec) -> pd.DataFrame:

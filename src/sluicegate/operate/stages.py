@@ -6,7 +6,8 @@ Plain functions; `flows/monitor.py` and `flows/retrain.py` wire them to Prefect 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
@@ -26,6 +27,7 @@ from sluicegate.features.inputs import build_model_input, python_features
 from sluicegate.operate import ingest
 from sluicegate.operate import monitor as mon
 from sluicegate.policy import DriftThresholds
+from sluicegate.serve.predlog import compact_hours
 from sluicegate.ship import registry
 from sluicegate.spec import DatasetSpec
 
@@ -33,25 +35,29 @@ from sluicegate.spec import DatasetSpec
 def reference_profile(settings: Settings, spec: DatasetSpec, client: MlflowClient,
                       champion: ModelVersion) -> mon.ReferenceProfile:
     """The champion's training window, binned; computed once per champion version and cached."""
-    cached = settings.paths.monitoring / f"reference-v{champion.version}.json"
+    # "-p2": profiles that hold model inputs too; older caches are rebuilt.
+    cached = settings.paths.monitoring / f"reference-v{champion.version}-p2.json"
     if cached.exists():
         return mon.ReferenceProfile.from_json(cached.read_text())
     batch_id = champion.tags.get("batch_id")
     batch = data.read_batch(settings.paths.raw / batch_id)
-    tables = features.compute_feature_tables(batch, spec) if spec.features.aggregates else {}
-    ref = mon.reference_frame(batch, tables, spec, mon.parse_window(champion.tags.get("train_window")))
+    rows = mon.reference_rows(batch, spec, mon.parse_window(champion.tags.get("train_window")))
+    # The features training read: the feature service's point-in-time rows, from the offline store.
+    ref = features.training_frame(features.feature_store(settings, spec), rows, spec)
     if spec.features.python:  # after the aggregates, which the function may read
         ref = ref.assign(**python_features(ref, spec))
     onnx_path = registry.download_onnx(client, champion, settings.paths.monitoring / f"champion-v{champion.version}")
-    profile = mon.build_profile(ref, spec, champion.version, batch_id, scores=score(onnx_path, ref, spec))
+    inputs = build_model_input(ref, spec)
+    profile = mon.build_profile(ref, spec, champion.version, batch_id, scores=score(onnx_path, inputs),
+                                inputs=inputs)
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_text(profile.to_json())
     return profile
 
 
-def score(onnx_path: Path, frame: pd.DataFrame, spec: DatasetSpec) -> np.ndarray:
+def score(onnx_path: Path, inputs: runtime.ModelInput) -> np.ndarray:
     session = runtime.make_session(onnx_path, providers=["CPUExecutionProvider"])
-    return runtime.onnx_predict(session, build_model_input(frame, spec))
+    return runtime.onnx_predict(session, inputs)
 
 
 def data_quality(log: pd.DataFrame, spec: DatasetSpec, context_root: Path) -> tuple[bool, list[str]]:
@@ -104,12 +110,14 @@ class MonitorOutcome:
     report: mon.DriftReport | None = None
     decision: mon.TriggerDecision | None = None
     flow_run_id: str | None = None
+    quarantined: list[str] = field(default_factory=list)  # unreadable log files moved aside
 
     def summary(self) -> str:
         return f"monitor: {self.status}: {self.reason}"
 
     def to_dict(self) -> dict:
-        out = {"status": self.status, "reason": self.reason, "rows": self.rows}
+        out = {"status": self.status, "reason": self.reason, "rows": self.rows,
+               "quarantined": self.quarantined or (self.report.quarantined if self.report else [])}
         if self.report is not None:
             out |= {"flow_run_id": self.flow_run_id, "quality_passed": self.report.quality_passed,
                     "drifting": [c.name for c in self.report.columns if c.status == "drift"]}
@@ -122,10 +130,13 @@ def monitor_stage(settings: Settings, spec: DatasetSpec, thresholds: DriftThresh
     `trigger` when a threshold is crossed, at most once per cooldown. `trigger=None`: report only."""
     with mon.locked_state(settings.paths.monitoring / "state.json") as state:
         since = pd.Timestamp(state.last_run_at) if state.last_run_at else None
-        log = mon.read_prediction_log(settings.paths.predictions, since)
+        compact_hours(settings.paths.predictions, time.time())
+        read = mon.read_prediction_log(settings.paths.predictions, since, settings.paths.quarantine / "predictions")
+        log = read.frame
         if log.empty:
+            unread = f"; {len(read.quarantined)} unreadable file(s) quarantined" if read.quarantined else ""
             return MonitorOutcome("no_traffic", f"no traffic since {since or 'the start of the log'}: "
-                                  "nothing to monitor", 0)
+                                  f"nothing to monitor{unread}", 0, quarantined=read.quarantined)
         state.last_run_at = str(log[mon.LOGGED_AT].max())
         client = registry.configure(settings)
         champion = registry.version_by_alias(client, settings.model_name, registry.CHAMPION)
@@ -134,13 +145,20 @@ def monitor_stage(settings: Settings, spec: DatasetSpec, thresholds: DriftThresh
                                   len(log))
         profile = reference_profile(settings, spec, client, champion)
         report = check_traffic(settings, spec, thresholds, log, profile, champion, since, context_root)
+        report.quarantined = read.quarantined
         decision, run_id = _decide_and_trigger(report, thresholds, state, trigger)
     return MonitorOutcome("triggered" if decision.fire else "checked", decision.summary(), report.rows,
                           report, decision, run_id)
 
 
 def _decide_and_trigger(report: mon.DriftReport, thresholds: DriftThresholds, state: mon.MonitorState,
-                        trigger: Trigger | None) -> tuple[mon.TriggerDecision, str | None]:
+                        trigger: Trigger | None, retrain_ledger: Path | None = None,
+                        ) -> tuple[mon.TriggerDecision, str | None]:
+    """Fire the retrain when warranted, unless triggering is off, the deployment is missing, or the last
+    `max_blocked_retrains` retrains were all blocked by gates (the retrain ledger, `operate.retrains`,
+    default `SLUICEGATE_HOME/tables/<spec>/monitoring/retrains.json`): more of the same would be too."""
+    from sluicegate.operate import retrains
+
     now = datetime.now(UTC)
     active = trigger.active_runs() if trigger is not None else 0
     decision = mon.decide_trigger(report, thresholds, state, now, active_runs=active or 0)
@@ -153,6 +171,19 @@ def _decide_and_trigger(report: mon.DriftReport, thresholds: DriftThresholds, st
         decision.fire = False
         decision.suppressed = f"deployment {trigger.name!r} is not registered (run `make up`)"
         return decision, None
+    if thresholds.max_blocked_retrains:
+        try:
+            streak = retrains.blocked_streak(retrain_ledger or retrains.ledger_path(Settings()))
+        except retrains.RetrainLedgerError as exc:
+            decision.fire, decision.suppressed = False, str(exc)
+            return decision, None
+        if streak.count >= thresholds.max_blocked_retrains:
+            last = streak.last_reason or "no reason recorded"
+            last = last if len(last) <= 300 else last[:297] + "..."
+            decision.fire = False
+            decision.suppressed = (f"{streak.count} retrains in a row were blocked by gates (last: {last}); "
+                                   f"{retrains.RESET_HINT}")
+            return decision, None
     run_id = trigger.fire(decision)
     mon.record_trigger(state, decision, now, run_id)
     return decision, run_id

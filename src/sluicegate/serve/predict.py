@@ -169,8 +169,12 @@ class FeatureLookup:
         except Exception as exc:  # any store failure (file, network, Redis) means: not now
             raise Unavailable(f"online feature store unavailable: {type(exc).__name__}: {exc}") from exc
         # Feast answers None for an entity it has never seen: the feature is missing, as in training.
-        return {name: np.array([np.nan if v is None else v for v in found[name]], dtype=np.float64)
-                for name in self.names}
+        out = {name: np.array([np.nan if v is None else v for v in found[name]], dtype=np.float64)
+               for name in self.names}
+        if self.spec.timestamp:  # time since the entity's last event, at the request's time
+            when = np.array([r.fields[self.spec.timestamp].timestamp() for r in requests], dtype=np.float64)
+            catalog.derive_since_previous(out, when, self.spec)
+        return out
 
 
 def model_input(requests: list[PredictRequest], found: dict[str, np.ndarray], spec: DatasetSpec) -> ModelInput:

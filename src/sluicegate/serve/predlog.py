@@ -3,7 +3,8 @@
 Requests append a record to a bounded in-memory queue (a deque append: never
 waits, never does I/O); one thread turns what is queued into an Arrow table
 every `POLL_SECONDS` and writes one parquet file per flush under
-`SLUICEGATE_HOME/predictions/<endpoint>/`. The writer's Python work holds the
+`<table>/predictions/<endpoint>/date=YYYY-MM-DD/hour=HH/` (UTC, the flush's hour), so a reader lists
+only the hours it needs and `compact_hours` can merge a closed hour's files into one. The writer's Python work holds the
 GIL, and so pauses the event loop: converting a tenth of a second of records
 at a time keeps each pause near a millisecond, where converting a whole
 second at 7,750 req/s paused requests for ~20 ms (p99 16 ms against 4 ms with
@@ -13,11 +14,16 @@ A failed write (disk full, folder gone) keeps its rows for the next flush, up to
 `max_queue` of them, and shows in `error` until a write succeeds again.
 `close()` writes everything queued, so a graceful shutdown loses nothing.
 
-Read it back with `pandas.read_parquet(SLUICEGATE_HOME/predictions/v2)`.
+Every row holds the model's inputs under `input.<name>` (the numeric tensor's columns after their
+transforms, the categorical codes), so the monitor compares what the model saw with what it saw in
+training; /predict rows also hold the request's raw columns and the online features.
+
+Read it back with `pandas.read_parquet(<table>/predictions/v2)`.
 """
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import logging
 import threading
@@ -156,7 +162,7 @@ class PredictionLog:
             try:
                 # Chunks converted apart may type a column differently (all null, int then float).
                 table = pa.concat_tables(tables, promote_options="permissive")
-                folder = self.folder / endpoint
+                folder = self.folder / endpoint / hour_partition(time.time())
                 folder.mkdir(parents=True, exist_ok=True)
                 self._seq += 1
                 final = folder / f"part-{time.time_ns()}-{self._seq:06d}.parquet"
@@ -193,6 +199,8 @@ class PredictionLog:
         probs = np.concatenate([r.probabilities for r in records]).astype(np.float64)
         thresholds = np.repeat([np.nan if r.threshold is None else r.threshold for r in records], per_call)
         columns = {
+            "endpoint": pa.array(np.repeat(np.array([r.endpoint for r in records], dtype=object), per_call),
+                                 pa.string()),
             "ts": pa.array((np.repeat([r.ts for r in records], per_call) * 1e6).astype(np.int64),
                            pa.timestamp("us", tz="UTC")),
             "request_id": pa.array(np.repeat(np.array([i for r in records for i in r.request_ids], dtype=object),
@@ -227,3 +235,34 @@ class PredictionLog:
 
 def _rows(pending: dict[str, list[pa.Table]]) -> int:
     return sum(t.num_rows for tables in pending.values() for t in tables)
+
+
+def hour_partition(epoch_seconds: float) -> str:
+    """The hive-style folder of an hour: date=YYYY-MM-DD/hour=HH (UTC)."""
+    return time.strftime("date=%Y-%m-%d/hour=%H", time.gmtime(epoch_seconds))
+
+
+def compact_hours(folder: Path, now: float, settle_seconds: float = 300.0) -> int:
+    """Merge the files of every closed hour under folder (any endpoint) into one; the number merged.
+
+    An hour is closed once `settle_seconds` past its end: the server writes only to the hour of its
+    flush, so nothing lands there any more. The merged file is written aside and renamed before the
+    parts are removed, so a reader never sees an hour's rows missing (a crash in between leaves both,
+    which a reader sees twice until the next compaction's run removes the parts).
+    """
+    merged = 0
+    for hour in sorted(folder.glob("*/date=*/hour=*")) if folder.exists() else []:
+        day, hh = hour.parent.name.removeprefix("date="), int(hour.name.removeprefix("hour="))
+        end = calendar.timegm(time.strptime(f"{day} {hh:02d}", "%Y-%m-%d %H")) + 3600
+        parts = sorted(p for p in hour.glob("part-*.parquet"))
+        if end + settle_seconds > now or len(parts) < 2:
+            continue
+        table = pa.concat_tables([pq.read_table(p, partitioning=None) for p in parts], promote_options="permissive")
+        final = hour / f"compacted-{time.time_ns()}.parquet"
+        tmp = final.with_name(f".{final.name}.tmp")
+        pq.write_table(table, tmp)
+        tmp.rename(final)
+        for part in parts:
+            part.unlink()
+        merged += len(parts)
+    return merged

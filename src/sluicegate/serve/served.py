@@ -12,7 +12,7 @@ import numpy as np
 
 from sluicegate.config import Settings
 from sluicegate.features import catalog
-from sluicegate.features.inputs import cardinalities, numeric_inputs, tensor_widths
+from sluicegate.features.inputs import cardinalities, logged_inputs, numeric_inputs, tensor_widths
 from sluicegate.serve import predict as business
 from sluicegate.serve import v2
 from sluicegate.serve.batcher import MicroBatcher
@@ -59,7 +59,7 @@ class ServedModel:
         if self.serve.log_predictions:
             self.predlog = PredictionLog(
                 self.settings.paths.predictions, self.serve.log_queue_size, self.serve.log_flush_s,
-                expand={"numeric": self.numeric_names, "categorical": list(self.spec.categorical_features)},
+                expand=logged_inputs(self.spec),
                 on_drop=self.metrics.log_dropped.inc, on_error=self.metrics.log_write_errors.inc)
         await self.refresh()
         self.v2_batcher.start()
@@ -156,6 +156,6 @@ class ServedModel:
         found = self._feature_lookup().fetch(requests) if catalog.served_entities(self.spec) else {}
         data = business.model_input(requests, found, self.spec)
         probs = model.run(data.numeric, data.categorical)
-        self._log("predict", requests, [1] * len(requests), model, probs,
-                  business.feature_columns(requests, found), model.threshold)
+        logged = business.feature_columns(requests, found) | {"numeric": data.numeric, "categorical": data.categorical}
+        self._log("predict", requests, [1] * len(requests), model, probs, logged, model.threshold)
         return [(p, model) for p in probs.tolist()]

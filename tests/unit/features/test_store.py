@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import feast
 import numpy as np
 import pandas as pd
@@ -164,7 +166,7 @@ def test_apply_is_idempotent_and_online_serves_latest(built, transactions, spec)
     assert all(v.most_recent_end_time is not None for v in store.list_feature_views() if v.online)
 
 
-def test_write_feature_tables_merges_later_batches(built, spec, tmp_path):
+def test_write_feature_tables_adds_later_batches_and_never_rewrites_a_row(built, spec, tmp_path):
     _, _, tables = built
     view = catalog.entity_view("customer")
     customer_df = tables[view]
@@ -174,7 +176,7 @@ def test_write_feature_tables_merges_later_batches(built, spec, tmp_path):
     F.write_feature_tables({view: changed}, tmp_path, spec)
     stored = pd.read_parquet(F.feature_table_paths(tmp_path, spec)[view])
     assert len(stored) == len(customer_df)
-    assert (stored["cust_txn_count_1h"] == 999).sum() == len(changed)
+    assert (stored["cust_txn_count_1h"] == 999).sum() == len(changed) - 10  # the 10 already there stay
 
 
 def test_frame_hash_is_stable_and_content_sensitive(transactions):
@@ -232,3 +234,62 @@ def test_any_spec_string_keys_and_every_aggregation_are_point_in_time_correct(tm
         for name, value in brute_force(rows, spec, rows.iloc[i]).items():
             np.testing.assert_allclose(frame.iloc[i][name], value, rtol=1e-9, atol=1e-9, equal_nan=True,
                                        err_msg=f"row {i} {name}")
+
+
+def _claims(n: int, start: str, days: int, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({
+        "claim_id": [f"{start}-c{i}" for i in range(n)],
+        "filed_at": pd.Timestamp(start, tz="UTC") + pd.to_timedelta(np.sort(rng.uniform(0, days * 86400, n)),
+                                                                    unit="s").floor("s"),
+        "policy": rng.choice([f"P-{i}" for i in range(40)], n),
+        "amount": rng.gamma(2.0, 500.0, n),
+        "fraudulent": rng.choice(["Yes", "No"], n, p=[0.1, 0.9]),
+    }).sort_values("filed_at", ignore_index=True)
+
+
+def test_a_second_batch_sees_the_first_batchs_history_and_the_online_row_its_last_event(tmp_path):
+    """A policy active only at the end of batch one and once at the start of batch two: its batch-two
+    row counts the batch-one claims; online, after batch one, it holds everything known at its end."""
+    from sluicegate.data.batches import write_batch
+    from sluicegate.features.stages import feature_stage
+    from sluicegate.spec import parse_spec
+
+    spec = parse_spec(OTHER_TABLE)
+    settings = Settings(home=tmp_path / "home")
+    ensure_home(settings.paths)
+    planted = pd.DataFrame({"claim_id": ["p1", "p2", "p3"], "policy": "P-planted", "amount": [100.0, 200.0, 300.0],
+                            "fraudulent": "No", "filed_at": pd.to_datetime(
+                                ["2026-01-10 20:00", "2026-01-10 22:00", "2026-01-10 23:00"], utc=True)})
+    one = pd.concat([_claims(2000, "2026-01-01", 10, 1), planted]).sort_values("filed_at", ignore_index=True)
+    write_batch(one, settings.paths.raw, "one", spec.timestamp)
+    first = feature_stage(settings, spec, one)
+    assert first.history_rows == 0
+
+    # Online after batch one: P-planted's 12h count holds all three claims (the last one included),
+    # and the time since its last claim is counted from when it is asked.
+    store = F.feature_store(settings, spec)
+    from sluicegate.serve.predict import FeatureLookup, PredictRequest
+
+    asked = datetime(2026, 1, 11, 1, 0, tzinfo=UTC)
+    online = FeatureLookup(store, spec).fetch([PredictRequest({"policy": "P-planted", "filed_at": asked})])
+    assert online["policy_count_12h"][0] == 3
+    assert online["policy_time_since_previous"][0] == 2 * 3600  # 23:00 -> 01:00
+    assert online["policy_sum_amount_5d"][0] == 600.0
+
+    late = pd.DataFrame({"claim_id": ["p4"], "policy": "P-planted", "amount": [50.0], "fraudulent": "No",
+                         "filed_at": pd.to_datetime(["2026-01-11 01:00"], utc=True)})
+    two = pd.concat([_claims(2000, "2026-01-11 02:00", 10, 2), late]).sort_values("filed_at", ignore_index=True)
+    write_batch(two, settings.paths.raw, "two", spec.timestamp)
+    second = feature_stage(settings, spec, two)
+    assert second.history_rows > 0
+    row = second.frame.set_index("claim_id").loc["p4"]
+    assert row["policy_count_12h"] == 3 and row["policy_sum_amount_5d"] == 600.0
+    assert row["policy_time_since_previous"] == 2 * 3600
+    # Training and serving agree for the same entity and time; a later batch rewrote no earlier row.
+    for name, value in online.items():
+        np.testing.assert_allclose(row[name], value[0], rtol=1e-12, equal_nan=True, err_msg=name)
+    stored = pd.read_parquet(F.feature_table_paths(settings.paths.features, spec)["policy_features"])
+    policies = one["policy"].nunique()  # each batch adds a row per policy at its end: the online row
+    assert first.view_rows["policy_features"] == len(one.drop_duplicates(["policy", "filed_at"])) + policies
+    assert len(stored) == first.view_rows["policy_features"] + second.view_rows["policy_features"]

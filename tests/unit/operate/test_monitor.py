@@ -98,17 +98,91 @@ def test_live_metrics_at_the_threshold(spec):
     assert m.live_metrics(log, labels.iloc[:0], spec, 0.5).recall is None
 
 
-def test_prediction_log_reader_reads_only_new_rows_and_skips_broken_files(tmp_path):
-    folder = tmp_path / "predictions"
-    (folder / "date=2026-11-20").mkdir(parents=True)
+def test_prediction_log_reader_reads_only_new_rows_and_quarantines_broken_files(tmp_path):
+    folder, quarantine = tmp_path / "predictions", tmp_path / "quarantine"
+    (folder / "v2" / "date=2026-11-20" / "hour=11").mkdir(parents=True)
     log = _log(10)
-    log.iloc[:6].to_parquet(folder / "date=2026-11-20" / "a.parquet")
+    log.iloc[:6].to_parquet(folder / "v2" / "date=2026-11-20" / "hour=11" / "a.parquet")
     log.iloc[6:].drop(columns=["logged_at"]).to_parquet(folder / "b.parquet")  # dated by mtime
     (folder / "broken.parquet").write_bytes(b"not parquet")
-    assert len(m.read_prediction_log(folder)) == 10
+    read = m.read_prediction_log(folder, quarantine=quarantine)
+    assert len(read.frame) == 10
+    # Moved aside with its reason, never skipped silently; the next read no longer meets it.
+    assert read.quarantined == [str(quarantine / "broken.parquet")]
+    assert "broken.parquet" not in os.listdir(folder)
+    assert "ArrowInvalid" in (quarantine / "broken.parquet.reason.txt").read_text()
     since = log["logged_at"].iloc[2]
-    assert len(m.read_prediction_log(folder, since=since)) == 7
-    assert m.read_prediction_log(tmp_path / "absent").empty
+    again = m.read_prediction_log(folder, since=since, quarantine=quarantine)
+    assert len(again.frame) == 7 and again.quarantined == []
+    assert m.read_prediction_log(tmp_path / "absent").frame.empty
+    (folder / "worse.parquet").write_bytes(b"")
+    with pytest.raises(ValueError, match="worse.parquet"):  # no quarantine given: an error, not a skip
+        m.read_prediction_log(folder)
+
+
+def test_hourly_partitions_before_the_watermark_are_not_listed(tmp_path):
+    folder = tmp_path / "predictions"
+    old = folder / "v2" / "date=2026-11-20" / "hour=09"
+    older = folder / "v2" / "date=2026-11-19" / "hour=23"
+    for directory in (old, older):
+        directory.mkdir(parents=True)
+        (directory / "part.parquet").write_bytes(b"unreadable, but never opened")
+    current = folder / "v2" / "date=2026-11-20" / "hour=11"
+    current.mkdir(parents=True)
+    _log(5).to_parquet(current / "part.parquet")
+    read = m.read_prediction_log(folder, since=pd.Timestamp("2026-11-20 10:30", tz="UTC"),
+                                 quarantine=tmp_path / "q")
+    assert len(read.frame) == 5 and read.quarantined == []
+
+
+LIKE_WITH_LIKE = {
+    "spec_version": 1, "name": "claims",
+    "table": {"id": "claim_id", "label": "fraudulent", "positive": "Yes"},
+    "columns": {"claim_id": {"dtype": "string"}, "fraudulent": {"dtype": "string", "categories": ["Yes", "No"]},
+                "amount": {"dtype": "float64"}, "kind": {"dtype": "string", "categories": ["car", "home", "travel"]}},
+    "features": {"numeric": [{"column": "amount", "transform": "log1p"}], "categorical": ["kind"]},
+}
+
+
+def _claims(n: int, seed: int, amount_mu: float = 6.0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"claim_id": [f"c{seed}-{i}" for i in range(n)], "fraudulent": "No",
+                         "amount": rng.lognormal(amount_mu, 0.8, n),
+                         "kind": rng.choice(["car", "home", "travel"], n, p=[0.6, 0.3, 0.1])})
+
+
+def _served(rows: pd.DataFrame, spec, endpoint: str) -> pd.DataFrame:
+    """What the model server logs for these rows: the model inputs, plus the raw columns on /predict."""
+    from sluicegate.features.inputs import build_model_input, logged_inputs
+
+    inputs, names = build_model_input(rows, spec), logged_inputs(spec)
+    frame = pd.DataFrame(inputs.numeric, columns=names["numeric"]).assign(
+        **{n: inputs.categorical[:, j] for j, n in enumerate(names["categorical"])})
+    if endpoint == "predict":
+        frame = pd.concat([rows[["amount", "kind"]].reset_index(drop=True), frame], axis=1)
+    return frame.assign(endpoint=endpoint, score=0.1, logged_at=pd.Timestamp(NOW))
+
+
+def test_served_rows_of_the_training_distribution_do_not_drift_through_either_endpoint():
+    """v2 rows carry model inputs only (log1p(amount), category codes): they are compared with the
+    reference's model inputs, never with its raw columns."""
+    from sluicegate.features.inputs import build_model_input
+    from sluicegate.spec import parse_spec
+
+    spec = parse_spec(LIKE_WITH_LIKE)
+    reference = _claims(20_000, seed=0)
+    profile = m.build_profile(reference, spec, "1", "b", inputs=build_model_input(reference, spec))
+    live = pd.concat([_served(_claims(3_000, seed=1), spec, "v2"), _served(_claims(1_000, seed=2), spec, "predict")],
+                     ignore_index=True)
+    report = m.drift_report(live, profile, T)
+    status = {c.name: c.status for c in report.columns}
+    assert status == {"amount": "ok", "kind": "ok", "input.amount": "ok", "input.kind": "ok"}
+    assert m.retrain_reasons(report, T) == []
+
+    shifted = pd.concat([_served(_claims(3_000, seed=3, amount_mu=7.0), spec, "v2"),
+                         _served(_claims(1_000, seed=4, amount_mu=7.0), spec, "predict")], ignore_index=True)
+    drifting = {c.name for c in m.drift_report(shifted, profile, T).columns if c.status == "drift"}
+    assert drifting == {"amount", "input.amount"}
 
 
 def _report(rows: int, amount_psi: float) -> m.DriftReport:

@@ -321,7 +321,7 @@ def test_prediction_log_writes_one_consistent_file_from_many_conversions(tmp_pat
                        {"amount": [amount]}, threshold=0.1))
         time.sleep(predlog.POLL_SECONDS * 3)  # each record is converted on its own
     log.close()
-    assert len(list((tmp_path / "predict").glob("*.parquet"))) == 1
+    assert len(list((tmp_path / "predict").rglob("*.parquet"))) == 1
     frame = pd.read_parquet(tmp_path / "predict")
     assert frame["amount"].tolist() == [3.0, 2.5, 7.0] and frame["request_id"].tolist() == [None, "a", None]
     assert frame["decision"].all()
@@ -384,3 +384,28 @@ def test_metrics_stay_in_memory_when_an_import_turned_on_multiprocess_mode(tmp_p
 
 def test_the_default_spec_has_the_width_these_tests_use(spec):
     assert tensor_widths(spec) == (WIDTH, 4)
+
+
+def test_prediction_log_writes_hourly_partitions_and_compacts_closed_hours(tmp_path):
+    import calendar
+
+    from sluicegate.serve.predlog import compact_hours, hour_partition
+
+    plog = PredictionLog(tmp_path, max_queue=1000, flush_seconds=0.05)
+    for i in range(3):
+        plog.put(_record(i))
+        time.sleep(0.2)  # one file per flush
+    plog.close()
+    hour = tmp_path / "v2" / hour_partition(time.time())
+    parts = sorted(hour.glob("part-*.parquet"))
+    assert len(parts) >= 2
+    before = pd.read_parquet(tmp_path / "v2").drop(columns=["date", "hour"])
+    day, hh = hour.parent.name.removeprefix("date="), int(hour.name.removeprefix("hour="))
+    end = calendar.timegm(time.strptime(f"{day} {hh:02d}", "%Y-%m-%d %H")) + 3600
+    assert compact_hours(tmp_path, now=end + 60) == 0  # still settling: left alone
+    assert compact_hours(tmp_path, now=end + 600) == len(parts)
+    assert [p.name.split("-")[0] for p in hour.iterdir()] == ["compacted"]
+    after = pd.read_parquet(tmp_path / "v2").drop(columns=["date", "hour"])
+    pd.testing.assert_frame_equal(after.sort_values("request_id").reset_index(drop=True),
+                                  before.sort_values("request_id").reset_index(drop=True))
+    assert set(after["endpoint"]) == {"v2"}
