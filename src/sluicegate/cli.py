@@ -309,6 +309,67 @@ def import_cmd(
     print(outcome.batch_dir.name)
 
 
+@app.command(name="labels")
+def labels_cmd(
+    table: Annotated[Path, typer.Argument(help="A CSV or parquet file: the spec's id and label, optionally "
+                                               "labelled_at")],
+    spec: SpecOption = None,
+    report: Annotated[bool, typer.Option(help="Then print live precision/recall/PR-AUC per label maturity on "
+                                              "the prediction log, beside the CBPE estimate")] = False,
+    threshold: Annotated[float | None, typer.Option(help="With --report: the decision threshold; default: "
+                                                         "the champion's (0.5 without one)")] = None,
+) -> None:
+    """Import late labels into SLUICEGATE_HOME/tables/<spec>/labels/ (the file itself is only read)."""
+    from datetime import UTC, datetime
+
+    from rich.table import Table
+
+    from sluicegate.operate import labels as lab
+
+    settings = _settings(spec)
+    paths = _home(settings)
+    try:
+        outcome = lab.import_labels(table, settings.spec, paths.labels, datetime.now(UTC))
+    except lab.LabelError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print(outcome.summary())
+    print(outcome.path)
+    if not report:
+        return
+    if threshold is None:
+        from sluicegate.ship import registry
+
+        with _registry_answers():
+            champion = registry.version_by_alias(registry.configure(settings), settings.model_name,
+                                                 registry.CHAMPION)
+        threshold = float(champion.tags.get("threshold", 0.5)) if champion is not None else 0.5
+    known, quarantined = lab.read_labels(paths.labels, settings.spec, paths.quarantine)
+    log, unreadable = lab.read_prediction_files(paths.predictions)
+    for item in quarantined:
+        console.print(f"[yellow]quarantined[/yellow] {item.source} -> {item.path}: {item.reason}")
+    for path, reason in unreadable:
+        console.print(f"[yellow]skipped unreadable prediction file[/yellow] {path}: {reason}")
+    now = datetime.now(UTC)
+    try:
+        live = lab.live_performance(log, known, settings.spec, threshold, now)
+        preds, labelled = lab.labelled_predictions(log, known, settings.spec, now)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {paths.predictions}: {exc}")
+        raise typer.Exit(2) from None
+    grid = Table("maturity", "predictions", "labelled", "coverage", "positives", "precision", "recall", "PR-AUC",
+                 title=f"Live performance at threshold {threshold:g} ({len(quarantined)} label file(s) quarantined)")
+    for row in live.rows():
+        grid.add_row(row["maturity"], *(f"{row[k]:,}" for k in ("predictions", "labelled")), lab.fmt(row["coverage"]),
+                     f"{row['positives']:,}", *(lab.fmt(row[k]) for k in ("precision", "recall", "pr_auc")))
+    console.print(grid)
+    console.print(lab.estimate_performance(preds["score"], threshold).summary())
+    estimate = lab.estimate_performance(labelled["score"], threshold)
+    console.print(f"on the {estimate.rows:,} labelled ones: " + "; ".join(
+        f"{r['metric']} estimated {lab.fmt(r['estimated'])}, measured {lab.fmt(r['measured'])}, "
+        f"error {lab.fmt(r['abs_error'])}" for r in lab.compare_estimate(estimate, live)))
+
+
 @app.command(name="deploy")
 def deploy_cmd(
     spec: SpecOption = None,
