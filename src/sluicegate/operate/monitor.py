@@ -16,8 +16,8 @@ Like is compared with like: the reference profile holds both representations of 
 training window (raw columns and model inputs), and a raw column is compared only on the rows that
 carry raw columns (v2 requests carry tensors alone).
 
-Late labels: parquet files under SLUICEGATE_HOME/labels holding the spec's id
-and label columns (and optionally `labelled_at`), joined to the log by id.
+Late labels (`sluicegate labels`, see `operate.labels`) are joined to the log by id for live
+precision, recall and PR-AUC; before they arrive, CBPE estimates precision and recall from the scores.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import pandas as pd
 
 from sluicegate.config import file_lock
 from sluicegate.features.inputs import logged_inputs
+from sluicegate.operate.labels import LivePerformance, PerformanceEstimate
 from sluicegate.policy import DriftThresholds
 from sluicegate.runtime import ModelInput
 from sluicegate.spec import DatasetSpec
@@ -213,14 +214,6 @@ class ColumnDrift:
 
 
 @dataclass
-class LiveMetrics:
-    labelled: int
-    positives: int
-    precision: float | None
-    recall: float | None
-
-
-@dataclass
 class DriftReport:
     rows: int
     since: str | None
@@ -231,8 +224,10 @@ class DriftReport:
     score: ColumnDrift | None
     quality_passed: bool | None = None
     quality_failures: list[str] = field(default_factory=list)
-    live: LiveMetrics | None = None
-    quarantined: list[str] = field(default_factory=list)  # log files that could not be read, moved aside
+    live: LivePerformance | None = None  # measured on the late labels that have arrived
+    estimate: PerformanceEstimate | None = None  # CBPE: expected from the scores alone
+    estimated_drop: str | None = None  # the estimate fell too far below the champion's test figures
+    quarantined: list[str] = field(default_factory=list)  # log or label files that could not be read
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -262,9 +257,11 @@ class DriftReport:
         if self.live is None or self.live.labelled == 0:
             lines.append("Live precision/recall: no late labels yet.")
         else:
-            lines.append(f"Live precision/recall on {self.live.labelled:,} labelled rows "
-                         f"({self.live.positives} frauds): precision {_fmt(self.live.precision)}, "
-                         f"recall {_fmt(self.live.recall)}.")
+            lines.append(self.live.summary() + ".")
+        if self.estimate is not None:
+            lines += ["", f"Estimated before labels ({self.estimate.summary()})."]
+        if self.estimated_drop:
+            lines += ["", f"**{self.estimated_drop}**"]
         return "\n".join(lines) + "\n"
 
 
@@ -312,22 +309,6 @@ def drift_report(log: pd.DataFrame, profile: ReferenceProfile, thresholds: Drift
                        until=None if stamps is None else str(stamps.max()),
                        model_versions=versions, reference_version=profile.model_version, columns=columns,
                        score=score)
-
-
-def live_metrics(log: pd.DataFrame, labels: pd.DataFrame, spec: DatasetSpec, threshold: float) -> LiveMetrics:
-    """Precision and recall at the serving threshold on the rows whose label has arrived."""
-    if labels.empty or spec.id not in log.columns or SCORE not in log.columns:
-        return LiveMetrics(0, 0, None, None)
-    joined = log[[spec.id, SCORE]].merge(labels[[spec.id, spec.label]].drop_duplicates(spec.id, keep="last"),
-                                         on=spec.id, how="inner")
-    if joined.empty:
-        return LiveMetrics(0, 0, None, None)
-    y = spec.positive(joined[spec.label]).to_numpy(dtype=int)
-    flagged = joined[SCORE].to_numpy(dtype=float) >= threshold
-    tp = int((flagged & (y == 1)).sum())
-    precision = tp / int(flagged.sum()) if flagged.any() else None
-    recall = tp / int(y.sum()) if y.any() else None
-    return LiveMetrics(len(joined), int(y.sum()), precision, recall)
 
 
 # --- reading the logs ------------------------------------------------------------------------------
@@ -407,33 +388,6 @@ def _quarantine(path: Path, folder: Path, quarantine: Path | None, exc: Exceptio
     return target
 
 
-def read_labels(folder: Path, spec: DatasetSpec) -> pd.DataFrame:
-    """Every late label that has arrived: the spec's id and label columns."""
-    frames = []
-    for path in sorted(folder.rglob("*.parquet")) if folder.exists() else []:
-        try:
-            frame = pd.read_parquet(path)
-        except Exception:
-            continue
-        if {spec.id, spec.label} <= set(frame.columns):
-            frames.append(frame[[spec.id, spec.label]])
-    if not frames:
-        return pd.DataFrame(columns=[spec.id, spec.label])
-    return pd.concat(frames, ignore_index=True)
-
-
-def write_labels(batch: pd.DataFrame, spec: DatasetSpec, folder: Path, name: str,
-                 delay: timedelta = timedelta(days=1)) -> Path:
-    """The late-label feed for a batch: id, label and when the label became known."""
-    folder.mkdir(parents=True, exist_ok=True)
-    labels = batch[[spec.id, spec.label]].copy()
-    labelled = pd.to_datetime(batch[spec.timestamp], utc=True) if spec.timestamp else pd.Timestamp.now(tz="UTC")
-    labels["labelled_at"] = labelled + delay
-    path = folder / f"{name}.parquet"
-    labels.to_parquet(path, index=False)
-    return path
-
-
 def quality_frame(log: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
     """The log's raw columns in spec order, for the GX suite; a missing label is filled in as 0
     so the frame has the suite's columns (label checks are then ignored, see quality_failures)."""
@@ -511,6 +465,8 @@ def retrain_reasons(report: DriftReport, thresholds: DriftThresholds) -> list[st
     live = report.live
     if live is not None and live.recall is not None and live.recall < thresholds.min_recall:
         reasons.append(f"live recall {live.recall:.3f} < {thresholds.min_recall} on {live.labelled:,} labels")
+    if report.estimated_drop:
+        reasons.append(report.estimated_drop)
     return reasons
 
 

@@ -24,7 +24,7 @@ from sluicegate.data import batches as data
 from sluicegate.data import validate as validation
 from sluicegate.features import store as features
 from sluicegate.features.inputs import build_model_input, python_features
-from sluicegate.operate import ingest
+from sluicegate.operate import ingest, labels
 from sluicegate.operate import monitor as mon
 from sluicegate.policy import DriftThresholds
 from sluicegate.serve.predlog import compact_hours
@@ -75,13 +75,19 @@ def data_quality(log: pd.DataFrame, spec: DatasetSpec, context_root: Path) -> tu
 
 
 def check_traffic(settings: Settings, spec: DatasetSpec, thresholds: DriftThresholds, log: pd.DataFrame,
-                  profile: mon.ReferenceProfile, champion: ModelVersion, since: pd.Timestamp | None,
-                  context_root: Path) -> mon.DriftReport:
-    """Drift against the champion's reference, data quality and live metrics on late labels."""
+                  profile: mon.ReferenceProfile, client: MlflowClient, champion: ModelVersion,
+                  since: pd.Timestamp | None, context_root: Path) -> mon.DriftReport:
+    """Drift against the champion's reference, data quality, live metrics on late labels and the CBPE
+    estimate against the champion's test-set precision and recall."""
     report = mon.drift_report(log, profile, thresholds, since)
     report.quality_passed, report.quality_failures = data_quality(log, spec, context_root)
     threshold = float(champion.tags.get("threshold", 0.5))
-    report.live = mon.live_metrics(log, mon.read_labels(settings.paths.labels, spec), spec, threshold)
+    known, unread = labels.read_labels(settings.paths.labels, spec, settings.paths.quarantine)
+    report.quarantined += [str(q.path) for q in unread]
+    report.live = labels.live_performance(log, known, spec, threshold, datetime.now(UTC))
+    report.estimate = labels.estimate_performance(log[mon.SCORE], threshold)
+    tested = registry.run_key_metrics(client, champion.run_id) if champion.run_id else {}
+    report.estimated_drop = labels.estimated_drop(report.estimate, tested, thresholds.max_estimated_drop)
     return report
 
 
@@ -144,8 +150,8 @@ def monitor_stage(settings: Settings, spec: DatasetSpec, thresholds: DriftThresh
             return MonitorOutcome("no_champion", f"{len(log):,} predictions but no champion to compare them with",
                                   len(log))
         profile = reference_profile(settings, spec, client, champion)
-        report = check_traffic(settings, spec, thresholds, log, profile, champion, since, context_root)
-        report.quarantined = read.quarantined
+        report = check_traffic(settings, spec, thresholds, log, profile, client, champion, since, context_root)
+        report.quarantined = read.quarantined + report.quarantined
         decision, run_id = _decide_and_trigger(report, thresholds, state, trigger)
     return MonitorOutcome("triggered" if decision.fire else "checked", decision.summary(), report.rows,
                           report, decision, run_id)
@@ -200,6 +206,9 @@ def record_report(settings: Settings, report: mon.DriftReport, decision: mon.Tri
         mlflow.log_metrics({f"psi_{c['column']}": c["psi"] for c in report.table()} | {"rows": report.rows})
         if report.live is not None and report.live.recall is not None:
             mlflow.log_metrics({"live_recall": report.live.recall, "live_precision": report.live.precision or 0.0})
+        estimate = report.estimate
+        if estimate is not None and estimate.recall is not None:
+            mlflow.log_metrics({"estimated_recall": estimate.recall, "estimated_precision": estimate.precision or 0.0})
         mlflow.log_dict(report.to_dict(), "drift_report.json")
         mlflow.log_text(report.to_markdown(decision), "drift_report.md")
         mlflow.log_artifact(str(plot))

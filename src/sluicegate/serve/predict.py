@@ -155,12 +155,20 @@ class FeatureLookup:
     (`to_df()` on one row costs about 20x more here).
     """
 
+    # Entities whose last served event is remembered, per entity; past it the memory starts afresh.
+    MAX_REMEMBERED = 1_000_000
+
     def __init__(self, store: feast.FeatureStore, spec: DatasetSpec):
         self.store = store
         self.spec = spec
         self.refs = catalog.online_refs(spec)
         self.keys = [store.get_entity(e).join_key for e in catalog.served_entities(spec)]
         self.names = catalog.online_features(spec)
+        # Time since previous counts from the entity's last known event: the online row knows events
+        # up to its batch's end, this server the requests it has answered since (key -> epoch seconds).
+        self.since_previous = [(spec.entities[a.entity].key, catalog.stored_name(a)) for a in spec.features.aggregates
+                               if a.agg == "time_since_previous"]
+        self.served: dict[str, dict] = {key: {} for key, _ in self.since_previous}
 
     def fetch(self, requests: list[PredictRequest]) -> dict[str, np.ndarray]:
         rows = {key: [r.fields[key] for r in requests] for key in self.keys}
@@ -171,10 +179,27 @@ class FeatureLookup:
         # Feast answers None for an entity it has never seen: the feature is missing, as in training.
         out = {name: np.array([np.nan if v is None else v for v in found[name]], dtype=np.float64)
                for name in self.names}
-        if self.spec.timestamp:  # time since the entity's last event, at the request's time
+        if self.since_previous:  # time since the entity's last event, at the request's time
             when = np.array([r.fields[self.spec.timestamp].timestamp() for r in requests], dtype=np.float64)
+            self._remember(requests, when, out)
             catalog.derive_since_previous(out, when, self.spec)
         return out
+
+    def _remember(self, requests: list[PredictRequest], when: np.ndarray, out: dict[str, np.ndarray]) -> None:
+        """Move each stored last-event time up to the latest earlier request of the same entity, then
+        remember this batch's requests."""
+        for key, stored in self.since_previous:
+            served = self.served[key]
+            last = out[stored]
+            for i, request in enumerate(requests):
+                seen = served.get(request.fields[key])
+                if seen is not None and seen < when[i] and not seen <= last[i]:  # NaN last: never seen online
+                    last[i] = seen
+            if len(served) > self.MAX_REMEMBERED:
+                served.clear()
+            for i, request in enumerate(requests):
+                value = request.fields[key]
+                served[value] = max(served.get(value, when[i]), when[i])
 
 
 def model_input(requests: list[PredictRequest], found: dict[str, np.ndarray], spec: DatasetSpec) -> ModelInput:

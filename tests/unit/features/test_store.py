@@ -272,10 +272,14 @@ def test_a_second_batch_sees_the_first_batchs_history_and_the_online_row_its_las
     from sluicegate.serve.predict import FeatureLookup, PredictRequest
 
     asked = datetime(2026, 1, 11, 1, 0, tzinfo=UTC)
-    online = FeatureLookup(store, spec).fetch([PredictRequest({"policy": "P-planted", "filed_at": asked})])
+    lookup = FeatureLookup(store, spec)
+    online = lookup.fetch([PredictRequest({"policy": "P-planted", "filed_at": asked})])
     assert online["policy_count_12h"][0] == 3
     assert online["policy_time_since_previous"][0] == 2 * 3600  # 23:00 -> 01:00
     assert online["policy_sum_amount_5d"][0] == 600.0
+    # The server remembers the events it served: the next request counts from the last one.
+    later = lookup.fetch([PredictRequest({"policy": "P-planted", "filed_at": datetime(2026, 1, 11, 1, 30, tzinfo=UTC)})])
+    assert later["policy_time_since_previous"][0] == 30 * 60
 
     late = pd.DataFrame({"claim_id": ["p4"], "policy": "P-planted", "amount": [50.0], "fraudulent": "No",
                          "filed_at": pd.to_datetime(["2026-01-11 01:00"], utc=True)})

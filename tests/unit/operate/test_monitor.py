@@ -90,14 +90,6 @@ def test_drift_report_flags_the_shifted_column_and_nothing_else(spec):
     assert "| amount | numeric |" in report.to_markdown()
 
 
-def test_live_metrics_at_the_threshold(spec):
-    log = pd.DataFrame({"transaction_id": ["a", "b", "c", "d", "e"], "score": [0.9, 0.8, 0.1, 0.2, 0.7]})
-    labels = pd.DataFrame({"transaction_id": ["a", "b", "c", "d"], "is_fraud": [1, 0, 1, 0]})
-    live = m.live_metrics(log, labels, spec, threshold=0.5)
-    assert (live.labelled, live.positives, live.precision, live.recall) == (4, 2, 0.5, 0.5)
-    assert m.live_metrics(log, labels.iloc[:0], spec, 0.5).recall is None
-
-
 def test_prediction_log_reader_reads_only_new_rows_and_quarantines_broken_files(tmp_path):
     folder, quarantine = tmp_path / "predictions", tmp_path / "quarantine"
     (folder / "v2" / "date=2026-11-20" / "hour=11").mkdir(parents=True)
