@@ -318,6 +318,7 @@ def labels_cmd(
                                               "the prediction log, beside the CBPE estimate")] = False,
     threshold: Annotated[float | None, typer.Option(help="With --report: the decision threshold; default: "
                                                          "the champion's (0.5 without one)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="With --report: end with one JSON object")] = False,
 ) -> None:
     """Import late labels into SLUICEGATE_HOME/tables/<spec>/labels/ (the file itself is only read)."""
     from datetime import UTC, datetime
@@ -325,6 +326,7 @@ def labels_cmd(
     from rich.table import Table
 
     from sluicegate.operate import labels as lab
+    from sluicegate.operate.monitor import read_prediction_log
 
     settings = _settings(spec)
     paths = _home(settings)
@@ -345,11 +347,12 @@ def labels_cmd(
                                                  registry.CHAMPION)
         threshold = float(champion.tags.get("threshold", 0.5)) if champion is not None else 0.5
     known, quarantined = lab.read_labels(paths.labels, settings.spec, paths.quarantine)
-    log, unreadable = lab.read_prediction_files(paths.predictions)
+    read = read_prediction_log(paths.predictions, None, paths.quarantine / "predictions")
+    log = read.frame
     for item in quarantined:
         console.print(f"[yellow]quarantined[/yellow] {item.source} -> {item.path}: {item.reason}")
-    for path, reason in unreadable:
-        console.print(f"[yellow]skipped unreadable prediction file[/yellow] {path}: {reason}")
+    for path in read.quarantined:
+        console.print(f"[yellow]quarantined unreadable prediction file[/yellow] {path}")
     now = datetime.now(UTC)
     try:
         live = lab.live_performance(log, known, settings.spec, threshold, now)
@@ -365,9 +368,13 @@ def labels_cmd(
     console.print(grid)
     console.print(lab.estimate_performance(preds["score"], threshold).summary())
     estimate = lab.estimate_performance(labelled["score"], threshold)
+    comparison = lab.compare_estimate(estimate, live)
     console.print(f"on the {estimate.rows:,} labelled ones: " + "; ".join(
         f"{r['metric']} estimated {lab.fmt(r['estimated'])}, measured {lab.fmt(r['measured'])}, "
-        f"error {lab.fmt(r['abs_error'])}" for r in lab.compare_estimate(estimate, live)))
+        f"error {lab.fmt(r['abs_error'])}" for r in comparison))
+    if as_json:
+        print(json.dumps({"live": live.to_dict(), "estimate": estimate.to_dict(), "comparison": comparison,
+                          "quarantined": [str(q.path) for q in quarantined] + read.quarantined}, default=str))
 
 
 @app.command(name="deploy")

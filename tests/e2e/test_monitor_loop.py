@@ -185,6 +185,19 @@ def test_held_out_traffic_through_both_endpoints_shows_no_drift(env, settings, c
     assert calm["status"] == "checked" and calm["drifting"] == [], calm
     assert calm["reason"].startswith("no retrain"), calm
 
+    # Labels arrive later: live precision and recall, and the estimate made before is close to them.
+    spec = load_spec()
+    labels = Path(env["WORK"]) / "labels.csv"
+    traffic[[spec.id, spec.label]].to_csv(labels, index=False)
+    report = json.loads(_cli("labels", str(labels), "--report", "--json", env=env).stdout.strip().splitlines()[-1])
+    live = report["live"]
+    assert live["labelled"] == len(traffic) and live["positives"] > 20
+    assert live["precision"] is not None and live["recall"] is not None
+    assert calm["estimate"]["rows"] == calm["rows"]  # the monitor estimated before any label arrived
+    # CBPE from the same predictions' scores (what the monitor estimates before labels), against the labels.
+    errors = {row["metric"]: row["abs_error"] for row in report["comparison"]}
+    assert errors["precision"] <= CBPE_TOLERANCE and errors["recall"] <= CBPE_TOLERANCE, report["comparison"]
+
 
 @pytest.mark.parametrize(("drift", "columns"), [("amount", {"amount", "input.amount"}),
                                                 ("category", {"merchant_category", "input.merchant_category"})])

@@ -241,19 +241,6 @@ def read_labels(labels_dir: Path, spec: DatasetSpec,
     return pd.concat(frames, ignore_index=True), quarantined
 
 
-def read_prediction_files(folder: Path) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
-    """Every `**/*.parquet` under the prediction log's folder, as written (no renaming); the files that
-    could not be read come back with their reason, for the caller to say so."""
-    frames, unreadable = [], []
-    for path in sorted(Path(folder).rglob("*.parquet")) if Path(folder).exists() else []:
-        try:
-            frames.append(pd.read_parquet(path))
-        except Exception as exc:
-            unreadable.append((path, f"{type(exc).__name__}: {exc}"))
-    frames = [f for f in frames if len(f)]
-    return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), unreadable
-
-
 # --- measured performance --------------------------------------------------------------------------
 
 

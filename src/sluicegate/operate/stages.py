@@ -125,8 +125,11 @@ class MonitorOutcome:
         out = {"status": self.status, "reason": self.reason, "rows": self.rows,
                "quarantined": self.quarantined or (self.report.quarantined if self.report else [])}
         if self.report is not None:
+            estimate = self.report.estimate
             out |= {"flow_run_id": self.flow_run_id, "quality_passed": self.report.quality_passed,
-                    "drifting": [c.name for c in self.report.columns if c.status == "drift"]}
+                    "drifting": [c.name for c in self.report.columns if c.status == "drift"],
+                    "estimate": None if estimate is None else {"precision": estimate.precision,
+                                                               "recall": estimate.recall, "rows": estimate.rows}}
         return out
 
 

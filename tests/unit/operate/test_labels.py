@@ -3,6 +3,8 @@ label maturity, and the CBPE estimate against measured precision and recall."""
 
 from __future__ import annotations
 
+import json
+
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -240,8 +242,11 @@ def test_cli_report_prints_live_figures_per_maturity_and_the_estimate(tmp_path, 
                   "ts": [now - timedelta(days=d) for d in (0.2, 3, 10, 40)]}).to_parquet(log_dir / "p-1.parquet")
     (log_dir / "p-2.parquet").write_bytes(b"not parquet")
     source = _csv(tmp_path, pd.DataFrame({spec.id: ["a", "b", "c", "d"], spec.label: [1, 0, 1, 0]}))
-    result = CliRunner().invoke(app, ["labels", str(source), "--report", "--threshold", "0.5"])
+    result = CliRunner().invoke(app, ["labels", str(source), "--report", "--threshold", "0.5", "--json"])
     assert result.exit_code == 0, result.output
     for text in ("Live performance at threshold 0.5", "30d", "CBPE on 4 predictions",
-                 "on the 4 labelled ones", "skipped unreadable prediction file"):
+                 "on the 4 labelled ones", "quarantined unreadable prediction file"):
         assert text in result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert report["live"]["labelled"] == 4 and report["estimate"]["rows"] == 4
+    assert report["quarantined"] == [str(paths.quarantine / "predictions" / "v2" / "p-2.parquet")]
