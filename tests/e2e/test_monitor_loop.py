@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -29,6 +25,7 @@ from sluicegate.config import HomePaths, Settings
 from sluicegate.data.batches import write_batch
 from sluicegate.data.synthetic import GenerateConfig, generate_transactions
 from sluicegate.spec import load_spec
+from tests.replay import model_server, predict_rows
 
 pytestmark = pytest.mark.e2e
 
@@ -36,12 +33,6 @@ REPO = Path(__file__).resolve().parents[2]
 ROWS, DAYS, SEED = 40_000, 6, 21
 # CBPE on a calibrated model: estimated precision and recall within this of the measured ones.
 CBPE_TOLERANCE = 0.15
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cli(*args: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
@@ -92,42 +83,6 @@ def champion(env, settings) -> dict:
     return dict(registry.version_by_alias(client, name, registry.CHAMPION).tags)
 
 
-@contextmanager
-def _server(env: dict):
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "sluicegate", "serve", "--port", str(port)], env=env,
-                              cwd=env["WORK"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("the model server did not become ready")
-        yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-    time.sleep(0.5)
-
-
-def _predict(url: str, rows: pd.DataFrame) -> None:
-    """Each row through /predict, as a caller sends it: the spec's request columns and the row id."""
-    spec = load_spec()
-    fields = [spec.id, *spec.request_columns]
-    with httpx.Client(base_url=url, timeout=10) as client:
-        for record in rows[fields].to_dict("records"):
-            body = {k: (v.isoformat() if isinstance(v, pd.Timestamp) else v.item() if hasattr(v, "item") else v)
-                    for k, v in record.items()}
-            answer = client.post("/predict", json=body)
-            assert answer.status_code == 200, answer.text
-
-
 def _infer(url: str, settings: Settings, rows: pd.DataFrame, chunk: int = 100) -> None:
     """The rows' point-in-time features from the offline store, as v2 tensors (how a v2 caller
     scores: it builds the model's inputs with the same builder)."""
@@ -176,10 +131,10 @@ def _after_training(cfg: GenerateConfig) -> pd.DataFrame:
 
 def test_held_out_traffic_through_both_endpoints_shows_no_drift(env, settings, champion):
     held_out = _held_out(settings, champion)
-    with _server(env) as url:
+    with model_server(env) as url:
         _infer(url, settings, held_out)
         traffic = _after_training(_batch("2026-10-13"))
-        _predict(url, traffic)
+        predict_rows(url, traffic)
     calm = _monitor(env)
     assert calm["rows"] == len(held_out) + len(traffic)
     assert calm["status"] == "checked" and calm["drifting"] == [], calm
@@ -202,8 +157,8 @@ def test_held_out_traffic_through_both_endpoints_shows_no_drift(env, settings, c
 @pytest.mark.parametrize(("drift", "columns"), [("amount", {"amount", "input.amount"}),
                                                 ("category", {"merchant_category", "input.merchant_category"})])
 def test_drifted_traffic_warrants_a_retrain_naming_the_drifting_columns(env, settings, champion, drift, columns):
-    with _server(env) as url:
-        _predict(url, _after_training(_batch("2026-10-13", drift=drift)))
+    with model_server(env) as url:
+        predict_rows(url, _after_training(_batch("2026-10-13", drift=drift)))
     flagged = _monitor(env)
     assert columns <= set(flagged["drifting"]), flagged
     assert "retrain warranted" in flagged["reason"] and f"{sorted(columns)[0]} PSI" in flagged["reason"], flagged
