@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sluicegate.config import HomePaths
 from sluicegate.data.batches import write_batch
@@ -61,7 +62,15 @@ def stack(tmp_path_factory):
     home = tmp_path_factory.mktemp("ui") / "home"
     ports = {"SLUICEGATE_PREFECT_PORT": _free_port(), "SLUICEGATE_MLFLOW_PORT": _free_port(),
              "SLUICEGATE_SERVE_PORT": _free_port()}
-    env = {**os.environ, "SLUICEGATE_HOME": str(home), **{k: str(v) for k, v in ports.items()}}
+    # A run a gate blocks ends Failed, and a two-epoch model on 8,000 rows is blocked by the repository's
+    # policy: a lenient one (through make up's worker) lets this UI run complete; model quality is not the point.
+    policy = yaml.safe_load((REPO / "gates.yaml").read_text())
+    policy.update(min_pr_auc=0.0, max_ece=1.0, max_robustness_drop=1.0, max_behaviour_violation_rate=1.0,
+                  latency_slo_p99_ms=1000.0)
+    gates = home.parent / "gates.yaml"
+    gates.write_text(yaml.safe_dump(policy))
+    env = {**os.environ, "SLUICEGATE_HOME": str(home), "SLUICEGATE_GATES_PATH": str(gates),
+           **{k: str(v) for k, v in ports.items()}}
     for key in ("PREFECT_API_URL", "PREFECT_UI_API_URL", "SLUICEGATE_MLFLOW_TRACKING_URI"):
         env.pop(key, None)
     spec = load_spec()

@@ -1,4 +1,8 @@
-"""deploy and rollback: move `champion`, only through the gates or on an operator's word."""
+"""deploy and rollback: move `champion`, only through the gates or on an operator's word.
+
+Both hold the `promote-<model>` slot (`flows.limits`), as the training pipeline's gate does, so two
+promotions of one model never overlap on any machine. A deploy a gate blocked ends Failed, saying why.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from sluicegate.config import Settings, ensure_home
+from sluicegate.flows.limits import PROMOTE, one_at_a_time
+from sluicegate.flows.outcome import finish, gated_flow
 from sluicegate.policy import load_policy
 from sluicegate.ship import promote
 from sluicegate.spec import load_spec
@@ -20,20 +26,22 @@ def publish_model_repository() -> str:
     return str(path)
 
 
-@flow(name="deploy", log_prints=True)
+@gated_flow(name="deploy", log_prints=True)
 def deploy_flow(actor: str = "deploy") -> dict:
-    """Gate the newest challenger against the champion; promote it if every gate passes."""
+    """Gate the newest challenger against the champion; promote it if every gate passes (Failed when a
+    gate blocked it; an in-process caller still gets the result, exit code included)."""
     settings = Settings()
     policy = load_policy(settings.gates_path)  # a broken policy fails before any work
     ensure_home(settings.paths)
-    outcome = promote.deploy_newest(settings, policy, load_spec(settings.spec_path), actor)
-    if outcome.report:
-        create_markdown_artifact(key="gate-decision", markdown=outcome.report,
-                                 description=f"{settings.model_name} v{outcome.version}: {outcome.status}")
-    get_run_logger().info(outcome.summary())
-    if outcome.status == "promoted":
-        publish_model_repository()
-    return outcome.to_dict() | {"report": outcome.report}
+    with one_at_a_time(PROMOTE, settings):
+        outcome = promote.deploy_newest(settings, policy, load_spec(settings.spec_path), actor)
+        if outcome.report:
+            create_markdown_artifact(key="gate-decision", markdown=outcome.report,
+                                     description=f"{settings.model_name} v{outcome.version}: {outcome.status}")
+        get_run_logger().info(outcome.summary())
+        if outcome.status == "promoted":
+            publish_model_repository()
+    return finish(outcome.to_dict() | {"report": outcome.report})
 
 
 @flow(name="rollback", log_prints=True)
@@ -42,7 +50,8 @@ def rollback_flow(to_version: str | None = None, actor: str = "rollback",
     """Restore the previous champion, or a named version, and record who and why."""
     settings = Settings()
     ensure_home(settings.paths)
-    result = promote.rollback(settings, to_version, actor, reason)
-    get_run_logger().info(f"rollback: {result['model']} champion v{result['from']} -> v{result['to']}")
-    publish_model_repository()
+    with one_at_a_time(PROMOTE, settings):
+        result = promote.rollback(settings, to_version, actor, reason)
+        get_run_logger().info(f"rollback: {result['model']} champion v{result['from']} -> v{result['to']}")
+        publish_model_repository()
     return result

@@ -9,6 +9,11 @@
 7. gate      (ship.stages)      every gate of gates.yaml; champion moves only if all pass
 
 Each task is one stage call inside its MLflow stage run, with its retries and its Prefect artifacts.
+Training holds the `train-<model>` slot and gating the `promote-<model>` slot (`flows.limits`), so two
+trainings or two promotions of one model never overlap, whichever machine runs them. A run a gate
+blocked ends Failed, saying why (`flows.outcome`); a retrain's outcome (nightly or started by the
+monitor) goes into the retrain ledger (`operate.retrains`), which stops the monitor's triggers after
+too many blocked in a row.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 import mlflow
-from prefect import flow, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
@@ -28,13 +33,20 @@ from sluicegate.config import Settings, ensure_home
 from sluicegate.data import stages as data
 from sluicegate.features import stages as features
 from sluicegate.flows.deploy import publish_model_repository
+from sluicegate.flows.limits import PROMOTE, TRAIN, one_at_a_time
+from sluicegate.flows.monitor import RETRAIN_TAG
+from sluicegate.flows.outcome import finish, gated_flow
 from sluicegate.hardware import hardware
+from sluicegate.operate import retrains
 from sluicegate.policy import GatePolicy, load_policy
 from sluicegate.ship import promote, registry
 from sluicegate.ship import stages as ship
 from sluicegate.spec import DatasetSpec, load_spec
 from sluicegate.train import stages as training
 from sluicegate.train.config import TrainConfig
+
+SCHEDULED_ACTOR = "scheduled-retrain"  # the actor scheduled-retrain runs this flow as
+TRIGGERED_ACTOR = "monitor:"  # the prefix of the actor of a run the monitor started
 
 
 class PipelineParams(TrainConfig):
@@ -74,9 +86,19 @@ def build_features(settings: Settings, spec: DatasetSpec, frame, parent: str):
 
 
 @task(name="train", retries=1, retry_delay_seconds=[5], cache_policy=NO_CACHE)
-def train(prepared, spec: DatasetSpec, cfg: TrainConfig, checkpoint_dir: Path, data_hash: str, parent: str):
-    """Train (resuming from `checkpoint_dir/last.pt` if a previous attempt was killed); record the hardware."""
+def train(settings: Settings, prepared, spec: DatasetSpec, cfg: TrainConfig, checkpoint_dir: Path, data_hash: str,
+          parent: str):
+    """Train (resuming from `checkpoint_dir/last.pt` if a previous attempt was killed); record the hardware.
+    One training of this model at a time: the `train-<model>` slot is held throughout."""
     logger = get_run_logger()
+    with one_at_a_time(TRAIN, settings):
+        outcome = _train(prepared, spec, cfg, checkpoint_dir, data_hash, parent, logger)
+    logger.info(outcome.summary())
+    return outcome
+
+
+def _train(prepared, spec: DatasetSpec, cfg: TrainConfig, checkpoint_dir: Path, data_hash: str, parent: str,
+           logger):
     mlflow.enable_system_metrics_logging()  # CPU, memory and (with nvidia-ml-py) GPU use, for this stage run only
     mlflow.set_system_metrics_sampling_interval(2)
     try:
@@ -92,7 +114,6 @@ def train(prepared, spec: DatasetSpec, cfg: TrainConfig, checkpoint_dir: Path, d
     finally:
         mlflow.disable_system_metrics_logging()
         mlflow.set_system_metrics_sampling_interval(None)
-    logger.info(outcome.summary())
     return outcome
 
 
@@ -142,20 +163,23 @@ def register(settings: Settings, parent: str, evaluated, evidence_dir: Path, tag
 
 @task(name="gate", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
 def gate(settings: Settings, policy: GatePolicy, spec: DatasetSpec, version, actor: str, work_dir: Path):
-    """Every gate of gates.yaml against the current champion; promote only if all pass."""
+    """Every gate of gates.yaml against the current champion; promote only if all pass. One promotion
+    of this model at a time: the `promote-<model>` slot is held from the gates to the published repository."""
     client = registry.configure(settings)
-    outcome = promote.gate_stage(settings, policy, spec, client, version, actor, work_dir)
-    create_markdown_artifact(key="gate-decision", markdown=outcome.report,
-                             description=f"{settings.model_name} v{outcome.version}: {outcome.status}")
-    get_run_logger().info(outcome.summary())
-    if outcome.status == "promoted":
-        publish_model_repository()
+    with one_at_a_time(PROMOTE, settings):
+        outcome = promote.gate_stage(settings, policy, spec, client, version, actor, work_dir)
+        create_markdown_artifact(key="gate-decision", markdown=outcome.report,
+                                 description=f"{settings.model_name} v{outcome.version}: {outcome.status}")
+        get_run_logger().info(outcome.summary())
+        if outcome.status == "promoted":
+            publish_model_repository()
     return outcome
 
 
-@flow(name="training-pipeline", log_prints=True)
+@gated_flow(name="training-pipeline", log_prints=True)
 def training_pipeline(params: PipelineParams | None = None) -> dict:
-    """Run one raw batch through every gate; returns what happened and why."""
+    """Run one raw batch through every gate; returns what happened and why (a run a gate blocked ends
+    Failed with the reasons, and still returns them to an in-process caller)."""
     params = params or PipelineParams()
     settings = Settings()
     policy = load_policy(settings.gates_path)  # a broken policy fails before any work
@@ -172,12 +196,37 @@ def training_pipeline(params: PipelineParams | None = None) -> dict:
     try:
         result = _run_stages(settings, spec, policy, params, batch_dir, work_dir, parent, client)
         status = "FINISHED"
-        return result
     finally:
         try:
             client.set_terminated(parent, status)
         except Exception as exc:  # MLflow down: keep the stage's own error, not this one
             get_run_logger().warning(f"could not close MLflow run {parent}: {exc}")
+    _record_retrain(settings, params, result, str(run_id))
+    return finish(result)
+
+
+def _retrain_kind(actor: str) -> str | None:
+    """`scheduled` for scheduled-retrain's run, `triggered` for a run the monitor started, else None."""
+    if actor == SCHEDULED_ACTOR:
+        return "scheduled"
+    if actor.startswith(TRIGGERED_ACTOR) or RETRAIN_TAG in (flow_run.tags or ()):
+        return "triggered"
+    return None
+
+
+def _record_retrain(settings: Settings, params: PipelineParams, result: dict, run_id: str) -> None:
+    """A retrain's outcome into the retrain ledger; a ledger that cannot be written is a warning, not
+    this run's failure (the run's own outcome stands)."""
+    kind = _retrain_kind(params.actor)
+    if kind is None:
+        return
+    try:
+        streak = retrains.record_retrain(settings, result, kind, run_id)
+    except (OSError, ValueError) as exc:
+        get_run_logger().warning(f"retrain outcome not recorded in the retrain ledger: {exc}")
+        return
+    if streak is not None:
+        get_run_logger().info(f"{kind} retrain: {streak.summary()}")
 
 
 class _Stopwatch:
@@ -212,7 +261,7 @@ def _run_stages(settings, spec, policy, params: PipelineParams, batch_dir, work_
     # Transform
     prepared = training.prepare(feats.frame, spec)
     checkpoints = training.checkpoint_dir(settings, feats.data_hash, cfg)
-    trained = train(prepared, spec, cfg, checkpoints, feats.data_hash, parent)
+    trained = train(settings, prepared, spec, cfg, checkpoints, feats.data_hash, parent)
     clock.lap("train")
     exported = export_model(trained.model, prepared, work_dir, policy, parent)
     clock.lap("export")

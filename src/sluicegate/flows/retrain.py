@@ -1,14 +1,17 @@
 """scheduled-retrain: ingest the newest days into a window batch, then run
-training-pipeline on it as a subflow (every gate applies as usual)."""
+training-pipeline on it as a subflow (every gate applies as usual). A window a gate
+blocked ends this run Failed too, with the reasons; the subflow records the outcome in
+the retrain ledger."""
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
 from sluicegate.config import Settings, ensure_home
-from sluicegate.flows.pipeline import PipelineParams, training_pipeline
+from sluicegate.flows.outcome import finish, gated_flow
+from sluicegate.flows.pipeline import SCHEDULED_ACTOR, PipelineParams, training_pipeline
 from sluicegate.operate import stages as operate
 from sluicegate.train.config import TrainConfig
 
@@ -26,13 +29,13 @@ def ingest_window(settings: Settings, days: int) -> dict:
     return window.to_dict()
 
 
-@flow(name="scheduled-retrain", log_prints=True)
+@gated_flow(name="scheduled-retrain", log_prints=True)
 def scheduled_retrain(params: RetrainParams | None = None) -> dict:
-    """Sliding-window retrain: newest days in, gated candidate out."""
+    """Sliding-window retrain: newest days in, gated candidate out (Failed when a gate blocked it)."""
     params = params or RetrainParams()
     settings = Settings()
     ensure_home(settings.paths)
     window = ingest_window(settings, params.window_days)
     training = params.model_dump(include=set(TrainConfig.model_fields))
-    result = training_pipeline(PipelineParams(**training, batch=window["batch_id"], actor="scheduled-retrain"))
-    return {**result, "window": window}
+    result = training_pipeline(PipelineParams(**training, batch=window["batch_id"], actor=SCHEDULED_ACTOR))
+    return finish({**result, "window": window})
