@@ -12,7 +12,6 @@ import os
 import socket
 import subprocess
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -151,25 +150,14 @@ def test_a_run_started_with_prefects_cli_is_completed_by_make_ups_worker(stack):
     assert version.tags["batch_id"] == cfg.batch_id
 
 
-def _prediction_log(spec, home: Path, champion_onnx: Path, version: str, drift: str, seed: int, name: str) -> None:
-    """What the model server logs: raw columns without the label, features, score, version, latency, time."""
-    from sluicegate.features import store as features
-    from sluicegate.features.inputs import python_features
-    from sluicegate.operate import monitor as mon
-    from sluicegate.operate.stages import score
+def _replay(spec, drift: str, day: str) -> None:
+    """A day of traffic through a real `sluicegate serve` (its own prediction log, nothing written by hand)."""
+    from tests.replay import model_server, predict_rows
 
-    batch = generate_transactions(GenerateConfig(rows=3_000, days=2, seed=seed, start="2026-10-20", drift=drift),
-                                  spec)
-    frame = mon.reference_frame(batch, features.compute_feature_tables(batch, spec), spec, None)
-    if spec.features.python:  # the spec's Python features, after the aggregates they read (as the server logs them)
-        frame = frame.assign(**python_features(frame, spec))
-    frame["score"] = score(champion_onnx, frame, spec)
-    frame["model_version"], frame["latency_ms"] = version, 1.5
-    frame["logged_at"] = pd.Timestamp(datetime.now(UTC))
-    folder = HomePaths(home, spec.name).predictions / "v2"
-    folder.mkdir(parents=True, exist_ok=True)
-    frame.drop(columns=[spec.label]).to_parquet(folder / f"{name}.parquet", index=False)
-    mon.write_labels(batch, spec, HomePaths(home, spec.name).labels, name)
+    batch = generate_transactions(GenerateConfig(rows=12_000, days=6, seed=21, start=day, drift=drift), spec)
+    when = pd.to_datetime(batch[spec.timestamp], utc=True)
+    with model_server(dict(os.environ)) as url:
+        predict_rows(url, batch[when < pd.Timestamp(day, tz="UTC") + pd.Timedelta(days=1)])
 
 
 def _triggered_runs(api: str) -> list[dict]:
@@ -200,9 +188,9 @@ def test_monitor_no_traffic_then_drift_starts_one_retrain(stack, spec, home):
             # The gates may block a model trained on so little data; the monitor only needs a champion.
             client.set_registered_model_alias(settings.model_name, registry.CHAMPION, result["version"])
         champion = registry.version_by_alias(client, settings.model_name, registry.CHAMPION)
-        onnx = registry.download_onnx(client, champion, home / "champion")
+        assert champion is not None
 
-        _prediction_log(spec, home, onnx, champion.version, drift="amount", seed=5, name="hour-1")
+        _replay(spec, drift="amount", day="2026-10-07")
         first = monitor(MonitorParams(window_days=4))
         assert first["status"] == "triggered", first
         assert "amount" in first["drifting"] and "amount PSI" in first["reason"]
@@ -212,12 +200,12 @@ def test_monitor_no_traffic_then_drift_starts_one_retrain(stack, spec, home):
         assert runs[0]["state_type"] == "SCHEDULED"  # the pool is paused: it waits for the worker
 
         # More drifted traffic an hour later: the signal holds, but the run is in flight.
-        _prediction_log(spec, home, onnx, champion.version, drift="amount", seed=6, name="hour-2")
+        _replay(spec, drift="amount", day="2026-10-08")
         second = monitor(MonitorParams(window_days=4))
         assert second["status"] == "checked" and "in flight" in second["reason"], second
         # The run ends; the signal holds still; the cooldown keeps it at one retrain.
         httpx.delete(f"{api}/flow_runs/{first['flow_run_id']}").raise_for_status()
-        _prediction_log(spec, home, onnx, champion.version, drift="amount", seed=7, name="hour-3")
+        _replay(spec, drift="amount", day="2026-10-09")
         third = monitor(MonitorParams(window_days=4))
         assert third["status"] == "checked" and "suppressed" in third["reason"], third
         assert len(_triggered_runs(api)) == 0

@@ -278,7 +278,8 @@ def test_a_second_batch_sees_the_first_batchs_history_and_the_online_row_its_las
     assert online["policy_time_since_previous"][0] == 2 * 3600  # 23:00 -> 01:00
     assert online["policy_sum_amount_5d"][0] == 600.0
     # The server remembers the events it served: the next request counts from the last one.
-    later = lookup.fetch([PredictRequest({"policy": "P-planted", "filed_at": datetime(2026, 1, 11, 1, 30, tzinfo=UTC)})])
+    half_past = datetime(2026, 1, 11, 1, 30, tzinfo=UTC)
+    later = lookup.fetch([PredictRequest({"policy": "P-planted", "filed_at": half_past})])
     assert later["policy_time_since_previous"][0] == 30 * 60
 
     late = pd.DataFrame({"claim_id": ["p4"], "policy": "P-planted", "amount": [50.0], "fraudulent": "No",

@@ -4,7 +4,6 @@ label maturity, and the CBPE estimate against measured precision and recall."""
 from __future__ import annotations
 
 import json
-
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
