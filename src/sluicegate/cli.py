@@ -230,6 +230,9 @@ def status(
         if show_history:
             info["history"] = registry.history(client, settings.model_name)
         info["models"] = _registered_models(client)
+    from sluicegate.operate import retrains
+
+    info["blocked_retrains"] = retrains.blocked_streak(retrains.ledger_path(settings)).count
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -375,6 +378,23 @@ def labels_cmd(
     if as_json:
         print(json.dumps({"live": live.to_dict(), "estimate": estimate.to_dict(), "comparison": comparison,
                           "quarantined": [str(q.path) for q in quarantined] + read.quarantined}, default=str))
+
+
+@app.command(name="retrain-reset")
+def retrain_reset(
+    spec: SpecOption = None,
+    actor: Annotated[str | None, typer.Option(help="Who resets (recorded); default: the user name")] = None,
+    reason: Annotated[str, typer.Option(help="Why (recorded)")] = "reset by an operator",
+) -> None:
+    """Let the monitor trigger retrains again after max_blocked_retrains of them in a row were blocked."""
+    import getpass
+
+    from sluicegate.operate import retrains
+
+    settings = _settings(spec)
+    _home(settings)
+    cleared = retrains.reset(retrains.ledger_path(settings), actor or getpass.getuser(), reason)
+    console.print(f"cleared a streak of {cleared.count} blocked retrain(s); the monitor may trigger again")
 
 
 @app.command(name="deploy")

@@ -5,8 +5,8 @@ An automatic retrain is a `scheduled-retrain` run or a `training-pipeline` run t
 Each one that reached a gate is recorded as `promoted` or `blocked` (by validation or by the model
 gates); a promotion ends the streak, and so does an operator's reset:
 
-    python -m sluicegate.operate.retrains reset [--actor NAME] [--reason TEXT] [--spec SPEC]
-    python -m sluicegate.operate.retrains status [--spec SPEC]
+    sluicegate retrain-reset [--actor NAME] [--reason TEXT] [--spec SPEC]
+    sluicegate status --json       # "blocked_retrains": the streak
 
 A JSON file, `SLUICEGATE_HOME/tables/<spec>/monitoring/retrains.json`; every change is made under a
 file lock and written whole (a reader never sees half a file).
@@ -26,7 +26,7 @@ from sluicegate.config import Settings, file_lock
 
 LEDGER = "retrains.json"
 KEEP = 200  # events kept for the record; the streak itself is counted exactly, past that too
-RESET_HINT = "run `sluicegate retrain-reset` (python -m sluicegate.operate.retrains reset) to allow more"
+RESET_HINT = "run `sluicegate retrain-reset` to allow more"
 
 Outcome = Literal["promoted", "blocked"]
 BLOCKED_STATUSES = ("blocked_data", "blocked_model")
@@ -135,7 +135,7 @@ def _load(path: Path) -> dict:
             raise TypeError("events is not a list")
     except (ValueError, KeyError, TypeError) as exc:
         raise RetrainLedgerError(f"{path} is unreadable ({exc}); "
-                                 "`python -m sluicegate.operate.retrains reset` rewrites it") from None
+                                 "`sluicegate retrain-reset` rewrites it") from None
     return ledger
 
 
@@ -153,31 +153,3 @@ def _locked(path: Path) -> Iterator[dict]:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import getpass
-    import os
-
-    parser = argparse.ArgumentParser(prog="python -m sluicegate.operate.retrains",
-                                     description="The blocked-retrain streak that stops the monitor's triggers.")
-    parser.add_argument("command", choices=["status", "reset"])
-    parser.add_argument("--spec", type=Path, help="the table's dataset spec (default: SLUICEGATE_SPEC_PATH)")
-    parser.add_argument("--actor", default=None, help="who resets (recorded); default: the user name")
-    parser.add_argument("--reason", default="reset by an operator", help="why (recorded)")
-    args = parser.parse_args(argv)
-    if args.spec is not None:
-        os.environ["SLUICEGATE_SPEC_PATH"] = str(args.spec.resolve())
-    path = ledger_path(Settings())
-    if args.command == "reset":
-        cleared = reset(path, args.actor or getpass.getuser(), args.reason)
-        print(json.dumps({"ledger": str(path), "cleared": asdict(cleared), "streak": 0}))
-    else:
-        print(json.dumps({"ledger": str(path), "streak": asdict(blocked_streak(path)),
-                          "summary": blocked_streak(path).summary()}))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -24,7 +24,7 @@ from sluicegate.data import batches as data
 from sluicegate.data import validate as validation
 from sluicegate.features import store as features
 from sluicegate.features.inputs import build_model_input, python_features
-from sluicegate.operate import ingest, labels
+from sluicegate.operate import ingest, labels, retrains
 from sluicegate.operate import monitor as mon
 from sluicegate.policy import DriftThresholds
 from sluicegate.serve.predlog import compact_hours
@@ -155,19 +155,16 @@ def monitor_stage(settings: Settings, spec: DatasetSpec, thresholds: DriftThresh
         profile = reference_profile(settings, spec, client, champion)
         report = check_traffic(settings, spec, thresholds, log, profile, client, champion, since, context_root)
         report.quarantined = read.quarantined + report.quarantined
-        decision, run_id = _decide_and_trigger(report, thresholds, state, trigger)
+        decision, run_id = _decide_and_trigger(report, thresholds, state, trigger, retrains.ledger_path(settings))
     return MonitorOutcome("triggered" if decision.fire else "checked", decision.summary(), report.rows,
                           report, decision, run_id)
 
 
 def _decide_and_trigger(report: mon.DriftReport, thresholds: DriftThresholds, state: mon.MonitorState,
-                        trigger: Trigger | None, retrain_ledger: Path | None = None,
-                        ) -> tuple[mon.TriggerDecision, str | None]:
+                        trigger: Trigger | None, retrain_ledger: Path) -> tuple[mon.TriggerDecision, str | None]:
     """Fire the retrain when warranted, unless triggering is off, the deployment is missing, or the last
-    `max_blocked_retrains` retrains were all blocked by gates (the retrain ledger, `operate.retrains`,
-    default `SLUICEGATE_HOME/tables/<spec>/monitoring/retrains.json`): more of the same would be too."""
-    from sluicegate.operate import retrains
-
+    `max_blocked_retrains` retrains were all blocked by gates (the retrain ledger, `operate.retrains`):
+    more of the same would be too."""
     now = datetime.now(UTC)
     active = trigger.active_runs() if trigger is not None else 0
     decision = mon.decide_trigger(report, thresholds, state, now, active_runs=active or 0)
@@ -182,7 +179,7 @@ def _decide_and_trigger(report: mon.DriftReport, thresholds: DriftThresholds, st
         return decision, None
     if thresholds.max_blocked_retrains:
         try:
-            streak = retrains.blocked_streak(retrain_ledger or retrains.ledger_path(Settings()))
+            streak = retrains.blocked_streak(retrain_ledger)
         except retrains.RetrainLedgerError as exc:
             decision.fire, decision.suppressed = False, str(exc)
             return decision, None

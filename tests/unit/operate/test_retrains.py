@@ -3,7 +3,6 @@ monitor stops triggering once `max_blocked_retrains` were blocked in a row."""
 
 from __future__ import annotations
 
-import json
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,7 +55,7 @@ def test_the_streak_is_exact_past_the_kept_history(tmp_path, monkeypatch):
 def test_an_unreadable_ledger_says_so_and_reset_rewrites_it(tmp_path):
     ledger = tmp_path / "retrains.json"
     ledger.write_text("{not json")
-    with pytest.raises(retrains.RetrainLedgerError, match="retrains reset"):
+    with pytest.raises(retrains.RetrainLedgerError, match="sluicegate retrain-reset"):
         retrains.blocked_streak(ledger)
     retrains.reset(ledger, "ops")
     assert retrains.blocked_streak(ledger).count == 0
@@ -79,15 +78,17 @@ def test_the_pipeline_result_maps_to_an_outcome(home):
     assert retrains.history(retrains.ledger_path(settings))[0]["flow_run_id"] == "run-1"
 
 
-def test_the_module_resets_from_the_command_line(home, capsys):
+def test_the_cli_shows_the_streak_and_resets_it(home):
+    from typer.testing import CliRunner
+
+    from sluicegate.cli import app
     from sluicegate.config import Settings
 
     ledger = retrains.ledger_path(Settings())
     retrains.record_outcome(ledger, "blocked", "2", "blocked")
-    assert retrains.main(["status"]) == 0
-    assert json.loads(capsys.readouterr().out)["streak"]["count"] == 1
-    assert retrains.main(["reset", "--actor", "bob"]) == 0
-    assert json.loads(capsys.readouterr().out)["cleared"]["count"] == 1
+    result = CliRunner().invoke(app, ["retrain-reset", "--actor", "bob", "--reason", "fixed the feed"])
+    assert result.exit_code == 0, result.output
+    assert "cleared a streak of 1 blocked retrain" in result.output
     assert retrains.blocked_streak(ledger).count == 0 and retrains.history(ledger)[-1]["actor"] == "bob"
 
 
@@ -125,7 +126,7 @@ def test_the_monitor_stops_triggering_after_max_blocked_retrains_in_a_row(tmp_pa
     decision, run_id = operate._decide_and_trigger(_drifting(), T, m.MonitorState(), trigger, ledger)
     assert not decision.fire and run_id is None and len(trigger.fired) == 1
     assert decision.suppressed.startswith("3 retrains in a row were blocked by gates (last: min_pr_auc: 0.12 < 0.3)")
-    assert "sluicegate retrain-reset" in decision.suppressed and "retrains reset" in decision.suppressed
+    assert "sluicegate retrain-reset" in decision.suppressed
     assert "suppressed: 3 retrains in a row" in decision.summary()
 
     retrains.reset(ledger, "ops")
@@ -142,15 +143,6 @@ def test_no_limit_with_zero_and_an_unreadable_ledger_suppresses_saying_why(tmp_p
     ledger.write_text("[]")
     decision, _ = operate._decide_and_trigger(_drifting(), T, m.MonitorState(), FakeTrigger(), ledger)
     assert not decision.fire and "unreadable" in decision.suppressed
-
-
-def test_the_default_ledger_is_the_tables_monitoring_folder(home):
-    from sluicegate.config import Settings
-
-    for v in ("1", "2", "3"):
-        retrains.record_outcome(retrains.ledger_path(Settings()), "blocked", v, "blocked")
-    decision, _ = operate._decide_and_trigger(_drifting(), T, m.MonitorState(), FakeTrigger())
-    assert not decision.fire and decision.suppressed.startswith("3 retrains in a row")
 
 
 def test_max_blocked_retrains_is_read_from_the_drift_block_with_a_default_of_three(tmp_path):
