@@ -16,7 +16,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-import dask.dataframe as dd
 import feast
 import numpy as np
 import pandas as pd
@@ -61,20 +60,23 @@ def compute_feature_tables(rows: pd.DataFrame, spec: DatasetSpec, history: pd.Da
     row the online store serves.
     """
     ts = spec.timestamp
-    start = _utc(rows[ts]).min() if len(rows) else None
+    with_history = history is not None and len(history) > 0
+    start = _utc(rows[ts]).min() if with_history else None
     tables = {}
     for entity in catalog.served_entities(spec):
         key = spec.entities[entity].key
         aggs = spec.aggregates_by_entity[entity]
         values = sorted({a.column for a in aggs if a.column})
         frame = _events(rows, spec, key, values, aggs)
-        if history is not None and len(history):
+        if with_history:
             frame = pd.concat([_events(history, spec, key, values, aggs), frame], ignore_index=True)
         if probe_at is not None:
             probes = pd.DataFrame({key: frame[key].drop_duplicates().to_numpy(), ts: _utc(pd.Series([probe_at]))[0]})
             frame = pd.concat([frame, probes], ignore_index=True)  # values and label missing: not events
         table = _entity_table(frame, key, ts, aggs, spec)
-        tables[catalog.entity_view(entity)] = table[table[ts] >= start].reset_index(drop=True)
+        if with_history:  # history rows shape the windows but are not rows of this batch
+            table = table[table[ts] >= start].reset_index(drop=True)
+        tables[catalog.entity_view(entity)] = table
     return tables
 
 
@@ -358,14 +360,36 @@ class AsofFileOfflineStore(DaskOfflineStore):
                 found = _asof_join(result, view, features, config.repo_path, full_feature_names)
                 for column in found.columns:
                     result[column] = found[column].to_numpy()
-            return dd.from_pandas(result, npartitions=1)
+            return result
 
         when = _utc(entity_df[FEAST_EVENT_TS])
         keys = [c for c in entity_df if c != FEAST_EVENT_TS]
         metadata = RetrievalMetadata(features=feature_refs, keys=keys,
                                      min_event_timestamp=when.min(), max_event_timestamp=when.max())
-        return DaskRetrievalJob(evaluation_function=evaluate, full_feature_names=full_feature_names,
+        return AsofRetrievalJob(evaluation_function=evaluate, full_feature_names=full_feature_names,
                                 repo_path=str(config.repo_path), metadata=metadata)
+
+
+class AsofRetrievalJob(DaskRetrievalJob):
+    """The fast join's job: its evaluation gives the joined pandas frame itself.
+
+    Feast's `to_df` goes through an Arrow table and back (`to_arrow().to_pandas()`), about 1.5 s per
+    million rows here for a frame that already is pandas; with no on-demand view or validation to
+    apply, `to_df` returns the frame. `to_arrow` and everything else behave as Feast's.
+    """
+
+    def _to_df_internal(self, timeout: int | None = None) -> pd.DataFrame:
+        return self.evaluation_function().reset_index(drop=True)
+
+    def _to_arrow_internal(self, timeout: int | None = None):
+        import pyarrow
+
+        return pyarrow.Table.from_pandas(self.evaluation_function())
+
+    def to_df(self, validation_reference=None, timeout: int | None = None) -> pd.DataFrame:
+        if validation_reference is not None or self.on_demand_feature_views:
+            return super().to_df(validation_reference=validation_reference, timeout=timeout)
+        return self._to_df_internal(timeout)
 
 
 def _features_by_view(feature_views, feature_refs) -> list[tuple[FeatureView, list[str]]] | None:
