@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sluicegate.spec import DEFAULT_SPEC_PATH, DatasetSpec, load_spec
@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str | None = None
     # None means Feast's SQLite online store under home; else a Redis connection string.
     feast_redis: str | None = None
+    # A Dask distributed scheduler to run batch work on (sluicegate.compute); None: in this process.
+    dask_scheduler: str | None = None
+    # Rows per shard of an entity's events in the feature stage (features.store): a shard's sort and
+    # windows cost O(s log s), so the cost per row stays flat past this; shards are what a cluster runs.
+    feature_shard_rows: int = Field(1_000_000, ge=1000)
     experiment: str = "sluicegate"
     # Where the model will run: picks the execution provider the gates measure on.
     target: str = "cpu"

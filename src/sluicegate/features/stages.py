@@ -52,7 +52,7 @@ def feature_stage(settings: Settings, spec: DatasetSpec, rows: pd.DataFrame) -> 
         history = read_history(settings.paths.raw, spec.timestamp, when.min() - store.history_reach(spec),
                                when.min(), store.history_columns(spec))
         end = when.max() + pd.Timedelta(seconds=1)  # the online rows: everything known at the batch's end
-    tables = store.feature_tables(rows, spec, history, probe_at=end)
+    tables = store.feature_tables(rows, spec, history, probe_at=end, settings=settings)
     store.write_feature_tables(tables, settings.paths.features, spec)
     feast_store = store.feature_store(settings, spec)
     store.apply_definitions(feast_store, spec, settings)

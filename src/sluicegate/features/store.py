@@ -10,6 +10,7 @@ so a training row can never see itself or anything later.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from datetime import UTC, datetime, timedelta
@@ -29,6 +30,7 @@ from feast.infra.online_stores.sqlite import SqliteOnlineStoreConfig
 from feast.repo_config import RegistryConfig
 from feast.types import Bool, Float64, Int64, String
 
+from sluicegate import compute
 from sluicegate.config import Settings
 from sluicegate.features import catalog
 from sluicegate.spec import Aggregate, DatasetSpec
@@ -49,7 +51,8 @@ EPOCH = pd.Timestamp(0, tz="UTC")
 # ---------------------------------------------------------------- transformation
 
 def compute_feature_tables(rows: pd.DataFrame, spec: DatasetSpec, history: pd.DataFrame | None = None,
-                           probe_at: pd.Timestamp | None = None) -> dict[str, pd.DataFrame]:
+                           probe_at: pd.Timestamp | None = None,
+                           settings: Settings | None = None) -> dict[str, pd.DataFrame]:
     """One table per entity view: one row per distinct (key, timestamp) of `rows`, with that entity's
     aggregates as of just before the timestamp (labels only once known, `table.label_delay` after
     their event).
@@ -58,8 +61,15 @@ def compute_feature_tables(rows: pd.DataFrame, spec: DatasetSpec, history: pd.Da
     they shape the features but get no rows of their own. `probe_at`: one more row per key of `rows`
     at that time (the batch's end), holding everything known then, the latest event included: the
     row the online store serves.
+
+    Each entity's events are cut into shards of about `settings.feature_shard_rows` rows by a hash of
+    the key:
+    every aggregate is per entity, so the shards' tables together are exactly the whole table, and
+    each shard's sort and windows cost O(s log s), so the cost per row stays flat as the table grows.
+    The shards run where `settings` says (`sluicegate.compute`: here, or on a Dask cluster).
     """
     ts = spec.timestamp
+    settings = settings or Settings()
     with_history = history is not None and len(history) > 0
     start = _utc(rows[ts]).min() if with_history else None
     tables = {}
@@ -73,11 +83,23 @@ def compute_feature_tables(rows: pd.DataFrame, spec: DatasetSpec, history: pd.Da
         if probe_at is not None:
             probes = pd.DataFrame({key: frame[key].drop_duplicates().to_numpy(), ts: _utc(pd.Series([probe_at]))[0]})
             frame = pd.concat([frame, probes], ignore_index=True)  # values and label missing: not events
-        table = _entity_table(frame, key, ts, aggs, spec)
+        shards = key_shards(frame, key, settings.feature_shard_rows)
+        build = functools.partial(_entity_table, key=key, ts=ts, aggs=aggs, spec=spec)
+        parts = compute.map_items(settings, build, shards)
+        table = parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
         if with_history:  # history rows shape the windows but are not rows of this batch
             table = table[table[ts] >= start].reset_index(drop=True)
         tables[catalog.entity_view(entity)] = table
     return tables
+
+
+def key_shards(frame: pd.DataFrame, key: str, shard_rows: int) -> list[pd.DataFrame]:
+    """The frame cut into about len/shard_rows parts by a hash of `key`: every key in exactly one."""
+    count = -(-len(frame) // shard_rows)
+    if count <= 1:
+        return [frame]
+    which = pd.util.hash_array(frame[key].to_numpy()) % np.uint64(count)
+    return [frame[which == i] for i in range(count)]
 
 
 def _events(rows: pd.DataFrame, spec: DatasetSpec, key: str, values: list[str], aggs: list[Aggregate]) -> pd.DataFrame:
@@ -103,9 +125,10 @@ def history_reach(spec: DatasetSpec) -> pd.Timedelta:
 
 
 def feature_tables(rows: pd.DataFrame, spec: DatasetSpec, history: pd.DataFrame | None = None,
-                   probe_at: pd.Timestamp | None = None) -> dict[str, pd.DataFrame]:
+                   probe_at: pd.Timestamp | None = None, settings: Settings | None = None) -> dict[str, pd.DataFrame]:
     """Every view's table: the row view's, then each entity's aggregates."""
-    return {catalog.row_view(): row_table(rows, spec), **compute_feature_tables(rows, spec, history, probe_at)}
+    return {catalog.row_view(): row_table(rows, spec),
+            **compute_feature_tables(rows, spec, history, probe_at, settings)}
 
 
 def row_table(rows: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:

@@ -298,3 +298,14 @@ def test_a_second_batch_sees_the_first_batchs_history_and_the_online_row_its_las
     policies = one["policy"].nunique()  # each batch adds a row per policy at its end: the online row
     assert first.view_rows["policy_features"] == len(one.drop_duplicates(["policy", "filed_at"])) + policies
     assert len(stored) == first.view_rows["policy_features"] + second.view_rows["policy_features"]
+
+
+def test_entity_shards_give_exactly_the_unsharded_tables(transactions, spec, tmp_path):
+    """Every aggregate is per entity: cut by a hash of the key, the shards' tables are the whole table."""
+    whole = F.compute_feature_tables(transactions, spec, settings=Settings(home=tmp_path))
+    sharded = F.compute_feature_tables(transactions, spec, settings=Settings(home=tmp_path, feature_shard_rows=3000))
+    assert len(F.key_shards(transactions, "customer_id", 3000)) == 7
+    for view, table in whole.items():
+        keys = list(table.columns[:2])
+        pd.testing.assert_frame_equal(sharded[view].sort_values(keys, ignore_index=True),
+                                      table.sort_values(keys, ignore_index=True))
