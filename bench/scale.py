@@ -76,7 +76,7 @@ def print_table(results: list[dict]) -> None:
     print()
     for r in results:
         print(f"{r['rows']:,} rows: peak RSS of the pipeline {r['peak_gb']:.2f} GB, generate {r['generate']:.1f} s, "
-              f"status {r['status']}, PR-AUC {r['pr_auc']}")
+              f"status {r['status']}, PR-AUC {r['pr_auc'] or float('nan'):.4f}")
 
 
 def main() -> None:
