@@ -222,8 +222,11 @@ def test_predict_end_to_end_through_feast(http, world):
     online = features.online_features(store, spec, {"customer_id": [body["customer_id"]],
                                                     "merchant_id": [body["merchant_id"]]})
     assert online["cust_txn_count_24h"] != [None]  # the entity is known online
-    raw = pd.DataFrame([{**body, "event_timestamp": pd.Timestamp(body["event_timestamp"])}])
-    model_frame = pd.concat([raw, pd.DataFrame({n: online[n] for n in catalog.online_features(spec)})], axis=1)
+    when = pd.Timestamp(body["event_timestamp"])
+    found = {n: np.array(online[n], dtype=float) for n in catalog.online_features(spec)}
+    catalog.derive_since_previous(found, np.array([when.timestamp()]), spec)  # at the request's time
+    raw = pd.DataFrame([{**body, "event_timestamp": when}])
+    model_frame = pd.concat([raw, pd.DataFrame(found)], axis=1)
     model_frame = model_frame.assign(**python_features(model_frame, spec))
     expected = onnx_predict(make_session(world["onnx"]), build_model_input(model_frame, spec))[0]
     assert got["probability"] == pytest.approx(float(expected), abs=1e-6)
@@ -330,11 +333,12 @@ def test_prediction_log_is_complete_after_shutdown(world):
     mine = v2_log[v2_log["request_id"].str.startswith(tag, na=False)]
     assert len(mine) == 80 and mine["request_id"].nunique() == 40
     assert mine["model_version"].eq("1").all() and mine["latency_ms"].gt(0).all()
-    assert mine["amount"].notna().all() and mine["probability"].between(0, 1).all()
+    # v2 rows hold the model inputs under input.<name>, never under a raw column's name.
+    assert mine["input.amount"].notna().all() and "amount" not in mine and mine["probability"].between(0, 1).all()
     predict_log = pd.read_parquet(folder / "predict")
     row = predict_log[predict_log["request_id"] == f"{tag}-p"]
     assert len(row) == 1 and row["customer_id"].iloc[0] == business["customer_id"]
-    assert "cust_txn_count_24h" in row and row["decision"].notna().all()
+    assert "cust_txn_count_24h" in row and "input.cust_txn_count_24h" in row and row["decision"].notna().all()
 
 
 # ------------------------------------------------------------------ hot reload (moves the champion: last)
