@@ -260,7 +260,8 @@ def status(
 
 def _registered_models(client) -> list[dict]:
     """Every table's model in the registry (one per spec), with its champion version."""
-    return [{"name": m.name, "champion": (m.aliases or {}).get("champion")}
+    # MLflow answers alias versions as ints here; versions are strings everywhere else in this CLI.
+    return [{"name": m.name, "champion": None if (v := (m.aliases or {}).get("champion")) is None else str(v)}
             for m in client.search_registered_models(order_by=["name ASC"])]
 
 

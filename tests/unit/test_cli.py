@@ -45,3 +45,18 @@ def test_run_rejects_a_bad_training_setting_before_any_work(tmp_path, monkeypatc
     result = CliRunner().invoke(app, ["run", "--patience", "0"])
     assert result.exit_code == 2
     assert "patience" in result.output
+
+
+def test_status_names_every_registered_model_with_its_champion(home):
+    """The text form `make demo` prints, on a real MLflow store: a champion alias is shown as its version."""
+    from sluicegate.config import Settings
+    from sluicegate.ship import registry
+
+    client = registry.configure(Settings())
+    for name in ("claims-model", "fraud-detector"):
+        client.create_registered_model(name)
+        client.create_model_version(name, source=str(home / "artifact"), run_id=None)
+    client.set_registered_model_alias("claims-model", registry.CHAMPION, "1")
+    result = CliRunner().invoke(app, ["status"])
+    assert result.exit_code == 0, result.output
+    assert "models in this registry: claims-model (champion v1), fraud-detector (champion none)" in result.output
