@@ -1,4 +1,5 @@
-"""Real traffic for tests: a `sluicegate serve` subprocess and rows sent to it as a caller would."""
+"""Real parts for tests: the CLI in a subprocess, a `sluicegate serve` subprocess, rows sent to it as a
+caller would, and waiting for a server to answer."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pandas as pd
@@ -21,24 +23,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def sluicegate(*args: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    """The real CLI in a subprocess, in env["WORK"]; with `check`, a non-zero exit fails with its output."""
+    out = subprocess.run([sys.executable, "-m", "sluicegate", *args], capture_output=True, text=True, env=env,
+                         cwd=env.get("WORK"))
+    if check:
+        assert out.returncode == 0, f"sluicegate {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+def wait_until_ok(url: str, what: str, seconds: float = 120, process: subprocess.Popen | None = None,
+                  log: Path | None = None) -> dict:
+    """Poll `url` until it answers 200 (its JSON body, or {}); fails the test when `process` exits first
+    (with the tail of `log`) or `seconds` pass."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            pytest.fail(f"{what} exited with {process.returncode}" + (f":\n{log.read_text()[-3000:]}" if log else ""))
+        try:
+            answer = httpx.get(url, timeout=2)
+            if answer.status_code == 200:
+                return answer.json() if answer.headers.get("content-type", "").startswith("application/json") else {}
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"{what} did not become ready in {seconds:.0f} s")
+
+
 @contextmanager
-def model_server(env: dict):
-    """A real `sluicegate serve` in a subprocess with this environment; its URL once ready."""
+def model_server(env: dict, *specs: Path):
+    """A real `sluicegate serve` in a subprocess with this environment (each spec a `--spec`; none: the
+    built-in example); its URL once ready."""
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "sluicegate", "serve", "--port", str(port)], env=env,
+    args = [a for spec in specs for a in ("--spec", str(spec))]
+    server = subprocess.Popen([sys.executable, "-m", "sluicegate", "serve", *args, "--port", str(port)], env=env,
                               cwd=env.get("WORK"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("the model server did not become ready")
+        wait_until_ok(f"{url}/v2/health/ready", "the model server", process=server)
         yield url
     finally:
         server.terminate()

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -25,7 +23,7 @@ from sluicegate.config import HomePaths, Settings
 from sluicegate.data.batches import write_batch
 from sluicegate.data.synthetic import GenerateConfig, generate_transactions
 from sluicegate.spec import load_spec
-from tests.replay import model_server, predict_rows
+from tests.replay import model_server, predict_rows, sluicegate
 
 pytestmark = pytest.mark.e2e
 
@@ -33,14 +31,6 @@ REPO = Path(__file__).resolve().parents[2]
 ROWS, DAYS, SEED = 40_000, 6, 21
 # CBPE on a calibrated model: estimated precision and recall within this of the measured ones.
 CBPE_TOLERANCE = 0.15
-
-
-def _cli(*args: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "sluicegate", *args], capture_output=True, text=True, env=env,
-                         cwd=env["WORK"])
-    if check:
-        assert out.returncode == 0, f"sluicegate {' '.join(args)}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return out
 
 
 def _batch(start: str, drift: str = "none") -> GenerateConfig:
@@ -69,7 +59,7 @@ def champion(env, settings) -> dict:
     paths = HomePaths(settings.home, spec.name)
     for cfg in (_batch("2026-10-01"), _batch("2026-10-07")):
         write_batch(generate_transactions(cfg, spec), paths.raw, cfg.batch_id, spec.timestamp)
-    ran = _cli("run", "--batch", _batch("2026-10-07").batch_id, "--max-epochs", "6", env=env, check=False)
+    ran = sluicegate("run", "--batch", _batch("2026-10-07").batch_id, "--max-epochs", "6", env=env, check=False)
     assert ran.returncode in (0, 3), ran.stdout[-3000:] + ran.stderr[-3000:]
     assert "windows reached back over" in ran.stdout + ran.stderr  # batch two saw batch one
     from sluicegate.ship import registry
@@ -103,7 +93,7 @@ def _infer(url: str, settings: Settings, rows: pd.DataFrame, chunk: int = 100) -
 
 
 def _monitor(env: dict) -> dict:
-    out = _cli("monitor", "--no-trigger", env=env)
+    out = sluicegate("monitor", "--no-trigger", env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -144,7 +134,8 @@ def test_held_out_traffic_through_both_endpoints_shows_no_drift(env, settings, c
     spec = load_spec()
     labels = Path(env["WORK"]) / "labels.csv"
     traffic[[spec.id, spec.label]].to_csv(labels, index=False)
-    report = json.loads(_cli("labels", str(labels), "--report", "--json", env=env).stdout.strip().splitlines()[-1])
+    reported = sluicegate("labels", str(labels), "--report", "--json", env=env)
+    report = json.loads(reported.stdout.strip().splitlines()[-1])
     live = report["live"]
     assert live["labelled"] == len(traffic) and live["positives"] > 20
     assert live["precision"] is not None and live["recall"] is not None

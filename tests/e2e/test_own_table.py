@@ -6,35 +6,20 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
+from tests.replay import model_server, sluicegate
+
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples/default"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cli(*args: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "sluicegate", *args], capture_output=True, text=True, env=env,
-                         cwd=env["WORK"])
-    if check:
-        assert out.returncode == 0, f"sluicegate {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +44,7 @@ def env(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def drafted(csv, env) -> Path:
     spec = Path(env["WORK"]) / "default.spec.yaml"
-    _cli("init", str(csv), "--out", str(spec), "--name", "default", env=env)
+    sluicegate("init", str(csv), "--out", str(spec), "--name", "default", env=env)
     return spec
 
 
@@ -70,10 +55,10 @@ def test_init_writes_the_committed_example_spec(drafted):
 
 @pytest.fixture(scope="module")
 def promoted(csv, drafted, env) -> dict:
-    imported = _cli("import", str(csv), "--spec", str(drafted), env=env)
+    imported = sluicegate("import", str(csv), "--spec", str(drafted), env=env)
     assert "row_id` derived" in imported.stderr + imported.stdout
-    _cli("run", "--spec", str(drafted), "--max-epochs", "12", env=env)
-    return json.loads(_cli("status", "--spec", str(drafted), "--json", env=env).stdout)
+    sluicegate("run", "--spec", str(drafted), "--max-epochs", "12", env=env)
+    return json.loads(sluicegate("status", "--spec", str(drafted), "--json", env=env).stdout)
 
 
 def test_the_drafted_spec_runs_end_to_end_unchanged_and_ranks_far_above_the_label_rate(promoted):
@@ -83,35 +68,8 @@ def test_the_drafted_spec_runs_end_to_end_unchanged_and_ranks_far_above_the_labe
     assert [m["name"] for m in promoted["models"]] == ["default"]
 
 
-def _wait_ready(url: str) -> dict:
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            ready = httpx.get(f"{url}/v2/health/ready", timeout=2)
-            if ready.status_code == 200:
-                return ready.json()
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    pytest.fail("the model server did not become ready")
-
-
-@contextmanager
-def _server(env: dict, *specs: Path):
-    port = _free_port()
-    args = [a for spec in specs for a in ("--spec", str(spec))]
-    server = subprocess.Popen([sys.executable, "-m", "sluicegate", "serve", *args, "--port", str(port)],
-                              env=env, cwd=env["WORK"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
 def test_the_champion_answers_predict_with_the_specs_own_columns(promoted, drafted, env):
-    with _server(env, drafted) as url:
-        _wait_ready(url)
+    with model_server(env, drafted) as url:
         low = httpx.post(f"{url}/predict", json={"student": "No", "balance": 300.0, "income": 40000.0}).json()
         high = httpx.post(f"{url}/predict", json={"student": "Yes", "balance": 2500.0, "income": 15000.0}).json()
         assert low["model_name"] == "default" and 0 <= low["probability"] < high["probability"] <= 1
@@ -138,16 +96,16 @@ def second(csv, drafted, promoted, env) -> Path:
     path = work / "balance.spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     own_gates = {k: v for k, v in env.items() if k != "SLUICEGATE_GATES_PATH"}
-    _cli("import", str(csv), "--spec", str(path), env=own_gates)
-    _cli("run", "--spec", str(path), "--max-epochs", "12", env=own_gates)
+    sluicegate("import", str(csv), "--spec", str(path), env=own_gates)
+    sluicegate("run", "--spec", str(path), "--max-epochs", "12", env=own_gates)
     return path
 
 
 def test_one_server_serves_each_specs_champion_under_its_own_name(second, drafted, env):
-    status = json.loads(_cli("status", "--spec", str(second), "--json", env=env).stdout)
+    status = json.loads(sluicegate("status", "--spec", str(second), "--json", env=env).stdout)
     assert {m["name"] for m in status["models"]} == {"default", "default-balance"}
-    with _server(env, drafted, second) as url:
-        ready = _wait_ready(url)
+    with model_server(env, drafted, second) as url:
+        ready = httpx.get(f"{url}/v2/health/ready").json()
         assert [m["name"] for m in ready["models"]] == ["default", "default-balance"]
         widths = {}
         for name in ("default", "default-balance"):
@@ -182,9 +140,9 @@ def test_bad_tables_are_refused_naming_the_column(csv, drafted, env):
     work = Path(env["WORK"])
     lines = csv.read_text().splitlines()
     (work / "odd.csv").write_text("\n".join([lines[0], lines[1].replace("No,No", "No,Perhaps", 1)]))
-    odd = _cli("import", str(work / "odd.csv"), "--spec", str(drafted), env=env, check=False)
+    odd = sluicegate("import", str(work / "odd.csv"), "--spec", str(drafted), env=env, check=False)
     assert odd.returncode == 2 and "'student' has values outside its categories" in odd.stderr
     assert "'Perhaps': 1" in odd.stderr
     (work / "three.csv").write_text("\n".join([lines[0], "No,No,1,2", "Yes,No,1,2", "Maybe,No,1,2"]))
-    three = _cli("init", str(work / "three.csv"), "--label", "default", env=env, check=False)
+    three = sluicegate("init", str(work / "three.csv"), "--label", "default", env=env, check=False)
     assert three.returncode == 2 and "label 'default' has 3 distinct values" in three.stderr

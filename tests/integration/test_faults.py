@@ -44,6 +44,7 @@ from sluicegate.runtime import sha256_file
 from sluicegate.ship import registry
 from sluicegate.spec import load_spec
 from tests.integration import test_serving as served
+from tests.replay import wait_until_ok
 
 REPO = Path(__file__).resolve().parents[2]
 NAME = "fraud-detector"
@@ -134,16 +135,8 @@ class MlflowServer:
         # The job runner starts a pool of worker processes these tests do not need.
         env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": self.backend, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (self.root / "mlflow-server.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        pytest.fail("mlflow server did not start")
+        wait_until_ok(f"{self.url}/health", "mlflow server", seconds=180, process=self.proc,
+                      log=self.root / "mlflow-server.log")
 
     def kill(self) -> None:
         """SIGKILL, like a crashed host: no clean shutdown."""
