@@ -4,6 +4,7 @@ moved to quarantine."""
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -35,27 +36,49 @@ def read_batch(batch_dir: Path) -> pd.DataFrame:
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
 
 
-def day_partitions(raw_dir: Path) -> dict[str, Path]:
-    """The most recently written date=YYYY-MM-DD folder of each day, over every batch under raw_dir."""
-    best: dict[str, tuple[float, Path]] = {}
-    for day_dir in raw_dir.glob("*/date=*") if raw_dir.exists() else []:
-        files = list(day_dir.glob("*.parquet"))
-        if not files or day_dir.parent.name.startswith("."):  # empty, or a window being staged
+# Window batches (`operate.ingest`) link the partitions of other batches: never a source themselves.
+WINDOW_PREFIX = "window_"
+
+
+@dataclass(frozen=True)
+class Partition:
+    day: str  # YYYY-MM-DD
+    batch_id: str
+    path: Path  # the date=YYYY-MM-DD folder
+    written: float  # newest modification time of its files
+
+
+def list_partitions(raw_dir: Path) -> list[Partition]:
+    """Every day partition of every non-window batch under raw_dir."""
+    found = []
+    for batch in sorted(raw_dir.iterdir()) if raw_dir.exists() else []:
+        if not batch.is_dir() or batch.name.startswith(WINDOW_PREFIX):
             continue
-        written = max(f.stat().st_mtime for f in files)
-        day = day_dir.name.removeprefix("date=")
-        if day not in best or written > best[day][0]:
-            best[day] = (written, day_dir)
-    return {day: path for day, (_, path) in sorted(best.items())}
+        for day_dir in sorted(batch.glob("date=*")):
+            files = list(day_dir.glob("*.parquet"))
+            if files:
+                found.append(Partition(day=day_dir.name.removeprefix("date="), batch_id=batch.name,
+                                       path=day_dir, written=max(f.stat().st_mtime for f in files)))
+    return found
+
+
+def newest_per_day(partitions: list[Partition]) -> dict[str, Partition]:
+    """One partition per day: the most recently written one (ties: the larger batch id)."""
+    best: dict[str, Partition] = {}
+    for part in partitions:
+        current = best.get(part.day)
+        if current is None or (part.written, part.batch_id) > (current.written, current.batch_id):
+            best[part.day] = part
+    return best
 
 
 def read_history(raw_dir: Path, timestamp: str, since: pd.Timestamp, before: pd.Timestamp,
                  columns: list[str]) -> pd.DataFrame:
     """Raw rows with since <= timestamp < before, only `columns`, from the newest partition of each day."""
     days = pd.date_range(since.floor("D"), before.floor("D"), freq="D").strftime("%Y-%m-%d")
-    found = day_partitions(raw_dir)
+    found = newest_per_day(list_partitions(raw_dir))
     parts = [pd.read_parquet(f, columns=columns) for day in days if day in found
-             for f in sorted(found[day].glob("*.parquet"))]
+             for f in sorted(found[day].path.glob("*.parquet"))]
     if not parts:
         return pd.DataFrame(columns=columns)
     rows = pd.concat(parts, ignore_index=True)

@@ -23,21 +23,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sluicegate.data import stages as data
+from sluicegate.data.batches import WINDOW_PREFIX, Partition, list_partitions, newest_per_day
 
-WINDOW_PREFIX = "window_"
 MANIFEST = "window.json"
 
 
 class NoPartitionsError(FileNotFoundError):
     """There is no day partition under raw/ to build a window from."""
-
-
-@dataclass(frozen=True)
-class Partition:
-    day: str  # YYYY-MM-DD
-    batch_id: str
-    path: Path  # the date=YYYY-MM-DD folder
-    written: float  # newest modification time of its files
 
 
 @dataclass
@@ -73,30 +65,6 @@ class Held:
 
     def holds(self, part: Partition) -> bool:
         return (part.batch_id, part.day) == (self.batch_id, self.day) and part.written <= self.written + 1e-3
-
-
-def list_partitions(raw_dir: Path) -> list[Partition]:
-    """Every day partition of every non-window batch under raw_dir."""
-    found = []
-    for batch in sorted(raw_dir.iterdir()) if raw_dir.exists() else []:
-        if not batch.is_dir() or batch.name.startswith(WINDOW_PREFIX):
-            continue
-        for day_dir in sorted(batch.glob("date=*")):
-            files = list(day_dir.glob("*.parquet"))
-            if files:
-                found.append(Partition(day=day_dir.name.removeprefix("date="), batch_id=batch.name,
-                                       path=day_dir, written=max(f.stat().st_mtime for f in files)))
-    return found
-
-
-def newest_per_day(partitions: list[Partition]) -> dict[str, Partition]:
-    """One partition per day: the most recently written one (ties: the larger batch id)."""
-    best: dict[str, Partition] = {}
-    for part in partitions:
-        current = best.get(part.day)
-        if current is None or (part.written, part.batch_id) > (current.written, current.batch_id):
-            best[part.day] = part
-    return best
 
 
 def select_window(partitions: list[Partition], days: int) -> list[Partition]:

@@ -7,7 +7,7 @@ import os
 import pandas as pd
 import pytest
 
-from sluicegate.data.batches import read_batch, write_batch
+from sluicegate.data.batches import list_partitions, read_batch, write_batch
 from sluicegate.data.synthetic import GenerateConfig, generate_transactions
 from sluicegate.operate import ingest
 
@@ -43,7 +43,7 @@ def test_windows_are_reused_and_never_used_as_sources(spec, tmp_path):
     first = ingest.assemble_window(raw, days=2)
     again = ingest.assemble_window(raw, days=2)
     assert not first.reused and again.reused
-    assert all(not p.batch_id.startswith("window_") for p in ingest.list_partitions(raw))
+    assert all(not p.batch_id.startswith("window_") for p in list_partitions(raw))
     # A new day arrives: the window slides.
     _batch(spec, raw, "2026-10-04", 1, seed=3, mtime=3_000)
     slid = ingest.assemble_window(raw, days=2)
