@@ -94,3 +94,16 @@ def quarantine_batch(batch_dir: Path, quarantine_dir: Path) -> Path:
     quarantine_dir.mkdir(parents=True, exist_ok=True)
     shutil.move(str(batch_dir), target)
     return target
+
+
+def quarantine_file(path: Path, target: Path, reason: str) -> Path:
+    """Move one unreadable file to `target` (suffixed -1, -2... if taken), with `<name>.reason.txt` beside
+    it saying where it was, when and why; returns where it went."""
+    base, n = target, 1
+    while target.exists():
+        target, n = base.with_name(f"{base.stem}-{n}{base.suffix}"), n + 1
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(path, target)
+    target.with_name(target.name + ".reason.txt").write_text(
+        f"source: {path}\nquarantined_at: {pd.Timestamp.now(tz='UTC').isoformat()}\nreason: {reason}\n")
+    return target

@@ -18,7 +18,6 @@ column, is moved to `quarantine/labels/` with a `.reason.txt` beside it by `read
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from sluicegate.data.batches import quarantine_file
 from sluicegate.runtime import sha256_file
 from sluicegate.spec import DatasetSpec, duration
 
@@ -192,17 +192,9 @@ def import_labels(table_path: Path, spec: DatasetSpec, labels_dir: Path, now: da
 # --- reading back ----------------------------------------------------------------------------------
 
 
-def _quarantine(path: Path, labels_dir: Path, quarantine_dir: Path, reason: str, now: pd.Timestamp) -> Path:
-    folder = Path(quarantine_dir) / QUARANTINE_FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
+def _quarantine(path: Path, labels_dir: Path, quarantine_dir: Path, reason: str) -> Path:
     base = "__".join(path.relative_to(labels_dir).parts)  # keeps the partition in the name
-    target, n = folder / base, 1
-    while target.exists():
-        target, n = folder / f"{Path(base).stem}-{n}{Path(base).suffix}", n + 1
-    shutil.move(path, target)
-    target.with_name(target.name + ".reason.txt").write_text(
-        f"source: {path}\nquarantined_at: {now.isoformat()}\nreason: {reason}\n")
-    return target
+    return quarantine_file(path, Path(quarantine_dir) / QUARANTINE_FOLDER / base, reason)
 
 
 def read_labels(labels_dir: Path, spec: DatasetSpec,
@@ -216,7 +208,6 @@ def read_labels(labels_dir: Path, spec: DatasetSpec,
     """
     labels_dir, quarantine_dir = Path(labels_dir), Path(quarantine_dir)
     frames, quarantined = [], []
-    now = pd.Timestamp.now(tz="UTC")
     for path in sorted(labels_dir.rglob("*.parquet")) if labels_dir.exists() else []:
         if path.resolve().is_relative_to(quarantine_dir.resolve()):
             continue  # a quarantine folder inside labels_dir: what it holds was refused already
@@ -234,7 +225,7 @@ def read_labels(labels_dir: Path, spec: DatasetSpec,
                 frames.append(frame)
                 continue
             reason = f"lacks the column(s) {lacking} (has {list(frame.columns)})"
-        quarantined.append(QuarantinedFile(path, _quarantine(path, labels_dir, quarantine_dir, reason, now), reason))
+        quarantined.append(QuarantinedFile(path, _quarantine(path, labels_dir, quarantine_dir, reason), reason))
     if not frames:
         return pd.DataFrame({spec.id: [], spec.label: [], LABELLED_AT: pd.Series([], dtype="datetime64[us, UTC]")}), \
             quarantined

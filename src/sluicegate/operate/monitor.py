@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from sluicegate.config import file_lock
+from sluicegate.data.batches import quarantine_file
 from sluicegate.features.inputs import logged_inputs
 from sluicegate.operate.labels import LivePerformance, PerformanceEstimate
 from sluicegate.policy import DriftThresholds
@@ -381,11 +382,7 @@ def _partition_before(name: str, day: str | None, since: pd.Timestamp | None) ->
 def _quarantine(path: Path, folder: Path, quarantine: Path | None, exc: Exception) -> Path:
     if quarantine is None:
         raise ValueError(f"cannot read prediction log file {path}: {exc}") from exc
-    target = quarantine / path.relative_to(folder)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    path.replace(target)
-    target.with_name(target.name + ".reason.txt").write_text(f"{type(exc).__name__}: {exc}\n")
-    return target
+    return quarantine_file(path, quarantine / path.relative_to(folder), f"{type(exc).__name__}: {exc}")
 
 
 def quality_frame(log: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
