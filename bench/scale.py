@@ -1,5 +1,5 @@
 """How the pipeline's cost grows with the table: seconds per stage, cost per million rows, the
-largest/smallest per-row ratio and the peak RSS, for each size in the same run.
+largest/smallest per-row ratio and the peak RSS (per stage and in all), for each size in the same run.
 
 Each size gets a fresh SLUICEGATE_HOME; `sluicegate generate` writes the batch in a process of its
 own, then the training pipeline runs in another, whose peak RSS (the kernel's high-water mark for
@@ -31,7 +31,7 @@ from sluicegate.ship import registry
 result = training_pipeline(PipelineParams(max_epochs=int(sys.argv[1]), actor="bench/scale"))
 metrics = registry.configure(Settings()).get_run(result["mlflow_run_id"]).data.metrics
 print("RESULT " + json.dumps({"status": result.get("status"), "stage_seconds": result.get("stage_seconds", {}),
-                             "pr_auc": metrics.get("pr_auc")}))
+                             "stage_peak_gb": result.get("stage_peak_gb", {}), "pr_auc": metrics.get("pr_auc")}))
 """
 
 
@@ -56,7 +56,9 @@ def run_size(rows: int, days: int, max_epochs: int, work: Path) -> dict:
         raise SystemExit(f"pipeline at {rows:,} rows failed:\n{out[-2000:]}\n{err[-3000:]}")
     line = next(x for x in out.splitlines() if x.startswith("RESULT "))
     result = json.loads(line.removeprefix("RESULT "))
-    peak = usage.ru_maxrss / 1024 / 1024
+    # The pipeline resets the kernel's high-water mark at each stage (its per-stage peaks), so the
+    # process's peak is the largest of those and what ru_maxrss saw after the last reset.
+    peak = max([usage.ru_maxrss / 1024 / 1024, *result["stage_peak_gb"].values()])
     return {"rows": rows, "generate": generate_s, "pipeline": wall, "peak_gb": peak, **result}
 
 
@@ -64,14 +66,16 @@ def print_table(results: list[dict]) -> None:
     small, large = results[0], results[-1]
     stages = list(large["stage_seconds"])
     header = ["stage", *(f"{r['rows'] / 1e6:g}M s" for r in results), *(f"{r['rows'] / 1e6:g}M s/1M" for r in results),
-              f"{large['rows'] / 1e6:g}M/{small['rows'] / 1e6:g}M per row"]
+              f"{large['rows'] / 1e6:g}M/{small['rows'] / 1e6:g}M per row", *(f"{r['rows'] / 1e6:g}M peak GB" for r in results)]
     print("| " + " | ".join(header) + " |")
     print("|---|" + "---:|" * (len(header) - 1))
     for stage in [*stages, "pipeline"]:
         def seconds(r: dict, stage: str = stage) -> float:
             return r["pipeline"] if stage == "pipeline" else r["stage_seconds"].get(stage, float("nan"))
         per = [seconds(r) / r["rows"] * 1e6 for r in results]
-        cells = [f"{seconds(r):.1f}" for r in results] + [f"{p:.2f}" for p in per] + [f"{per[-1] / per[0]:.2f}"]
+        peaks = [r["peak_gb"] if stage == "pipeline" else r["stage_peak_gb"].get(stage, float("nan")) for r in results]
+        cells = ([f"{seconds(r):.1f}" for r in results] + [f"{p:.2f}" for p in per] + [f"{per[-1] / per[0]:.2f}"]
+                 + [f"{p:.2f}" for p in peaks])
         print(f"| {stage} | " + " | ".join(cells) + " |")
     print()
     for r in results:

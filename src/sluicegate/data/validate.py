@@ -280,20 +280,27 @@ def _utc(ts) -> pd.Timestamp:
     return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
 
 
-def _fast_frame(df: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
-    """The same values in a layout GX's pandas engine handles about twice as fast.
+def compact_strings(df: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
+    """The same values with each spec string column that holds only strings as pyarrow strings.
 
-    Spec string columns holding only strings become pyarrow strings (cheap null, set and type
-    checks); anything else stays as it is, so the type check still reports odd values. The final
-    copy consolidates the blocks: GX filters the whole frame many times and would re-consolidate.
-    """
+    A Python string object costs about 50 bytes beyond its characters, so a table's ids alone cost
+    more than its numbers; pyarrow strings keep the characters and an offset. GX's null, set and
+    type checks on them are also cheap. Anything else stays as it is, so the type check still
+    reports odd values."""
     out = df.copy(deep=False)
     for name, col in spec.all_columns.items():
         if col.dtype != "string" or name not in out.columns or out[name].dtype != object:
             continue
         if pd.api.types.infer_dtype(out[name], skipna=True) == "string":
             out[name] = out[name].astype("string[pyarrow]")
-    return out.copy()
+    return out
+
+
+def _fast_frame(df: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
+    """The same values in a layout GX's pandas engine handles about twice as fast: compact strings,
+    then one copy that consolidates the blocks (GX filters the whole frame many times and would
+    re-consolidate)."""
+    return compact_strings(df, spec).copy()
 
 
 def _failed_check(result: dict, df: pd.DataFrame) -> FailedCheck:

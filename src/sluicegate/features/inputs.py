@@ -84,18 +84,22 @@ def build_model_input(columns: Mapping[str, ArrayLike], spec: DatasetSpec) -> Mo
     where building a DataFrame per micro-batch cost more than the model call); only numpy
     operations follow, so both take the same path.
     """
-    parts = []
+    n = _rows(columns, spec)
+    # Filled column by column: stacking float64 parts first held about three copies of the tensor.
+    numeric = np.empty((n, len(numeric_inputs(spec))), np.float32)
+    j = 0
     for f in numeric_features(spec):
         values = _ratio(columns, f) if f.denominator else _floats(columns[f.name])
         missing = np.isnan(values)
-        parts.append(np.where(missing, 0.0, _transform(values, f.transform)))
+        numeric[:, j] = np.where(missing, 0.0, _transform(values, f.transform))
+        j += 1
         if f.may_be_missing:
-            parts.append(missing.astype(np.float64))
+            numeric[:, j] = missing
+            j += 1
     for part in spec.features.time:
         angle = 2 * np.pi * time_part(columns[spec.timestamp], part) / CYCLES[part]
-        parts += [np.sin(angle), np.cos(angle)]
-    n = _rows(columns, spec)
-    numeric = np.column_stack(parts).astype(np.float32) if parts else np.zeros((n, 0), np.float32)
+        numeric[:, j], numeric[:, j + 1] = np.sin(angle), np.cos(angle)
+        j += 2
     categorical = (np.column_stack([encode_categories(columns[c], spec.categories(c))
                                     for c in spec.categorical_features])
                    if spec.categorical_features else np.zeros((n, 0), np.int64))

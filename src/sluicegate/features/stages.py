@@ -54,6 +54,9 @@ def feature_stage(settings: Settings, spec: DatasetSpec, rows: pd.DataFrame) -> 
         end = when.max() + pd.Timedelta(seconds=1)  # the online rows: everything known at the batch's end
     tables = store.feature_tables(rows, spec, history, probe_at=end, settings=settings)
     store.write_feature_tables(tables, settings.paths.features, spec)
+    view_rows = {view: len(t) for view, t in tables.items()}
+    history_rows = 0 if history is None else len(history)
+    del tables, history  # on disk now, where Feast reads them: not held through the join
     feast_store = store.feature_store(settings, spec)
     store.apply_definitions(feast_store, spec, settings)
     if end is not None:
@@ -62,6 +65,5 @@ def feature_stage(settings: Settings, spec: DatasetSpec, rows: pd.DataFrame) -> 
     if spec.features.python:
         frame[spec.features.python.outputs] = python_features(frame, spec)
     return FeatureOutcome(frame=frame, data_hash=store.frame_hash(frame), rows=len(frame),
-                          view_rows={view: len(t) for view, t in tables.items()},
-                          history_rows=0 if history is None else len(history),
+                          view_rows=view_rows, history_rows=history_rows,
                           feature_service=catalog.feature_service(spec), seconds=time.perf_counter() - started)

@@ -95,11 +95,7 @@ def compute_feature_tables(rows: pd.DataFrame, spec: DatasetSpec, history: pd.Da
 
 def key_shards(frame: pd.DataFrame, key: str, shard_rows: int) -> list[pd.DataFrame]:
     """The frame cut into about len/shard_rows parts by a hash of `key`: every key in exactly one."""
-    count = -(-len(frame) // shard_rows)
-    if count <= 1:
-        return [frame]
-    which = pd.util.hash_array(frame[key].to_numpy()) % np.uint64(count)
-    return [frame[which == i] for i in range(count)]
+    return _shards(frame, [key], -(-len(frame) // shard_rows))
 
 
 def _events(rows: pd.DataFrame, spec: DatasetSpec, key: str, values: list[str], aggs: list[Aggregate]) -> pd.DataFrame:
@@ -313,7 +309,8 @@ def repo_config(settings: Settings, spec: DatasetSpec, fast_retrieval: bool = Tr
         provider="local",
         registry=RegistryConfig(registry_type="file", path=str(paths.feast / "registry.db")),
         online_store=online,
-        offline_store=AsofFileOfflineStoreConfig() if fast_retrieval else DaskOfflineStoreConfig(),
+        offline_store=(AsofFileOfflineStoreConfig(shard_rows=settings.feature_shard_rows) if fast_retrieval
+                       else DaskOfflineStoreConfig()),
         # 3 is the current scheme; lower versions raise deprecation warnings.
         entity_key_serialization_version=3,
         repo_path=paths.feast,
@@ -354,6 +351,8 @@ class AsofFileOfflineStoreConfig(DaskOfflineStoreConfig):
     """Selects AsofFileOfflineStore; Feast finds the class by dropping "Config"."""
 
     type: Literal["sluicegate.features.store.AsofFileOfflineStore"] = ASOF_STORE_TYPE  # type: ignore[assignment]
+    # About this many entity rows per key shard of the join (Settings.feature_shard_rows).
+    shard_rows: int = 1_000_000
 
 
 class AsofFileOfflineStore(DaskOfflineStore):
@@ -380,7 +379,8 @@ class AsofFileOfflineStore(DaskOfflineStore):
             result = entity_df.copy()
             result[FEAST_EVENT_TS] = _utc(result[FEAST_EVENT_TS])
             for view, features in by_view:
-                found = _asof_join(result, view, features, config.repo_path, full_feature_names)
+                found = _asof_join(result, view, features, config.repo_path, full_feature_names,
+                                   config.offline_store.shard_rows)
                 for column in found.columns:
                     result[column] = found[column].to_numpy()
             return result
@@ -434,24 +434,47 @@ def _features_by_view(feature_views, feature_refs) -> list[tuple[FeatureView, li
 
 
 def _asof_join(entity_df: pd.DataFrame, view: FeatureView, features: list[str], repo_path,
-               full_feature_names: bool) -> pd.DataFrame:
-    """The view's features for each entity row (same order), latest row at or before its timestamp."""
+               full_feature_names: bool, shard_rows: int = 1_000_000) -> pd.DataFrame:
+    """The view's features for each entity row (same order), latest row at or before its timestamp.
+
+    Joined key shard by key shard (a hash of the join keys cuts both sides alike): every match is
+    within one key, so the shards' joins are the whole join, and each shard's sorts stay about
+    `shard_rows` long, so the join's cost and memory per row do not grow with the table."""
     keys = [column.name for column in view.entity_columns]
     source = view.batch_source
     path = FileSource.get_uri_for_file_path(repo_path=repo_path, uri=source.file_options.uri)
-    table = pd.read_parquet(path, columns=[*keys, source.timestamp_field, *features])
+    with pd.option_context("mode.string_storage", "pyarrow"):  # string columns as written, not as objects
+        table = pd.read_parquet(path, columns=[*keys, source.timestamp_field, *features])
     table = table.rename(columns={source.timestamp_field: "_feature_ts"})
     table["_feature_ts"] = _utc(table["_feature_ts"])
     left = entity_df[[*keys, FEAST_EVENT_TS]].assign(_row=np.arange(len(entity_df)))
-    joined = pd.merge_asof(
-        left.sort_values(FEAST_EVENT_TS, kind="stable"), table.sort_values("_feature_ts", kind="stable"),
-        left_on=FEAST_EVENT_TS, right_on="_feature_ts", by=keys, direction="backward",
-        allow_exact_matches=True, tolerance=pd.Timedelta(view.ttl) if view.ttl else None,
-    ).sort_values("_row")
-    found = joined[features].reset_index(drop=True)
+    count = -(-max(len(left), len(table)) // shard_rows)
+    tolerance = pd.Timedelta(view.ttl) if view.ttl else None
+    parts = [_asof_shard(left_part, table_part, keys, features, tolerance)
+             for left_part, table_part in zip(_shards(left, keys, count), _shards(table, keys, count), strict=True)]
+    joined = parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
+    found = joined.sort_values("_row")[features].reset_index(drop=True)
     if full_feature_names:
         found.columns = [f"{view.projection.name_to_use()}__{f}" for f in features]
     return found
+
+
+def _shards(frame: pd.DataFrame, keys: list[str], count: int) -> list[pd.DataFrame]:
+    """`count` parts of frame by a hash of its key columns (the same key: the same part, on either side)."""
+    if count <= 1:
+        return [frame]
+    which = pd.util.hash_pandas_object(frame[keys], index=False).to_numpy() % np.uint64(count)
+    return [frame[which == i] for i in range(count)]
+
+
+def _asof_shard(left: pd.DataFrame, table: pd.DataFrame, keys: list[str], features: list[str],
+                tolerance: pd.Timedelta | None) -> pd.DataFrame:
+    joined = pd.merge_asof(
+        left.sort_values(FEAST_EVENT_TS, kind="stable"), table.sort_values("_feature_ts", kind="stable"),
+        left_on=FEAST_EVENT_TS, right_on="_feature_ts", by=keys, direction="backward",
+        allow_exact_matches=True, tolerance=tolerance,
+    )
+    return joined[["_row", *features]]
 
 
 # ---------------------------------------------------------------- retrieval
@@ -479,12 +502,20 @@ def training_frame(store: feast.FeatureStore, rows: pd.DataFrame, spec: DatasetS
         entity_df = lookup.drop_duplicates(ignore_index=True)
         found = store.get_historical_features(entity_df=entity_df, features=refs).to_df()
         found = found[[key, FEAST_EVENT_TS, *(f.name for f in projection.features)]]
-        joined = lookup.merge(found, on=[key, FEAST_EVENT_TS], how="left", validate="many_to_one")
+        joined = found if _same_pairs(found, lookup, key) else lookup.merge(found, on=[key, FEAST_EVENT_TS], how="left")
         for feature in projection.features:
             out[feature.name] = joined[feature.name].to_numpy()
     catalog.derive_since_previous(out, (when - EPOCH).dt.total_seconds().to_numpy(), spec)
     # The rows' column order, then the aggregates in the spec's order.
     return out[[*rows.columns, *(a.feature_name for a in spec.features.aggregates)]]
+
+
+def _same_pairs(found: pd.DataFrame, lookup: pd.DataFrame, key: str) -> bool:
+    """Whether found's (key, timestamp) pairs are lookup's, row for row: then no join back is needed
+    (no pair repeats, and the store kept the entity frame's order, as the fast store does). The
+    join back costs a hash of every pair, about a tenth of the feature stage."""
+    return len(found) == len(lookup) and all(
+        np.array_equal(found[c].to_numpy(), lookup[c].to_numpy()) for c in (key, FEAST_EVENT_TS))
 
 
 def online_features(store: feast.FeatureStore, spec: DatasetSpec, keys: dict[str, list]) -> dict[str, list]:

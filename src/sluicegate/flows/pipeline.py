@@ -230,29 +230,48 @@ def _record_retrain(settings: Settings, params: PipelineParams, result: dict, ru
 
 
 class _Stopwatch:
-    """Seconds per stage, for the run summary."""
+    """Seconds and peak memory per stage, for the run summary."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self.peak_gb: dict[str, float] = {}  # this process's peak RSS during each stage (Linux only)
         self._last = time.perf_counter()
+        _peak_rss_gb()
 
     def lap(self, stage: str) -> None:
         now = time.perf_counter()
         self.seconds[stage] = round(now - self._last, 2)
         self._last = now
+        if (peak := _peak_rss_gb()) is not None:
+            self.peak_gb[stage] = round(peak, 3)
+
+
+def _peak_rss_gb() -> float | None:
+    """This process's peak RSS since the last call, in GB, or None off Linux.
+
+    The kernel's high-water mark (VmHWM) is read, then reset through /proc/self/clear_refs, so each
+    stage gets its own peak; psutil reads the mark but cannot reset it."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        kib = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+        Path("/proc/self/clear_refs").write_text("5")
+    except (OSError, StopIteration, ValueError):
+        return None
+    return kib / 1024 / 1024
 
 
 def _run_stages(settings, spec, policy, params: PipelineParams, batch_dir, work_dir, parent, client) -> dict:
     cfg = params.train_config()
     clock = _Stopwatch()
     base = {"batch": batch_dir.name, "mlflow_run_id": parent, "work_dir": str(work_dir),
-            "stage_seconds": clock.seconds}
+            "stage_seconds": clock.seconds, "stage_peak_gb": clock.peak_gb}
     # Extract
     validated, frame = validate(settings, spec, batch_dir, Path(params.expectations), parent)
     clock.lap("validate")
     if not validated.passed:
         return {**base, **validated.result()}
     feats = build_features(settings, spec, frame, parent)
+    del frame  # the raw rows are in the feature frame now: holding both doubles the run's memory
     clock.lap("features")
     fp = training.fingerprint(feats.data_hash, cfg, spec, params.target)
     if same := ship.unchanged(client, settings.model_name, fp):
@@ -260,6 +279,7 @@ def _run_stages(settings, spec, policy, params: PipelineParams, batch_dir, work_
         return {**base, **same}
     # Transform
     prepared = training.prepare(feats.frame, spec)
+    feats.frame = None  # the splits hold the rows from here on: one copy of the table, not two
     checkpoints = training.checkpoint_dir(settings, feats.data_hash, cfg)
     trained = train(settings, prepared, spec, cfg, checkpoints, feats.data_hash, parent)
     clock.lap("train")

@@ -4,6 +4,9 @@ The parent process writes the prepared arrays and the config next to the
 checkpoints, runs `torchrun --standalone` with one process per device, and reads
 back rank 0's weights. Each process runs `training.train_model`, which shards
 every epoch by rank. NCCL (RCCL on ROCm) joins GPUs; gloo joins CPU processes.
+The processes map the arrays from disk (copy-on-write) rather than each loading
+its own copy: a rank's memory holds the rows it reads, and ranks on one machine
+share the pages.
 """
 
 from __future__ import annotations
@@ -47,7 +50,10 @@ def launch(train: ModelInput, y_train: np.ndarray, valid: ModelInput, y_valid: n
               "valid_numeric": valid.numeric, "valid_categorical": valid.categorical, "y_valid": y_valid}
     if soft_targets is not None:
         arrays["soft_targets"] = soft_targets
-    np.savez(work / "inputs.npz", **arrays)
+    for stale in work.glob("*.npy"):  # an earlier attempt's arrays (soft targets among them) are not this run's
+        stale.unlink()
+    for name, values in arrays.items():
+        np.save(work / f"{name}.npy", values)
     (work / "job.json").write_text(json.dumps({"config": cfg.model_copy(update={"world_size": nproc}).model_dump(),
                                                "cardinalities": cardinalities,
                                                "checkpoint_dir": str(checkpoint_dir)}))
@@ -81,7 +87,7 @@ def main(work: Path) -> None:
     dist.init_process_group(backend)
     try:
         job = json.loads((work / "job.json").read_text())
-        arrays = np.load(work / "inputs.npz")
+        arrays = {f.stem: np.load(f, mmap_mode="c") for f in work.glob("*.npy")}
         cfg = TrainConfig(**job["config"])
         result = train_model(
             ModelInput(arrays["train_numeric"], arrays["train_categorical"]), arrays["y_train"],
