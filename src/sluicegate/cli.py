@@ -204,9 +204,11 @@ def _print_outcome(result: dict, settings: Settings, elapsed: float) -> None:
     else:
         console.print(f"\n[bold green]Promoted.[/bold green] {settings.model_name} v{result['version']} "
                       f"({result['variant']}) is champion: {result['reason']}. Report: {result['gate_report']}")
-    stages = result.get("stage_seconds") or {}
+    stages, peaks = result.get("stage_seconds") or {}, result.get("stage_peak_gb") or {}
     if stages:
         console.print("Stage times: " + ", ".join(f"{k} {v:.1f}s ({v / elapsed:.0%})" for k, v in stages.items()))
+    if peaks:
+        console.print("Peak memory: " + ", ".join(f"{k} {v:.2f} GB" for k, v in peaks.items()))
     console.print(f"Pipeline finished in {elapsed:.1f}s. Look at:\n"
                   f"  MLflow UI:    mlflow ui --backend-store-uri {settings.tracking_uri}\n"
                   f"  Data Docs:    expectations/uncommitted/data_docs/local_site/index.html\n"

@@ -8,6 +8,9 @@ rows) and comes back in order, so the result does not depend on where it ran.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -26,3 +29,26 @@ def map_items(settings: Settings, fn: Callable[[T], R], items: Sequence[T]) -> l
     with Client(settings.dask_scheduler, set_as_default=False) as client:
         # pure=False: equal items are still separate tasks (two shards may compare equal).
         return client.gather(client.map(fn, items, pure=False))
+
+
+def release_free_memory() -> None:
+    """Hand memory that is free but still mapped back to the system, between steps of a large table.
+
+    pandas' temporaries leave glibc's heap fragmented, and Arrow's allocator keeps what it freed for
+    reuse: without this, a stage starts from the previous stage's high-water mark, not from what it
+    still holds. Dask's workers trim the same way (malloc_trim)."""
+    import pyarrow
+
+    pyarrow.default_memory_pool().release_unused()
+    if (trim := _malloc_trim()) is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library is another (macOS, musl)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None

@@ -89,6 +89,14 @@ def test_clean_batch_ends_as_champion(first_run):
     assert "PROMOTE" in report and "max_regression_vs_champion" in report
 
 
+def test_the_run_answers_with_seconds_and_peak_memory_per_stage(first_run):
+    _, result = first_run
+    stages = ["validate", "features", "train", "export", "evaluate", "register", "gate"]
+    assert list(result["stage_seconds"]) == list(result["stage_peak_gb"]) == stages
+    # Each stage's own high-water mark: above the imports of the process, below the machine.
+    assert all(0.2 < gb < 24 for gb in result["stage_peak_gb"].values()), result["stage_peak_gb"]
+
+
 def test_version_carries_lineage_tags(first_run):
     from mlflow import MlflowClient
     batch, result = first_run

@@ -258,6 +258,7 @@ def validate_batch(df: pd.DataFrame, spec: DatasetSpec, batch_id: str, window_st
             run_id=RunIdentifier(run_name=batch_id),
         )
         docs = context.get_docs_sites_urls(site_name=DOCS_SITE)
+        _release_batch(context)
     (validation,) = result.run_results.values()
     outcome = validation.to_json_dict()
     failures = [_failed_check(r, df) for r in outcome["results"] if not r["success"]]
@@ -272,6 +273,14 @@ def validate_batch(df: pd.DataFrame, spec: DatasetSpec, batch_id: str, window_st
         failures=failures,
         data_docs=docs[0]["site_url"] if docs else None,
     )
+
+
+def _release_batch(context: AbstractDataContext) -> None:
+    """Drop the validated frame from GX's batch cache: the datasource's execution engine outlives
+    the run and would hold a copy of the whole batch for the rest of the process."""
+    batches = context.data_sources.get(DATASOURCE).get_execution_engine().batch_manager
+    batches.reset_batch_cache()
+    batches.batch_data_cache.clear()  # the frames themselves; GX has no reset for this one
 
 
 def _utc(ts) -> pd.Timestamp:

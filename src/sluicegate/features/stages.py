@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from sluicegate import compute
 from sluicegate.config import Settings
 from sluicegate.data.batches import read_history
 from sluicegate.features import catalog, store
@@ -57,10 +58,12 @@ def feature_stage(settings: Settings, spec: DatasetSpec, rows: pd.DataFrame) -> 
     view_rows = {view: len(t) for view, t in tables.items()}
     history_rows = 0 if history is None else len(history)
     del tables, history  # on disk now, where Feast reads them: not held through the join
+    compute.release_free_memory()
     feast_store = store.feature_store(settings, spec)
     store.apply_definitions(feast_store, spec, settings)
     if end is not None:
         store.materialize(feast_store, (end + pd.Timedelta(seconds=1)).to_pydatetime())
+    compute.release_free_memory()
     frame = store.training_frame(feast_store, rows, spec)
     if spec.features.python:
         frame[spec.features.python.outputs] = python_features(frame, spec)

@@ -94,8 +94,25 @@ def compute_feature_tables(rows: pd.DataFrame, spec: DatasetSpec, history: pd.Da
 
 
 def key_shards(frame: pd.DataFrame, key: str, shard_rows: int) -> list[pd.DataFrame]:
-    """The frame cut into about len/shard_rows parts by a hash of `key`: every key in exactly one."""
-    return _shards(frame, [key], -(-len(frame) // shard_rows))
+    """The frame cut into about len/shard_rows parts by `key`: every key in exactly one."""
+    count = -(-len(frame) // shard_rows)
+    return _shards(frame, key_codes([frame], [key])[0], count) if count > 1 else [frame]
+
+
+def key_codes(frames: list[pd.DataFrame], keys: list[str]) -> list[np.ndarray]:
+    """An integer per row of each frame for its key, equal for equal keys across all the frames.
+
+    Factorized once (pyarrow strings without making Python objects), so shards and joins work on
+    integers: hashing string keys row by row cost a third of the row view's join at 10M rows."""
+    both = frames[0][keys] if len(frames) == 1 else pd.concat([f[keys] for f in frames], ignore_index=True)
+    codes = both.groupby(keys, sort=False, dropna=False).ngroup().to_numpy()
+    return np.split(codes, np.cumsum([len(f) for f in frames])[:-1])
+
+
+def _shards(frame: pd.DataFrame, codes: np.ndarray, count: int) -> list[pd.DataFrame]:
+    """`count` parts of frame by its key codes: a key's rows all in one part."""
+    which = codes % count
+    return [frame[which == i] for i in range(count)]
 
 
 def _events(rows: pd.DataFrame, spec: DatasetSpec, key: str, values: list[str], aggs: list[Aggregate]) -> pd.DataFrame:
@@ -233,7 +250,9 @@ def _merge_and_replace(new: pd.DataFrame, path: Path, keys: list[str]) -> None:
     table = new
     if path.exists():
         table = pd.concat([pd.read_parquet(path), new], ignore_index=True)
-    table = table.drop_duplicates(keys, keep="first").sort_values(keys[::-1], kind="stable")
+    # In time order (ties as they came: earlier batches first); sorting on the key as well cost a
+    # sort of every string key.
+    table = table.drop_duplicates(keys, keep="first").sort_values(keys[1], kind="stable")
     # Write aside and rename, so a reader (or a crash) never sees half a table.
     tmp = path.with_suffix(".parquet.tmp")
     table.to_parquet(tmp, index=False)
@@ -437,41 +456,45 @@ def _asof_join(entity_df: pd.DataFrame, view: FeatureView, features: list[str], 
                full_feature_names: bool, shard_rows: int = 1_000_000) -> pd.DataFrame:
     """The view's features for each entity row (same order), latest row at or before its timestamp.
 
-    Joined key shard by key shard (a hash of the join keys cuts both sides alike): every match is
-    within one key, so the shards' joins are the whole join, and each shard's sorts stay about
-    `shard_rows` long, so the join's cost and memory per row do not grow with the table."""
+    The join keys of both sides become one integer code (`key_codes`), and the join runs key shard
+    by key shard: every match is within one key, so the shards' joins are the whole join, and each
+    shard's sorts stay about `shard_rows` long, so the join's cost and memory per row do not grow
+    with the table."""
     keys = [column.name for column in view.entity_columns]
     source = view.batch_source
     path = FileSource.get_uri_for_file_path(repo_path=repo_path, uri=source.file_options.uri)
     with pd.option_context("mode.string_storage", "pyarrow"):  # string columns as written, not as objects
         table = pd.read_parquet(path, columns=[*keys, source.timestamp_field, *features])
-    table = table.rename(columns={source.timestamp_field: "_feature_ts"})
+    left_codes, table_codes = key_codes([entity_df, table], keys)
+    table = table.drop(columns=keys).rename(columns={source.timestamp_field: "_feature_ts"})
     table["_feature_ts"] = _utc(table["_feature_ts"])
-    left = entity_df[[*keys, FEAST_EVENT_TS]].assign(_row=np.arange(len(entity_df)))
+    table[KEY_CODE] = table_codes
+    left = pd.DataFrame({KEY_CODE: left_codes, FEAST_EVENT_TS: entity_df[FEAST_EVENT_TS].array,
+                         "_row": np.arange(len(entity_df))})
     count = -(-max(len(left), len(table)) // shard_rows)
     tolerance = pd.Timedelta(view.ttl) if view.ttl else None
-    parts = [_asof_shard(left_part, table_part, keys, features, tolerance)
-             for left_part, table_part in zip(_shards(left, keys, count), _shards(table, keys, count), strict=True)]
+    pairs = (zip(_shards(left, left_codes, count), _shards(table, table_codes, count), strict=True) if count > 1
+             else [(left, table)])
+    parts = [_asof_shard(left_part, table_part, features, tolerance) for left_part, table_part in pairs]
     joined = parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
-    found = joined.sort_values("_row")[features].reset_index(drop=True)
+    # Back to the entity rows' order: `_row` is a permutation, so its inverse places every row in O(n),
+    # one column at a time (sorting the joined frame copied all of it twice).
+    where = np.empty(len(joined), dtype=np.int64)
+    where[joined["_row"].to_numpy()] = np.arange(len(joined))
+    found = pd.DataFrame({f: joined[f].array.take(where) for f in features})
     if full_feature_names:
         found.columns = [f"{view.projection.name_to_use()}__{f}" for f in features]
     return found
 
 
-def _shards(frame: pd.DataFrame, keys: list[str], count: int) -> list[pd.DataFrame]:
-    """`count` parts of frame by a hash of its key columns (the same key: the same part, on either side)."""
-    if count <= 1:
-        return [frame]
-    which = pd.util.hash_pandas_object(frame[keys], index=False).to_numpy() % np.uint64(count)
-    return [frame[which == i] for i in range(count)]
+KEY_CODE = "__key_code"
 
 
-def _asof_shard(left: pd.DataFrame, table: pd.DataFrame, keys: list[str], features: list[str],
+def _asof_shard(left: pd.DataFrame, table: pd.DataFrame, features: list[str],
                 tolerance: pd.Timedelta | None) -> pd.DataFrame:
     joined = pd.merge_asof(
         left.sort_values(FEAST_EVENT_TS, kind="stable"), table.sort_values("_feature_ts", kind="stable"),
-        left_on=FEAST_EVENT_TS, right_on="_feature_ts", by=keys, direction="backward",
+        left_on=FEAST_EVENT_TS, right_on="_feature_ts", by=KEY_CODE, direction="backward",
         allow_exact_matches=True, tolerance=tolerance,
     )
     return joined[["_row", *features]]

@@ -29,6 +29,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import Field
 
+from sluicegate import compute
 from sluicegate.config import Settings, ensure_home
 from sluicegate.data import stages as data
 from sluicegate.features import stages as features
@@ -244,6 +245,7 @@ class _Stopwatch:
         self._last = now
         if (peak := _peak_rss_gb()) is not None:
             self.peak_gb[stage] = round(peak, 3)
+        compute.release_free_memory()
 
 
 def _peak_rss_gb() -> float | None:
