@@ -66,7 +66,8 @@ def print_table(results: list[dict]) -> None:
     small, large = results[0], results[-1]
     stages = list(large["stage_seconds"])
     header = ["stage", *(f"{r['rows'] / 1e6:g}M s" for r in results), *(f"{r['rows'] / 1e6:g}M s/1M" for r in results),
-              f"{large['rows'] / 1e6:g}M/{small['rows'] / 1e6:g}M per row", *(f"{r['rows'] / 1e6:g}M peak GB" for r in results)]
+              f"{large['rows'] / 1e6:g}M/{small['rows'] / 1e6:g}M per row",
+              *(f"{r['rows'] / 1e6:g}M peak GB" for r in results)]
     print("| " + " | ".join(header) + " |")
     print("|---|" + "---:|" * (len(header) - 1))
     for stage in [*stages, "pipeline"]:

@@ -526,8 +526,10 @@ def training_frame(store: feast.FeatureStore, rows: pd.DataFrame, spec: DatasetS
         found = store.get_historical_features(entity_df=entity_df, features=refs).to_df()
         found = found[[key, FEAST_EVENT_TS, *(f.name for f in projection.features)]]
         joined = found if _same_pairs(found, lookup, key) else lookup.merge(found, on=[key, FEAST_EVENT_TS], how="left")
-        for feature in projection.features:
-            out[feature.name] = joined[feature.name].to_numpy()
+        for feature in projection.features:  # by position; .array keeps pyarrow strings compact (no objects)
+            out[feature.name] = joined[feature.name].array
+        del found, joined, entity_df
+        compute.release_free_memory()  # each view's join starts from what is held, not the last one's peak
     catalog.derive_since_previous(out, (when - EPOCH).dt.total_seconds().to_numpy(), spec)
     # The rows' column order, then the aggregates in the spec's order.
     return out[[*rows.columns, *(a.feature_name for a in spec.features.aggregates)]]
@@ -538,7 +540,8 @@ def _same_pairs(found: pd.DataFrame, lookup: pd.DataFrame, key: str) -> bool:
     (no pair repeats, and the store kept the entity frame's order, as the fast store does). The
     join back costs a hash of every pair, about a tenth of the feature stage."""
     return len(found) == len(lookup) and all(
-        np.array_equal(found[c].to_numpy(), lookup[c].to_numpy()) for c in (key, FEAST_EVENT_TS))
+        bool(pd.array(found[c].array == lookup[c].array).fillna(False).all())  # no Python objects made
+        for c in (key, FEAST_EVENT_TS))
 
 
 def online_features(store: feast.FeatureStore, spec: DatasetSpec, keys: dict[str, list]) -> dict[str, list]:
