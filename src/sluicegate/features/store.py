@@ -46,6 +46,7 @@ FIELD_TYPES = {"int64": Int64, "string": String, "float64": Float64, "bool": Boo
 # The row view's constant instant when the table has no timestamp.
 ROW_INSTANT = pd.Timestamp("1970-01-02", tz="UTC")
 EPOCH = pd.Timestamp(0, tz="UTC")
+KEY_CODE = "__key_code"  # the point-in-time join's integer code of the join keys
 
 
 # ---------------------------------------------------------------- transformation
@@ -400,8 +401,8 @@ class AsofFileOfflineStore(DaskOfflineStore):
             for view, features in by_view:
                 found = _asof_join(result, view, features, config.repo_path, full_feature_names,
                                    config.offline_store.shard_rows)
-                for column in found.columns:
-                    result[column] = found[column].to_numpy()
+                for column in found.columns:  # by position; .array keeps pyarrow strings (no objects)
+                    result[column] = found[column].array
             return result
 
         when = _utc(entity_df[FEAST_EVENT_TS])
@@ -485,9 +486,6 @@ def _asof_join(entity_df: pd.DataFrame, view: FeatureView, features: list[str], 
     if full_feature_names:
         found.columns = [f"{view.projection.name_to_use()}__{f}" for f in features]
     return found
-
-
-KEY_CODE = "__key_code"
 
 
 def _asof_shard(left: pd.DataFrame, table: pd.DataFrame, features: list[str],
