@@ -190,6 +190,11 @@ CONTENDER = textwrap.dedent('''
 ''')
 
 
+# Long enough that, with two slots, the second process is surely inside before the first leaves: on a
+# loaded machine asking the server for a slot took over 2 s.
+HOLD_S = "6.0"
+
+
 def _contend(api: str, tmp_path: Path, kind: str, model: str, round_: str) -> list[dict]:
     """Two processes, each with its own SLUICEGATE_HOME (as on two machines), both asking for the slot."""
     script = tmp_path / "contender.py"
@@ -200,7 +205,7 @@ def _contend(api: str, tmp_path: Path, kind: str, model: str, round_: str) -> li
     for me in ("a", "b"):
         env = {**os.environ, "PREFECT_API_URL": api, "SLUICEGATE_HOME": str(tmp_path / f"home-{me}"),
                "SLUICEGATE_MODEL_NAME": model, "PYTHONPATH": str(REPO / "src")}
-        procs.append(subprocess.Popen([sys.executable, str(script), kind, str(ready), me, "2.0"], cwd=REPO,
+        procs.append(subprocess.Popen([sys.executable, str(script), kind, str(ready), me, HOLD_S], cwd=REPO,
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     spans = []
     for proc in procs:
