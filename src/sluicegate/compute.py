@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import functools
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 from sluicegate.config import Settings
@@ -29,6 +30,20 @@ def map_items(settings: Settings, fn: Callable[[T], R], items: Sequence[T]) -> l
     with Client(settings.dask_scheduler, set_as_default=False) as client:
         # pure=False: equal items are still separate tasks (two shards may compare equal).
         return client.gather(client.map(fn, items, pure=False))
+
+
+def peak_rss_gb() -> float | None:
+    """This process's peak RSS since the last call, in GB, or None off Linux.
+
+    The kernel's high-water mark (VmHWM) is read, then reset through /proc/self/clear_refs, so each
+    step gets its own peak; psutil reads the mark but cannot reset it."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        kib = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+        Path("/proc/self/clear_refs").write_text("5")
+    except (OSError, StopIteration, ValueError):
+        return None
+    return kib / 1024 / 1024
 
 
 def release_free_memory() -> None:

@@ -34,7 +34,7 @@ def read_batch(batch_dir: Path, arrow_strings: bool = False) -> pd.DataFrame:
     """Read every day partition of a batch, in day order, as written (or its files, without days).
 
     `arrow_strings`: string columns as pyarrow strings, never made into Python objects on the way
-    (about a third of the memory; `data.validate.compact_strings`)."""
+    (about a third of the memory)."""
     files = sorted(batch_dir.glob("date=*/*.parquet")) or sorted(batch_dir.glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"no parquet partitions under {batch_dir}")

@@ -96,8 +96,7 @@ class ValidationOutcome:
 def validate_stage(settings: Settings, spec: DatasetSpec, batch_dir: Path,
                    context_root: Path) -> tuple[ValidationOutcome, pd.DataFrame | None]:
     """Validate a raw batch; on failure move it to quarantine with its report."""
-    # What every later stage holds: strings compact from the start (read so, then any left over).
-    frame = validation.compact_strings(data.read_batch(batch_dir, arrow_strings=True), spec)
+    frame = data.read_batch(batch_dir, arrow_strings=True)  # what every later stage holds: compact strings
     start, end = batch_window(batch_dir, spec)
     report = validation.validate_batch(frame, spec, batch_dir.name, start, end, context_root=context_root)
     if report.success:

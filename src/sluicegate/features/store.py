@@ -371,8 +371,8 @@ class AsofFileOfflineStoreConfig(DaskOfflineStoreConfig):
     """Selects AsofFileOfflineStore; Feast finds the class by dropping "Config"."""
 
     type: Literal["sluicegate.features.store.AsofFileOfflineStore"] = ASOF_STORE_TYPE  # type: ignore[assignment]
-    # About this many entity rows per key shard of the join (Settings.feature_shard_rows).
-    shard_rows: int = 1_000_000
+    # About this many entity rows per key shard of the join.
+    shard_rows: int = Settings.model_fields["feature_shard_rows"].default
 
 
 class AsofFileOfflineStore(DaskOfflineStore):
@@ -454,7 +454,7 @@ def _features_by_view(feature_views, feature_refs) -> list[tuple[FeatureView, li
 
 
 def _asof_join(entity_df: pd.DataFrame, view: FeatureView, features: list[str], repo_path,
-               full_feature_names: bool, shard_rows: int = 1_000_000) -> pd.DataFrame:
+               full_feature_names: bool, shard_rows: int) -> pd.DataFrame:
     """The view's features for each entity row (same order), latest row at or before its timestamp.
 
     The join keys of both sides become one integer code (`key_codes`), and the join runs key shard

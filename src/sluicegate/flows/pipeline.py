@@ -237,29 +237,15 @@ class _Stopwatch:
         self.seconds: dict[str, float] = {}
         self.peak_gb: dict[str, float] = {}  # this process's peak RSS during each stage (Linux only)
         self._last = time.perf_counter()
-        _peak_rss_gb()
+        compute.peak_rss_gb()  # from here on
 
     def lap(self, stage: str) -> None:
         now = time.perf_counter()
         self.seconds[stage] = round(now - self._last, 2)
         self._last = now
-        if (peak := _peak_rss_gb()) is not None:
+        if (peak := compute.peak_rss_gb()) is not None:
             self.peak_gb[stage] = round(peak, 3)
         compute.release_free_memory()
-
-
-def _peak_rss_gb() -> float | None:
-    """This process's peak RSS since the last call, in GB, or None off Linux.
-
-    The kernel's high-water mark (VmHWM) is read, then reset through /proc/self/clear_refs, so each
-    stage gets its own peak; psutil reads the mark but cannot reset it."""
-    try:
-        status = Path("/proc/self/status").read_text()
-        kib = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
-        Path("/proc/self/clear_refs").write_text("5")
-    except (OSError, StopIteration, ValueError):
-        return None
-    return kib / 1024 / 1024
 
 
 def _run_stages(settings, spec, policy, params: PipelineParams, batch_dir, work_dir, parent, client) -> dict:

@@ -312,7 +312,7 @@ def test_entity_shards_give_exactly_the_unsharded_tables(transactions, spec, tmp
 
 
 def test_point_in_time_join_in_key_shards_gives_exactly_the_whole_join(built, frame, transactions, spec):
-    """The join cut by a hash of each view's key (here into 7 shards) is the unsharded join, row for row."""
+    """The join cut by each view's key codes (here into 7 shards) is the unsharded join, row for row."""
     settings, _, _ = built
     sharded = feast.FeatureStore(config=F.repo_config(settings.model_copy(update={"feature_shard_rows": 3000}), spec))
     assert sharded.config.offline_store.shard_rows == 3000

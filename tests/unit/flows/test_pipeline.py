@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from sluicegate.flows.pipeline import _peak_rss_gb, _Stopwatch
+from sluicegate import compute
+from sluicegate.flows.pipeline import _Stopwatch
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's high-water mark is Linux's")
@@ -19,4 +20,4 @@ def test_each_stage_gets_its_own_peak_memory():
     clock.lap("small")
     assert clock.peak_gb["big"] - clock.peak_gb["small"] > 0.3
     assert list(clock.seconds) == list(clock.peak_gb) == ["big", "small"]
-    assert _peak_rss_gb() < clock.peak_gb["big"]
+    assert compute.peak_rss_gb() < clock.peak_gb["big"]
