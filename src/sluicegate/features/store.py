@@ -17,9 +17,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal, NamedTuple
 
+import duckdb
 import feast
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytz
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, Project, RepoConfig, ValueType
 from feast.infra.offline_stores.dask import DaskOfflineStore, DaskOfflineStoreConfig, DaskRetrievalJob
@@ -29,6 +32,8 @@ from feast.infra.online_stores.redis import RedisOnlineStoreConfig
 from feast.infra.online_stores.sqlite import SqliteOnlineStoreConfig
 from feast.repo_config import RegistryConfig
 from feast.types import Bool, Float64, Int64, String
+from pandas.api.indexers import BaseIndexer
+from pandas.core.util.hashing import combine_hash_arrays  # pandas' own column combiner
 
 from sluicegate import compute
 from sluicegate.config import Settings
@@ -46,7 +51,6 @@ FIELD_TYPES = {"int64": Int64, "string": String, "float64": Float64, "bool": Boo
 # The row view's constant instant when the table has no timestamp.
 ROW_INSTANT = pd.Timestamp("1970-01-02", tz="UTC")
 EPOCH = pd.Timestamp(0, tz="UTC")
-KEY_CODE = "__key_code"  # the point-in-time join's integer code of the join keys
 
 
 # ---------------------------------------------------------------- transformation
@@ -189,10 +193,34 @@ def _window(agg: Aggregate) -> pd.Timedelta:
 def _rolling_before(df: pd.DataFrame, key: str, ts: str, window: pd.Timedelta, column: str):
     """Rolling window [t - window, t) per key; df must be sorted by (key, ts).
 
-    closed="left" leaves out the row itself and every row sharing its timestamp.
-    groupby(sort=True) emits groups in key order, which is df's order.
-    """
-    return df.groupby(key, sort=True).rolling(window, on=ts, closed="left")[column]
+    The window bounds pandas' `groupby(key).rolling(window, on=ts, closed="left")` uses, found for all
+    keys at once (`_bounds_before`), so pandas' own kernels compute the same values: that groupby
+    builds and checks each key's bounds in a Python loop, most of the transformation's time. Rows
+    sharing a timestamp see only earlier rows."""
+    start, end = _bounds_before(df[key], df[ts], window)
+    return df[column].rolling(_Bounds(start=start, end=end), min_periods=1)
+
+
+class _Bounds(BaseIndexer):
+    """Window bounds given up front."""
+
+    def get_window_bounds(self, num_values=0, min_periods=None, center=None, closed=None, step=None):
+        return self.start, self.end
+
+
+def _bounds_before(keys: pd.Series, times: pd.Series, window: pd.Timedelta) -> tuple[np.ndarray, np.ndarray]:
+    """For each row of a frame sorted by (key, time): its key's first row no older than `window`
+    (start) and its key's first row at its own time (end, exclusive). One sorted search over
+    (key, rank of time)."""
+    codes = pd.factorize(keys)[0].astype(np.int64)  # sorted keys: codes ascend
+    ns = times.array.asi8
+    oldest = ns - window.value
+    instants = np.unique(np.concatenate([ns, oldest]))  # ranks, so (code, rank) fits one int64
+    scale = len(instants) + 1
+    at = codes * scale + np.searchsorted(instants, ns)
+    start = np.searchsorted(at, codes * scale + np.searchsorted(instants, oldest), side="left")
+    end = np.searchsorted(at, at, side="left")  # the first row at this instant: ties are left out
+    return start.astype(np.int64), end.astype(np.int64)
 
 
 def _lagged_label_rate(df: pd.DataFrame, keys: pd.DataFrame, key: str, ts: str, window: pd.Timedelta,
@@ -329,8 +357,7 @@ def repo_config(settings: Settings, spec: DatasetSpec, fast_retrieval: bool = Tr
         provider="local",
         registry=RegistryConfig(registry_type="file", path=str(paths.feast / "registry.db")),
         online_store=online,
-        offline_store=(AsofFileOfflineStoreConfig(shard_rows=settings.feature_shard_rows) if fast_retrieval
-                       else DaskOfflineStoreConfig()),
+        offline_store=AsofFileOfflineStoreConfig() if fast_retrieval else DaskOfflineStoreConfig(),
         # 3 is the current scheme; lower versions raise deprecation warnings.
         entity_key_serialization_version=3,
         repo_path=paths.feast,
@@ -371,17 +398,16 @@ class AsofFileOfflineStoreConfig(DaskOfflineStoreConfig):
     """Selects AsofFileOfflineStore; Feast finds the class by dropping "Config"."""
 
     type: Literal["sluicegate.features.store.AsofFileOfflineStore"] = ASOF_STORE_TYPE  # type: ignore[assignment]
-    # About this many entity rows per key shard of the join.
-    shard_rows: int = Settings.model_fields["feature_shard_rows"].default
 
 
 class AsofFileOfflineStore(DaskOfflineStore):
-    """Feast's file (dask) offline store with a merge_asof point-in-time join.
+    """Feast's file (dask) offline store with an as-of point-in-time join (DuckDB's ASOF JOIN).
 
     The dask store merges every entity row with every feature row of the same
     key before filtering, O(rows per key squared): 40M rows and ~50 s for
-    200k transactions over 1,000 merchants. merge_asof gives the same answer
-    (latest feature row with event ts - ttl <= ts <= event ts) in O(n log n).
+    200k transactions over 1,000 merchants. The as-of join gives the same answer
+    (latest feature row with event ts - ttl <= ts <= event ts) in O(n log n),
+    one row per entity row in the entity frame's order, repeated pairs included.
     Materialization and anything beyond plain file-sourced feature views are
     left to the dask store.
     """
@@ -399,8 +425,7 @@ class AsofFileOfflineStore(DaskOfflineStore):
             result = entity_df.copy()
             result[FEAST_EVENT_TS] = _utc(result[FEAST_EVENT_TS])
             for view, features in by_view:
-                found = _asof_join(result, view, features, config.repo_path, full_feature_names,
-                                   config.offline_store.shard_rows)
+                found = _asof_join(result, view, features, config.repo_path, full_feature_names)
                 for column in found.columns:  # by position; .array keeps pyarrow strings (no objects)
                     result[column] = found[column].array
             return result
@@ -454,48 +479,41 @@ def _features_by_view(feature_views, feature_refs) -> list[tuple[FeatureView, li
 
 
 def _asof_join(entity_df: pd.DataFrame, view: FeatureView, features: list[str], repo_path,
-               full_feature_names: bool, shard_rows: int) -> pd.DataFrame:
-    """The view's features for each entity row (same order), latest row at or before its timestamp.
+               full_feature_names: bool) -> pd.DataFrame:
+    """The view's features for each entity row (same order): its latest row at or before the row's
+    timestamp, and no older than the view's ttl.
 
-    The join keys of both sides become one integer code (`key_codes`), and the join runs key shard
-    by key shard: every match is within one key, so the shards' joins are the whole join, and each
-    shard's sorts stay about `shard_rows` long, so the join's cost and memory per row do not grow
-    with the table."""
+    DuckDB's ASOF JOIN does it (equal keys, latest feature timestamp <= the row's), on both sides as
+    Arrow without copies and on every core. Measured at 10M entity rows against 10.2M feature rows: 6.5 s,
+    against 27.6 s for pandas' merge_asof in key shards of integer codes."""
     keys = [column.name for column in view.entity_columns]
     source = view.batch_source
     path = FileSource.get_uri_for_file_path(repo_path=repo_path, uri=source.file_options.uri)
-    with pd.option_context("mode.string_storage", "pyarrow"):  # string columns as written, not as objects
-        table = pd.read_parquet(path, columns=[*keys, source.timestamp_field, *features])
-    left_codes, table_codes = key_codes([entity_df, table], keys)
-    table = table.drop(columns=keys).rename(columns={source.timestamp_field: "_feature_ts"})
-    table["_feature_ts"] = _utc(table["_feature_ts"])
-    table[KEY_CODE] = table_codes
-    left = pd.DataFrame({KEY_CODE: left_codes, FEAST_EVENT_TS: entity_df[FEAST_EVENT_TS].array,
-                         "_row": np.arange(len(entity_df))})
-    count = -(-max(len(left), len(table)) // shard_rows)
-    tolerance = pd.Timedelta(view.ttl) if view.ttl else None
-    pairs = (zip(_shards(left, left_codes, count), _shards(table, table_codes, count), strict=True) if count > 1
-             else [(left, table)])
-    parts = [_asof_shard(left_part, table_part, features, tolerance) for left_part, table_part in pairs]
-    joined = parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
-    # Back to the entity rows' order: `_row` is a permutation, so its inverse places every row in O(n),
-    # one column at a time (sorting the joined frame copied all of it twice).
-    where = np.empty(len(joined), dtype=np.int64)
-    where[joined["_row"].to_numpy()] = np.arange(len(joined))
-    found = pd.DataFrame({f: joined[f].array.take(where) for f in features})
+    table = pq.read_table(path, columns=[*keys, source.timestamp_field, *features])
+    # Timestamps as int64 nanoseconds on both sides: DuckDB's own timestamps stop at microseconds.
+    table = table.set_column(len(keys), "__ts", _epoch_ns(table[source.timestamp_field]))
+    rows = pa.table({**{k: pa.array(entity_df[k]) for k in keys},
+                     "__ts": entity_df[FEAST_EVENT_TS].array.asi8, "__row": np.arange(len(entity_df))})
+    on = " AND ".join(f'e."{k}" = f."{k}"' for k in keys)
+    oldest = f'f.__ts >= e.__ts - {pd.Timedelta(view.ttl).value}' if view.ttl else "TRUE"
+    picked = ", ".join(f'CASE WHEN {oldest} THEN f."{c}" END AS "{c}"' for c in features)
+    with duckdb.connect() as con:
+        con.register("entity_rows", rows)
+        con.register("feature_rows", table)
+        joined = con.sql(f"SELECT {picked} FROM entity_rows e ASOF LEFT JOIN feature_rows f "
+                         f"ON {on} AND e.__ts >= f.__ts ORDER BY e.__row").to_arrow_table()
+    # The file's pandas metadata gives each column back the dtype it was written with; pandas strings as
+    # pyarrow strings, not Python objects.
+    with pd.option_context("mode.string_storage", "pyarrow"):
+        found = joined.replace_schema_metadata(table.schema.metadata).to_pandas()
     if full_feature_names:
         found.columns = [f"{view.projection.name_to_use()}__{f}" for f in features]
     return found
 
 
-def _asof_shard(left: pd.DataFrame, table: pd.DataFrame, features: list[str],
-                tolerance: pd.Timedelta | None) -> pd.DataFrame:
-    joined = pd.merge_asof(
-        left.sort_values(FEAST_EVENT_TS, kind="stable"), table.sort_values("_feature_ts", kind="stable"),
-        left_on=FEAST_EVENT_TS, right_on="_feature_ts", by=KEY_CODE, direction="backward",
-        allow_exact_matches=True, tolerance=tolerance,
-    )
-    return joined[["_row", *features]]
+def _epoch_ns(when: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Nanoseconds since the epoch in UTC of a timestamp column (a naive one taken as UTC)."""
+    return when.cast(pa.timestamp("ns", tz=when.type.tz)).cast(pa.int64())
 
 
 # ---------------------------------------------------------------- retrieval
@@ -505,9 +523,10 @@ def training_frame(store: feast.FeatureStore, rows: pd.DataFrame, spec: DatasetS
     row's own values) and every entity view's as of each row's timestamp. Other columns (label, slices)
     are the rows' own.
 
-    Each view is fetched with an entity frame of its distinct (key, timestamp) pairs, then
-    joined back: Feast's stock dask store keeps one row per (join keys seen so far, timestamp), so two
-    events of one entity in the same second would lose a row; fewer rows also join faster.
+    The fast store answers every entity row in order, so each view is fetched with the rows' own
+    (key, timestamp) pairs. Feast's stock dask store keeps one row per (join keys seen so far,
+    timestamp), so two events of one entity in the same second would lose a row: it is asked for the
+    distinct pairs, joined back to the rows.
     """
     row_columns = catalog.row_features(spec)
     out = rows.drop(columns=row_columns)
@@ -515,15 +534,16 @@ def training_frame(store: feast.FeatureStore, rows: pd.DataFrame, spec: DatasetS
     when = (_utc(rows[spec.timestamp]) if spec.timestamp
             else pd.Series(ROW_INSTANT, index=rows.index).dt.as_unit("ns")).dt.tz_convert(pytz.UTC)
     service = store.get_feature_service(catalog.feature_service(spec))
+    in_order = isinstance(store.config.offline_store, AsofFileOfflineStoreConfig)
     for projection in service.feature_view_projections:
         view = store.get_feature_view(projection.name)
         key = view.entity_columns[0].name
         refs = [f"{projection.name_to_use()}:{f.name}" for f in projection.features]
         lookup = pd.DataFrame({key: rows[key].array, FEAST_EVENT_TS: when.array})
-        entity_df = lookup.drop_duplicates(ignore_index=True)
+        entity_df = lookup if in_order else lookup.drop_duplicates(ignore_index=True)
         found = store.get_historical_features(entity_df=entity_df, features=refs).to_df()
         found = found[[key, FEAST_EVENT_TS, *(f.name for f in projection.features)]]
-        joined = found if _same_pairs(found, lookup, key) else lookup.merge(found, on=[key, FEAST_EVENT_TS], how="left")
+        joined = found if in_order else lookup.merge(found, on=[key, FEAST_EVENT_TS], how="left")
         for feature in projection.features:  # by position; .array keeps pyarrow strings compact (no objects)
             out[feature.name] = joined[feature.name].array
         del found, joined, entity_df
@@ -531,15 +551,6 @@ def training_frame(store: feast.FeatureStore, rows: pd.DataFrame, spec: DatasetS
     catalog.derive_since_previous(out, (when - EPOCH).dt.total_seconds().to_numpy(), spec)
     # The rows' column order, then the aggregates in the spec's order.
     return out[[*rows.columns, *(a.feature_name for a in spec.features.aggregates)]]
-
-
-def _same_pairs(found: pd.DataFrame, lookup: pd.DataFrame, key: str) -> bool:
-    """Whether found's (key, timestamp) pairs are lookup's, row for row: then no join back is needed
-    (no pair repeats, and the store kept the entity frame's order, as the fast store does). The
-    join back costs a hash of every pair, about a tenth of the feature stage."""
-    return len(found) == len(lookup) and all(
-        bool(pd.array(found[c].array == lookup[c].array).fillna(False).all())  # no Python objects made
-        for c in (key, FEAST_EVENT_TS))
 
 
 def online_features(store: feast.FeatureStore, spec: DatasetSpec, keys: dict[str, list]) -> dict[str, list]:
@@ -555,5 +566,19 @@ def frame_hash(df: pd.DataFrame) -> str:
     digest = hashlib.sha256()
     for name, dtype in df.dtypes.items():
         digest.update(f"{name}\x1f{dtype}\x1e".encode())
-    digest.update(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes())
+    hashes = combine_hash_arrays((_column_hash(df[name]) for name in df.columns), len(df.columns))
+    digest.update(hashes.tobytes())
     return digest.hexdigest()
+
+
+def _column_hash(column: pd.Series) -> np.ndarray:
+    """pandas' hash of each value (`hash_pandas_object`), with pyarrow strings hashed the way pandas
+    hashes a Categorical: each distinct string once, found by Arrow. pandas itself makes a Python object
+    of every pyarrow string first and factorizes those: 30 s of the feature stage at 10M rows."""
+    if not (isinstance(column.dtype, pd.StringDtype) and column.dtype.storage == "pyarrow"):
+        return pd.util.hash_pandas_object(column, index=False).to_numpy()
+    encoded = pa.chunked_array(pa.array(column.array)).combine_chunks().dictionary_encode()
+    distinct = pd.util.hash_array(encoded.dictionary.to_numpy(zero_copy_only=False), categorize=False)
+    hashed = np.full(len(column), np.iinfo(np.uint64).max, np.uint64)  # a missing value's hash, as pandas'
+    hashed[encoded.indices.is_valid().to_numpy(zero_copy_only=False)] = distinct[encoded.indices.drop_null().to_numpy()]
+    return hashed

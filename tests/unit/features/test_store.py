@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import feast
 import numpy as np
 import pandas as pd
 import pytest
+from feast import Entity, FeatureView, Field, FileSource, ValueType
+from feast.types import Float64, Int64
 
 from sluicegate.config import Settings, ensure_home
 from sluicegate.data.synthetic import GenerateConfig, generate_transactions
@@ -311,9 +313,53 @@ def test_entity_shards_give_exactly_the_unsharded_tables(transactions, spec, tmp
                                       table.sort_values(keys, ignore_index=True))
 
 
-def test_point_in_time_join_in_key_shards_gives_exactly_the_whole_join(built, frame, transactions, spec):
-    """The join cut by each view's key codes (here into 7 shards) is the unsharded join, row for row."""
-    settings, _, _ = built
-    sharded = feast.FeatureStore(config=F.repo_config(settings.model_copy(update={"feature_shard_rows": 3000}), spec))
-    assert sharded.config.offline_store.shard_rows == 3000
-    pd.testing.assert_frame_equal(F.training_frame(sharded, transactions, spec), frame)
+def test_as_of_join_is_pandas_merge_asof_within_the_ttl_in_the_entity_rows_order(tmp_path):
+    """Latest feature row at or before each entity row, none older than the ttl; repeated and shuffled
+    entity rows each get their own answer, in their order."""
+    rng = np.random.default_rng(3)
+    start = pd.Timestamp("2026-01-01", tz="UTC")
+    table = pd.DataFrame({"account": rng.integers(0, 50, 4000),
+                          "at": start + pd.to_timedelta(rng.integers(0, 5 * 3600, 4000), unit="s"),
+                          "spend": rng.normal(size=4000), "visits": rng.integers(0, 9, 4000)})
+    table = table.drop_duplicates(["account", "at"]).sort_values("at", ignore_index=True)
+    table.to_parquet(tmp_path / "accounts.parquet")
+    entity = Entity(name="account", join_keys=["account"], value_type=ValueType.INT64)
+    view = FeatureView(name="accounts", entities=[entity], ttl=timedelta(hours=1),
+                       schema=[Field(name="account", dtype=Int64), Field(name="spend", dtype=Float64),
+                               Field(name="visits", dtype=Int64)],
+                       source=FileSource(path=str(tmp_path / "accounts.parquet"), timestamp_field="at"))
+    asked = pd.DataFrame({"account": rng.integers(0, 60, 3000),  # keys 50..59 have no rows at all
+                          F.FEAST_EVENT_TS: start + pd.to_timedelta(rng.integers(0, 6 * 3600, 3000), unit="s")})
+    asked = pd.concat([asked, asked.iloc[:300]], ignore_index=True)  # repeated pairs
+
+    found = F._asof_join(asked, view, ["spend", "visits"], tmp_path, full_feature_names=False)
+
+    expected = pd.merge_asof(asked.reset_index().sort_values(F.FEAST_EVENT_TS), table, left_on=F.FEAST_EVENT_TS,
+                             right_on="at", by="account", tolerance=pd.Timedelta(hours=1)).sort_values("index")
+    assert 0 < found["spend"].isna().sum() < len(asked)  # some rows are past the ttl or have no key
+    pd.testing.assert_frame_equal(found, expected[["spend", "visits"]].reset_index(drop=True))
+
+
+
+
+def test_rolling_windows_are_pandas_groupby_rolling_value_for_value():
+    """The bounds found for all keys at once give exactly pandas' per-key time windows [t - w, t)."""
+    rng = np.random.default_rng(5)
+    n = 20_000
+    df = pd.DataFrame({"k": rng.integers(0, 300, n), "v": rng.lognormal(3, 1, n),
+                       "t": (pd.Timestamp("2026-01-01", tz="UTC")
+                             + pd.to_timedelta(rng.integers(0, 3 * 86400, n), unit="s")).as_unit("ns")})
+    df.loc[rng.random(n) < 0.05, "v"] = np.nan
+    df = df.sort_values(["k", "t"], kind="stable", ignore_index=True)  # ties in (k, t) included
+    for window in (pd.Timedelta("1h"), pd.Timedelta("7d")):
+        expected = df.groupby("k", sort=True).rolling(window, on="t", closed="left")["v"]
+        got = F._rolling_before(df, "k", "t", window, "v")
+        for stat in ("sum", "mean", "std", "min", "max"):
+            np.testing.assert_array_equal(getattr(got, stat)().to_numpy(), getattr(expected, stat)().to_numpy(),
+                                          err_msg=f"{stat} over {window}")
+
+
+def test_string_hashes_are_pandas_hashes_of_the_same_strings():
+    values = ["a", None, "bb", "a", "ccc", None]
+    arrow, objects = pd.Series(values, dtype="string[pyarrow]").iloc[1:], pd.Series(values, dtype=object).iloc[1:]
+    np.testing.assert_array_equal(F._column_hash(arrow), pd.util.hash_pandas_object(objects, index=False).to_numpy())
