@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from numpy.typing import ArrayLike
 
 from sluicegate.runtime import ModelInput
@@ -125,6 +127,11 @@ def _transform(values: np.ndarray, transform: Transform) -> np.ndarray:
 
 def encode_categories(values: ArrayLike, categories: list) -> np.ndarray:
     """Index into the spec's category list, shifted by one; unknown or missing -> 0."""
+    if isinstance(values, pd.Series) and isinstance(values.dtype, pd.StringDtype) and values.dtype.storage == "pyarrow":
+        # Arrow looks the strings up without making a Python object of each (10M rows: seconds, not a minute).
+        strings = pa.array(values.array)
+        found = pc.index_in(strings, value_set=pa.array(categories, strings.type))
+        return found.fill_null(-1).to_numpy().astype(np.int64) + 1
     codes = {c: i for i, c in enumerate(categories, start=1)}
     # A dict lookup per value: ~40x cheaper than pandas' hash join for a serving micro-batch,
     # ~1.6x dearer for 200k training rows (19 ms against 12 ms a column).
@@ -135,7 +142,10 @@ def encode_categories(values: ArrayLike, categories: list) -> np.ndarray:
 def time_part(values: ArrayLike, part: str) -> np.ndarray:
     """hour_of_day in UTC with its fraction (05:30 -> 5.5), or day_of_week (Monday 0) with its fraction.
     Naive timestamps are taken as UTC; aware ones are converted to UTC by numpy's datetime64 view."""
-    ns = np.asarray(values, dtype="datetime64[ns]").astype(np.int64)
+    if isinstance(values, pd.Series) and isinstance(values.dtype, pd.DatetimeTZDtype):
+        ns = values.dt.as_unit("ns").array.asi8  # UTC; numpy would make a Timestamp object of each value
+    else:
+        ns = np.asarray(values, dtype="datetime64[ns]").astype(np.int64)
     minutes = ns // 60_000_000_000  # whole minutes
     if part == "hour_of_day":
         return (minutes % (24 * 60)) / 60.0

@@ -65,6 +65,7 @@ def test_missing_values_are_zero_with_their_indicator_and_log1p_keeps_the_sign(s
 def test_time_parts_are_taken_in_utc_whatever_the_zone():
     local = pd.Series(pd.to_datetime(["2024-03-01 05:30", "2024-03-01 23:59"]).tz_localize("America/New_York"))
     np.testing.assert_allclose(time_part(local, "hour_of_day"), [10.5, 4 + 59 / 60])
+    np.testing.assert_allclose(time_part(local.dt.as_unit("s"), "hour_of_day"), [10.5, 4 + 59 / 60])
     naive = np.array(["2024-03-01T05:30:59"], dtype="datetime64[s]")
     np.testing.assert_allclose(time_part(naive, "hour_of_day"), [5.5])  # seconds are dropped
     monday = np.array(["2024-03-04T12:00"], dtype="datetime64[m]")  # a Monday
@@ -75,6 +76,8 @@ def test_unknown_and_missing_categories_encode_to_zero_for_strings_integers_and_
     assert encode_categories(["pos", "teleport", None, "online"], ["online", "pos"]).tolist() == [2, 0, 0, 1]
     assert encode_categories(np.array([3, 7, 1]), [1, 3]).tolist() == [2, 0, 1]
     assert encode_categories([True, False, None], [False, True]).tolist() == [2, 1, 0]
+    arrow = pd.Series(["pos", "teleport", None, "online"], dtype="string[pyarrow]")
+    assert encode_categories(arrow, ["online", "pos"]).tolist() == [2, 0, 0, 1]
 
 
 def _spec_with_python(function: str, outputs: list[str]):

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from feast import Entity, FeatureView, Field, FileSource, ValueType
+from feast.infra.offline_stores.dask import DaskOfflineStore
 from feast.types import Float64, Int64
 
 from sluicegate.config import Settings, ensure_home
@@ -136,6 +137,26 @@ def test_fast_offline_store_matches_feast_dask_store(built, frame, transactions,
     dask_store = feast.FeatureStore(config=F.repo_config(settings, spec, fast_retrieval=False))
     stock = F.training_frame(dask_store, transactions, spec)
     pd.testing.assert_frame_equal(stock, frame)
+
+
+def test_materialization_reads_each_keys_latest_row_as_the_dask_store_does(built, transactions, spec):
+    """The fast store's latest rows per key in a window (what materialization writes online) are the
+    stock dask store's, the window's edges included."""
+    settings, store, _ = built
+    view = store.get_feature_view(catalog.entity_view("customer"))
+    when = transactions[spec.timestamp]
+    windows = [(datetime(1970, 1, 2, tzinfo=UTC), when.max().to_pydatetime()),
+               (when.quantile(0.4).to_pydatetime(), when.quantile(0.6).to_pydatetime())]
+    config = F.repo_config(settings, spec, fast_retrieval=False)
+    for start, end in windows:
+        args = (view.batch_source, [spec.entities["customer"].key], [f.name for f in view.features],
+                spec.timestamp, None, start, end)
+        fast = F.AsofFileOfflineStore.pull_latest_from_table_or_query(store.config, *args).to_df()
+        stock = DaskOfflineStore.pull_latest_from_table_or_query(config, *args).to_df()
+        key = spec.entities["customer"].key
+        assert 0 < len(fast) == len(stock)
+        pd.testing.assert_frame_equal(fast.sort_values(key, ignore_index=True)[list(stock.columns)],
+                                      stock.sort_values(key, ignore_index=True), check_dtype=False)
 
 
 def test_apply_is_idempotent_and_online_serves_latest(built, transactions, spec):
