@@ -101,17 +101,8 @@ def compute_feature_tables(rows: pd.DataFrame, spec: DatasetSpec, history: pd.Da
 def key_shards(frame: pd.DataFrame, key: str, shard_rows: int) -> list[pd.DataFrame]:
     """The frame cut into about len/shard_rows parts by `key`: every key in exactly one."""
     count = -(-len(frame) // shard_rows)
-    return _shards(frame, key_codes([frame], [key])[0], count) if count > 1 else [frame]
-
-
-def key_codes(frames: list[pd.DataFrame], keys: list[str]) -> list[np.ndarray]:
-    """An integer per row of each frame for its key, equal for equal keys across all the frames.
-
-    Factorized once (pyarrow strings without making Python objects), so shards and joins work on
-    integers: hashing string keys row by row cost a third of the row view's join at 10M rows."""
-    both = frames[0][keys] if len(frames) == 1 else pd.concat([f[keys] for f in frames], ignore_index=True)
-    codes = both.groupby(keys, sort=False, dropna=False).ngroup().to_numpy()
-    return np.split(codes, np.cumsum([len(f) for f in frames])[:-1])
+    # Integer codes of the key (pyarrow strings factorized without Python objects), not a hash per row.
+    return _shards(frame, pd.factorize(frame[key])[0], count) if count > 1 else [frame]
 
 
 def _shards(frame: pd.DataFrame, codes: np.ndarray, count: int) -> list[pd.DataFrame]:
@@ -518,7 +509,7 @@ def _asof_join(entity_df: pd.DataFrame, view: FeatureView, features: list[str], 
 
     DuckDB's ASOF JOIN does it (equal keys, latest feature timestamp <= the row's), on both sides as
     Arrow without copies and on every core. Measured at 10M entity rows against 10.2M feature rows: 6.5 s,
-    against 27.6 s for pandas' merge_asof in key shards of integer codes."""
+    against 22.1 s for pandas' merge_asof in key shards of integer codes."""
     keys = [column.name for column in view.entity_columns]
     source = view.batch_source
     path = FileSource.get_uri_for_file_path(repo_path=repo_path, uri=source.file_options.uri)
