@@ -30,11 +30,6 @@ def write_batch(df: pd.DataFrame, raw_dir: Path, batch_id: str, timestamp: str |
     return batch_dir
 
 
-# Arrow string columns as pandas' pyarrow strings (`to_pandas(types_mapper=ARROW_STRINGS.get)`),
-# never as Python objects.
-ARROW_STRINGS = {pa.string(): pd.StringDtype("pyarrow"), pa.large_string(): pd.StringDtype("pyarrow")}
-
-
 def read_batch(batch_dir: Path, arrow_strings: bool = False) -> pd.DataFrame:
     """Read every day partition of a batch, in day order, as written (or its files, without days).
 
@@ -44,8 +39,8 @@ def read_batch(batch_dir: Path, arrow_strings: bool = False) -> pd.DataFrame:
     if not files:
         raise FileNotFoundError(f"no parquet partitions under {batch_dir}")
     if arrow_strings:
-        return pd.concat([pq.read_table(f).to_pandas(types_mapper=ARROW_STRINGS.get) for f in files],
-                         ignore_index=True)
+        strings = {pa.string(): pd.StringDtype("pyarrow"), pa.large_string(): pd.StringDtype("pyarrow")}
+        return pd.concat([pq.read_table(f).to_pandas(types_mapper=strings.get) for f in files], ignore_index=True)
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
 
 

@@ -212,7 +212,7 @@ def _bounds_before(keys: pd.Series, times: pd.Series, window: pd.Timedelta) -> t
     start = np.searchsorted(at, codes * scale + np.searchsorted(ranked, ns - window.value))
     first = np.r_[True, at[1:] != at[:-1]]  # the first row at each (key, time): ties are left out
     end = np.maximum.accumulate(np.where(first, np.arange(len(at)), 0))
-    return start.astype(np.int64), end.astype(np.int64)
+    return start, end
 
 
 def _lagged_label_rate(df: pd.DataFrame, keys: pd.DataFrame, key: str, ts: str, window: pd.Timedelta,
@@ -436,10 +436,8 @@ class AsofFileOfflineStore(DaskOfflineStore):
 
         The dask store reads the whole file and sorts it on Dask (a minute at 10M rows) to keep a few
         rows per key; here only the row groups that can hold the window are read (parquet statistics),
-        and the file is in time order already (`write_feature_tables`)."""
-        plain = (isinstance(data_source, FileSource) and join_key_columns and not created_timestamp_column
-                 and not data_source.field_mapping and not data_source.file_options.s3_endpoint_override)
-        if not plain:
+        and sorting them is cheap: the files are written in time order (`write_feature_tables`)."""
+        if not (join_key_columns and _plain_file(data_source)):
             return DaskOfflineStore.pull_latest_from_table_or_query(
                 config, data_source, join_key_columns, feature_name_columns, timestamp_field,
                 created_timestamp_column, start_date, end_date)
@@ -452,7 +450,8 @@ class AsofFileOfflineStore(DaskOfflineStore):
 
 
 class AsofRetrievalJob(DaskRetrievalJob):
-    """The fast join's job: its evaluation gives the joined pandas frame itself.
+    """The fast store's job (a join, or materialization's latest rows): its evaluation gives the pandas
+    frame itself.
 
     Feast's `to_df` goes through an Arrow table and back (`to_arrow().to_pandas()`), about 1.5 s per
     million rows here for a frame that already is pandas; with no on-demand view or validation to
@@ -484,6 +483,13 @@ def _latest_rows(path, keys: list[str], features: list[str], timestamp: str, sta
     return latest.reset_index(drop=True)
 
 
+def _plain_file(source) -> bool:
+    """A parquet file read as it is, what the fast store's own readers handle: no renamed columns, no
+    created timestamps, no S3 endpoint of its own (the dask store handles those)."""
+    return (isinstance(source, FileSource) and not source.field_mapping and not source.created_timestamp_column
+            and not source.file_options.s3_endpoint_override)
+
+
 def _features_by_view(feature_views, feature_refs) -> list[tuple[FeatureView, list[str]]] | None:
     """(view, feature names) per requested view, or None when the fast join does not apply."""
     wanted: dict[str, list[str]] = {}
@@ -492,10 +498,7 @@ def _features_by_view(feature_views, feature_refs) -> list[tuple[FeatureView, li
         wanted.setdefault(view_name, []).append(feature)
     pairs = []
     for view in feature_views:
-        source = view.batch_source
-        simple = (isinstance(source, FileSource) and not source.field_mapping
-                  and not source.created_timestamp_column and not view.projection.join_key_map)
-        if not simple:
+        if not _plain_file(view.batch_source) or view.projection.join_key_map:
             return None
         pairs.append((view, wanted.pop(view.projection.name_to_use(), [])))
     # Anything left is an on-demand view or unknown: the dask store handles it.

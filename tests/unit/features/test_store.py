@@ -361,8 +361,6 @@ def test_as_of_join_is_pandas_merge_asof_within_the_ttl_in_the_entity_rows_order
     pd.testing.assert_frame_equal(found, expected[["spend", "visits"]].reset_index(drop=True))
 
 
-
-
 def test_rolling_windows_are_pandas_groupby_rolling_value_for_value():
     """The bounds found for all keys at once give exactly pandas' per-key time windows [t - w, t)."""
     rng = np.random.default_rng(5)
