@@ -105,7 +105,7 @@ def _train(prepared, spec: DatasetSpec, cfg: TrainConfig, checkpoint_dir: Path, 
     try:
         with registry.stage_run(parent, "train"):
             mlflow.log_params({f"train.{k}": v for k, v in cfg.model_dump().items()})
-            registry.log_training_dataset(prepared.splits.train, data_hash, "training", targets=spec.label)
+            registry.log_training_dataset(prepared.splits.rows("train"), data_hash, "training", targets=spec.label)
             outcome = training.train_stage(prepared, spec, cfg, checkpoint_dir,
                                            on_epoch=lambda row: _log_epoch(row, logger))
             mlflow.log_dict(outcome.device, "hardware.json")

@@ -151,13 +151,14 @@ def evaluate_stage(model, prepared: Prepared, exported: ExportOutcome, spec: Dat
         return runtime.onnx_predict(shipped_session, data)
 
     shipped_scores = score(prepared.test)
-    groups = evaluation.slice_groups(prepared.splits.test, prepared.test, spec)
+    test_rows = prepared.splits.rows("test")
+    groups = evaluation.slice_groups(test_rows, prepared.test, spec)
     return EvaluationOutcome(
         threshold=threshold, torch_metrics=torch_metrics, shipped_metrics=metrics_by_name[shipped.name],
         slices=evaluation.slice_metrics(groups, y, shipped_scores, threshold),
         reliability=evaluation.reliability_table(y, shipped_scores),
         robustness=evaluation.robustness(score, prepared.test, y, metrics_by_name[shipped.name]["pr_auc"], spec),
-        behaviour=evaluation.behaviour(lambda f: score(build_model_input(f, spec)), prepared.splits.test, spec),
+        behaviour=evaluation.behaviour(lambda f: score(build_model_input(f, spec)), test_rows, spec),
         variants=variants, benchmark=benchmark_rows(benches, hw.price_per_hour), shipped=shipped,
         holdout=holdout_frame(prepared.test, y, groups, spec), hardware=hw, features=spec.feature_columns,
         dataset={"name": spec.name, "predicts": spec.predicts, "label": spec.label,

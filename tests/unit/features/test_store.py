@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime, timedelta
 
 import feast
@@ -214,6 +215,19 @@ def test_frame_hash_is_stable_and_content_sensitive(transactions):
     assert F.frame_hash(df.iloc[::-1]) != digest
 
 
+def test_frame_hash_in_slices_is_the_whole_frames_hash(transactions, monkeypatch):
+    """frame_hash hashes a slice of rows at a time; the slicing must not change the digest."""
+    df = transactions.head(1000).astype({"channel": "string[pyarrow]"})
+    whole = F.frame_hash(df)
+    monkeypatch.setattr(F, "HASH_ROWS", 7)
+    assert F.frame_hash(df) == whole
+    reference = hashlib.sha256()
+    for name, dtype in df.dtypes.items():
+        reference.update(f"{name}\x1f{dtype}\x1e".encode())
+    reference.update(pd.util.hash_pandas_object(df.astype({"channel": object}), index=False).to_numpy().tobytes())
+    assert whole == reference.hexdigest()  # pandas' own row hashes, all rows at once
+
+
 OTHER_TABLE = {
     "spec_version": 1, "name": "claims",
     "table": {"id": "claim_id", "timestamp": "filed_at", "label": "fraudulent", "positive": "Yes",
@@ -353,7 +367,8 @@ def test_as_of_join_is_pandas_merge_asof_within_the_ttl_in_the_entity_rows_order
                           F.FEAST_EVENT_TS: start + pd.to_timedelta(rng.integers(0, 6 * 3600, 3000), unit="s")})
     asked = pd.concat([asked, asked.iloc[:300]], ignore_index=True)  # repeated pairs
 
-    found = F._asof_join(asked, view, ["spend", "visits"], tmp_path, full_feature_names=False)
+    found = F._asof_join(asked, view, ["spend", "visits"], tmp_path, F.AsofFileOfflineStoreConfig(),
+                          full_feature_names=False)
 
     expected = pd.merge_asof(asked.reset_index().sort_values(F.FEAST_EVENT_TS), table, left_on=F.FEAST_EVENT_TS,
                              right_on="at", by="account", tolerance=pd.Timedelta(hours=1)).sort_values("index")

@@ -150,6 +150,32 @@ def test_the_training_set_is_recorded_with_its_hash_as_digest(store, tmp_path):
     assert [m.model_id for m in inputs.model_inputs] == [info.model_id]
 
 
+def test_the_logged_schema_is_the_one_mlflow_infers(store):
+    import json
+
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    from mlflow.types.utils import _infer_schema
+
+    n = 500  # every kind of column, with and without missing values
+    frame = pd.DataFrame({
+        "amount": np.linspace(0, 1, n), "gap": np.where(np.arange(n) == n - 1, np.nan, 1.0),
+        "count": np.arange(n), "is_fraud": np.arange(n) % 2, "flag": np.arange(n) % 3 == 0,
+        "channel": pd.array(["pos", "web"] * (n // 2), dtype="string[pyarrow]"),
+        "country": pd.array(["US"] * (n - 1) + [None], dtype="string[pyarrow]"),
+        "device": pd.array(["ios"] * n, dtype="string[python]"),
+        "at": pd.date_range("2026-10-01", periods=n, freq="min", tz="UTC"),
+        "seen": pd.Series(pd.date_range("2026-10-01", periods=n, freq="min")).where(np.arange(n) > 0),
+        "visits": pd.array([1] * (n - 1) + [None], dtype="Int64"),
+    })
+    assert registry.dataset_schema(frame) == _infer_schema(frame)
+    with mlflow.start_run() as run:
+        registry.log_training_dataset(frame, "0" * 64, "training", targets="is_fraud")
+    (logged,) = store.get_run(run.info.run_id).inputs.dataset_inputs
+    assert json.loads(logged.dataset.schema)["mlflow_colspec"] == _infer_schema(frame).to_dict()
+
+
 # --- a registry that cannot answer is never read as "no champion", "no history" or "no version" ---
 
 def _outage(code: str = "TEMPORARILY_UNAVAILABLE"):
