@@ -104,9 +104,9 @@ def test_poisoned_batch_is_blocked_before_training(home, clean_batch, gx_context
     poisoned = POISON[poison](clean, spec).reset_index(drop=True)
     batch_dir = write_batch(poisoned, settings.paths.raw, f"2026-10-01_{poison}", spec.timestamp)
 
-    outcome, frame = data_stages.validate_stage(settings, spec, batch_dir, gx_context)
+    outcome = data_stages.validate_stage(settings, spec, batch_dir, gx_context)
 
-    assert not outcome.passed and frame is None, poison
+    assert not outcome.passed and outcome.rows is None, poison
     assert outcome.report.failures, poison
     quarantined = outcome.quarantined_to
     assert len(read_batch(quarantined)) == len(poisoned)  # kept whole, for a person to look at

@@ -70,6 +70,8 @@ class ValidationOutcome:
     quarantined_to: Path | None = None
     # day -> the checks that day fails on its own (an empty list: it passes alone); failed batches only
     days: dict[str, list[str]] = field(default_factory=dict)
+    # The validated rows, what the feature stage reads (None once the batch failed, or once they are used)
+    rows: pd.DataFrame | None = None
 
     @property
     def passed(self) -> bool:
@@ -94,20 +96,20 @@ class ValidationOutcome:
 
 
 def validate_stage(settings: Settings, spec: DatasetSpec, batch_dir: Path,
-                   context_root: Path) -> tuple[ValidationOutcome, pd.DataFrame | None]:
-    """Validate a raw batch; on failure move it to quarantine with its report."""
+                   context_root: Path) -> ValidationOutcome:
+    """Validate a raw batch, its rows in the outcome; on failure move it to quarantine with its report."""
     frame = data.read_batch(batch_dir, arrow_strings=True)  # what every later stage holds: compact strings
     start, end = batch_window(batch_dir, spec)
     report = validation.validate_batch(frame, spec, batch_dir.name, start, end, context_root=context_root)
     if report.success:
-        return ValidationOutcome(report), frame
+        return ValidationOutcome(report, rows=frame)
     target = data.quarantine_batch(batch_dir, settings.paths.quarantine)
     validation.write_report(report, target)
     days = day_verdicts(target, spec, report, context_root)
     if days:
         _write_day_verdicts(target, days)
         record_partitions(settings.paths.quarantine, batch_dir.name, target, days)
-    return ValidationOutcome(report, quarantined_to=target, days=days), None
+    return ValidationOutcome(report, quarantined_to=target, days=days)
 
 
 def day_verdicts(batch_dir: Path, spec: DatasetSpec, report: validation.ValidationReport,

@@ -66,20 +66,20 @@ class PipelineParams(TrainConfig):
 @task(name="validate", cache_policy=NO_CACHE)
 def validate(settings: Settings, spec: DatasetSpec, batch_dir: Path, context_root: Path, parent: str):
     with registry.stage_run(parent, "validate"):
-        outcome, frame = data.validate_stage(settings, spec, batch_dir, context_root)
+        outcome = data.validate_stage(settings, spec, batch_dir, context_root)
         mlflow.log_metrics({"rows": outcome.report.row_count, "failed_checks": len(outcome.report.failures)})
         mlflow.log_dict(outcome.report.to_dict(), "validation_report.json")
     if not outcome.passed:
         create_markdown_artifact(key="validation-report", markdown=outcome.report.to_markdown(),
                                  description=f"Batch {batch_dir.name} quarantined")
     get_run_logger().info(outcome.summary())
-    return outcome, frame
+    return outcome
 
 
 @task(name="features", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
-def build_features(settings: Settings, spec: DatasetSpec, frame, parent: str):
+def build_features(settings: Settings, spec: DatasetSpec, validated, parent: str):
     with registry.stage_run(parent, "features"):
-        outcome = features.feature_stage(settings, spec, frame)
+        outcome = features.feature_stage(settings, spec, validated.rows)
         mlflow.log_params(outcome.params())
         mlflow.log_metrics(outcome.metrics())
     get_run_logger().info(outcome.summary())
@@ -254,12 +254,14 @@ def _run_stages(settings, spec, policy, params: PipelineParams, batch_dir, work_
     base = {"batch": batch_dir.name, "mlflow_run_id": parent, "work_dir": str(work_dir),
             "stage_seconds": clock.seconds, "stage_peak_gb": clock.peak_gb}
     # Extract
-    validated, frame = validate(settings, spec, batch_dir, Path(params.expectations), parent)
+    # Prefect keeps every task's arguments and result until the flow ends, so a large table travels
+    # inside an outcome that is emptied once the next step has it, rather than as an argument.
+    validated = validate(settings, spec, batch_dir, Path(params.expectations), parent)
     clock.lap("validate")
     if not validated.passed:
         return {**base, **validated.result()}
-    feats = build_features(settings, spec, frame, parent)
-    del frame  # the raw rows are in the feature frame now: holding both doubles the run's memory
+    feats = build_features(settings, spec, validated, parent)
+    validated.rows = None  # the raw rows are in the feature frame now: holding both doubles the run's memory
     clock.lap("features")
     fp = training.fingerprint(feats.data_hash, cfg, spec, params.target)
     if same := ship.unchanged(client, settings.model_name, fp):

@@ -192,6 +192,8 @@ def test_apply_is_idempotent_and_online_serves_latest(built, transactions, spec)
 
 def test_write_feature_tables_adds_later_batches_and_never_rewrites_a_row(built, spec, tmp_path):
     _, _, tables = built
+    for name, table in tables.items():  # what writing relies on: one row per (key, timestamp) in each table
+        assert not table.duplicated(list(table.columns[:2])).any(), name
     view = catalog.entity_view("customer")
     customer_df = tables[view]
     half = len(customer_df) // 2

@@ -84,8 +84,8 @@ def _fail_once(settings, spec, raw, days, gx_context):
     from sluicegate.data import stages as data
 
     window = ingest.assemble_window(raw, days)
-    outcome, frame = data.validate_stage(settings, spec, window.path, gx_context)
-    assert not outcome.passed and frame is None
+    outcome = data.validate_stage(settings, spec, window.path, gx_context)
+    assert not outcome.passed and outcome.rows is None
     return window, outcome
 
 
@@ -113,8 +113,8 @@ def test_a_poisoned_day_fails_validation_once_and_the_next_window_leaves_it_out(
     assert again.days == [f"2026-10-0{d}" for d in range(1, 7)] and set(again.sources.values()) == {clean}
     assert list(again.skipped) == ["2026-10-07"] and bad in again.skipped["2026-10-07"]
     assert "left out 1 quarantined day(s): 2026-10-07 (" in again.summary() and entry["report"] in again.summary()
-    passed, frame = data.validate_stage(settings, spec, again.path, gx_context)
-    assert passed.passed and frame is not None  # the next night trains on the rest
+    passed = data.validate_stage(settings, spec, again.path, gx_context)
+    assert passed.passed and len(passed.rows) > 0  # the next night trains on the rest
     assert ingest.assemble_window(raw, 7).skipped == again.skipped  # and keeps saying so
 
     # The producer lands that day again (a newer write): new data, taken again.
