@@ -48,8 +48,9 @@ class Settings(BaseSettings):
     # windows cost O(s log s), so the cost per row stays flat past this; shards are what a cluster runs.
     feature_shard_rows: int = Field(1_000_000, ge=1000)
     # DuckDB's memory for one point-in-time join of the feature stage; past it the join spills to disk
-    # under home. The row view's join at 10M rows: 2.5 GB and 10 s at 2GB, 4.4 GB and 7 s unbounded.
-    feature_join_memory: str = "2GB"
+    # under home. At 10M rows, the row view's join: 1.8 GB over what is held and 10.5 s at 1GB, 2.3 GB
+    # and 10.7 s at 2GB, 4.4 GB and 7.1 s unbounded; the customer view's: 1.5 GB and 6.4 s at 1GB.
+    feature_join_memory: str = "1GB"
     experiment: str = "sluicegate"
     # Where the model will run: picks the execution provider the gates measure on.
     target: str = "cpu"
