@@ -175,15 +175,21 @@ class Robustness:
 
 def robustness(score: Scorer, inputs: ModelInput, y: np.ndarray, base_pr_auc: float, spec: DatasetSpec,
                seed: int = 0) -> Robustness:
-    rng = np.random.default_rng(seed)
+    # Each perturbed copy of the test window's inputs is scored and let go before the next is made.
+    return Robustness({name: base_pr_auc - average_precision(y, score(x))
+                       for name, x in _perturbations(inputs, spec, np.random.default_rng(seed))})
+
+
+def _perturbations(inputs: ModelInput, spec: DatasetSpec, rng: np.random.Generator):
+    """(name, perturbed inputs), one at a time, in a fixed order of random draws."""
     names = numeric_inputs(spec)
-    perturbed = {}
     values = [i for i, n in enumerate(names) if not n.endswith(MISSING)]
     if values:
         noisy = inputs.numeric.copy()
         noisy[:, values] += (rng.normal(0, 0.1, (len(inputs), len(values))).astype(np.float32)
                              * inputs.numeric[:, values].std(axis=0, keepdims=True))
-        perturbed["noise"] = ModelInput(noisy, inputs.categorical)
+        yield "noise", ModelInput(noisy, inputs.categorical)
+        del noisy
     if spec.features.aggregates:  # as if a tenth of the rows came from entities never seen before
         cold = inputs.numeric.copy()
         rows = rng.random(len(inputs)) < COLD_SHARE
@@ -191,12 +197,13 @@ def robustness(score: Scorer, inputs: ModelInput, y: np.ndarray, base_pr_auc: fl
             cold[rows, names.index(agg.feature_name)] = 0.0  # a count of 0, or a missing value's 0
             if agg.may_be_missing:
                 cold[rows, names.index(agg.feature_name + MISSING)] = 1.0
-        perturbed["no_history"] = ModelInput(cold, inputs.categorical)
+        yield "no_history", ModelInput(cold, inputs.categorical)
+        del cold
     for i, column in enumerate(spec.categorical_features):
         shuffled = inputs.categorical.copy()
         shuffled[:, i] = rng.permutation(shuffled[:, i])
-        perturbed[f"shuffled_{column}"] = ModelInput(inputs.numeric, shuffled)
-    return Robustness({name: base_pr_auc - average_precision(y, score(x)) for name, x in perturbed.items()})
+        yield f"shuffled_{column}", ModelInput(inputs.numeric, shuffled)
+        del shuffled
 
 
 @dataclass

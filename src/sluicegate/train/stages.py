@@ -43,9 +43,12 @@ class Splits:
     method: str  # how the rows were split, recorded on the run
 
     def rows(self, name: str) -> pd.DataFrame:
-        """A copy of one part's rows, in the frame's order."""
-        rows = self.frame[self._mask(name)]
-        rows.index = pd.RangeIndex(len(rows))  # reset_index would copy the rows once more
+        """One part's rows, in the frame's order: a view of the frame when they are consecutive (a table
+        in time order, split by time), else a copy. Read them; copy before changing them."""
+        where = np.flatnonzero(self._mask(name))
+        consecutive = len(where) > 0 and where[-1] - where[0] + 1 == len(where)
+        rows = self.frame.iloc[where[0]:where[-1] + 1] if consecutive else self.frame.iloc[where]
+        rows.index = pd.RangeIndex(len(rows))  # reset_index would copy the rows (once more)
         return rows
 
     def window(self, name: str, spec: DatasetSpec) -> str:

@@ -61,3 +61,12 @@ def test_a_part_with_one_label_class_is_refused(spec):
     frame.loc[newest, spec.label] = 0
     with pytest.raises(ValueError, match="the test split has only one label class"):
         split(frame, spec)
+
+
+def test_a_table_in_time_order_is_split_into_views_not_copies(spec):
+    frame = _training_frame(spec).sort_values(spec.timestamp, ignore_index=True)
+    splits = split(frame, spec)
+    test = splits.rows("test")
+    amount = spec.features.numeric_columns[0].column
+    assert np.shares_memory(test[amount].to_numpy(), frame[amount].to_numpy())  # 10M rows: 1.3 GB not copied
+    pd.testing.assert_frame_equal(test, frame.iloc[-300:].reset_index(drop=True))
