@@ -10,7 +10,6 @@ import json
 import re
 import subprocess
 import time
-import warnings
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -135,14 +134,11 @@ def log_training_dataset(frame, data_hash: str, context: str = "training", *, na
     MLflow keeps at most 36 characters of a digest, so a longer hash (sha256) is cut to that and
     also kept whole in the input's `data_hash` tag. With `model_id`, the logged model links to it.
     """
-    with warnings.catch_warnings():  # MLflow's hint that integer columns cannot hold missing values
-        warnings.filterwarnings("ignore", message=".*Integer columns in Python cannot represent missing values",
-                                category=UserWarning, module="mlflow")
-        dataset = mlflow.data.from_pandas(frame, source=source, targets=targets,
-                                          name=name or f"train-{data_hash[:12]}", digest=data_hash[:DIGEST_CHARS])
-        dataset.__dict__["schema"] = dataset_schema(frame)  # `schema` is a cached_property: this is what is logged
-        mlflow.log_input(dataset, context=context, tags={"data_hash": data_hash},  # infers the schema
-                         model=LoggedModelInput(model_id) if model_id else None)
+    dataset = mlflow.data.from_pandas(frame, source=source, targets=targets,
+                                      name=name or f"train-{data_hash[:12]}", digest=data_hash[:DIGEST_CHARS])
+    dataset.__dict__["schema"] = dataset_schema(frame)  # `schema` is a cached_property: this is what is logged
+    mlflow.log_input(dataset, context=context, tags={"data_hash": data_hash},
+                     model=LoggedModelInput(model_id) if model_id else None)
     return dataset
 
 

@@ -45,7 +45,7 @@ class Splits:
     def rows(self, name: str) -> pd.DataFrame:
         """One part's rows, in the frame's order: a view of the frame when they are consecutive (a table
         in time order, split by time), else a copy. Read them; copy before changing them."""
-        where = np.flatnonzero(self._mask(name))
+        where = np.flatnonzero(self.mask(name))
         consecutive = len(where) > 0 and where[-1] - where[0] + 1 == len(where)
         rows = self.frame.iloc[where[0]:where[-1] + 1] if consecutive else self.frame.iloc[where]
         rows.index = pd.RangeIndex(len(rows))  # reset_index would copy the rows (once more)
@@ -55,10 +55,11 @@ class Splits:
         """The part's time window, or how it was drawn when the table has no timestamp."""
         if not spec.timestamp:
             return self.method
-        ts = self.frame[spec.timestamp][self._mask(name)]
+        ts = self.frame[spec.timestamp][self.mask(name)]
         return f"{ts.min():%Y-%m-%d %H:%M} .. {ts.max():%Y-%m-%d %H:%M}"
 
-    def _mask(self, name: str) -> np.ndarray:
+    def mask(self, name: str) -> np.ndarray:
+        """True on the rows of one part (a name in PARTS)."""
         return self.part == PARTS.index(name)
 
 
@@ -110,7 +111,7 @@ def prepare(frame: pd.DataFrame, spec: DatasetSpec) -> Prepared:
     y = spec.positive(frame[spec.label]).to_numpy(np.float32)
 
     def cut(name: str) -> tuple[ModelInput, np.ndarray]:
-        rows = splits.part == PARTS.index(name)
+        rows = splits.mask(name)
         return inputs.take(rows), y[rows]
 
     (train, y_train), (valid, y_valid), (test, y_test) = (cut(name) for name in PARTS)
