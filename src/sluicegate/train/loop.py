@@ -1,4 +1,4 @@
-"""Train the fraud model on whatever accelerator is present.
+"""Train a tabular model on whatever accelerator is present.
 
 The tabular training set is small enough to live on the device whole, so
 batches are drawn by index and input loading never starves the accelerator.

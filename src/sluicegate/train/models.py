@@ -37,7 +37,7 @@ class _Normalized(nn.Module):
         return torch.sigmoid(self.logits(numeric, categorical))
 
 
-class FraudMLP(_Normalized):
+class TabularMLP(_Normalized):
     """Embeddings for categoricals, normalized numerics, an MLP, a sigmoid."""
 
     def __init__(self, n_numeric: int, cardinalities: list[int], cfg: TrainConfig,
@@ -114,7 +114,7 @@ class _Block(nn.Module):
         return x + self.ffn(self.norm2(x))
 
 
-ARCHITECTURES: dict[str, type[_Normalized]] = {"mlp": FraudMLP, "ft_transformer": FTTransformer}
+ARCHITECTURES: dict[str, type[_Normalized]] = {"mlp": TabularMLP, "ft_transformer": FTTransformer}
 
 
 def build_model(kind: ModelKind, n_numeric: int, cardinalities: list[int], cfg: TrainConfig,

@@ -6,7 +6,7 @@ from sluicegate.runtime import ModelInput
 from sluicegate.ship.benchmark import BenchConfig, benchmark_variant, cost_per_million
 from sluicegate.ship.export import export_onnx
 from sluicegate.train.config import TrainConfig
-from sluicegate.train.models import FraudMLP
+from sluicegate.train.models import TabularMLP
 
 
 @pytest.fixture(scope="module")
@@ -14,7 +14,7 @@ def onnx_model(tmp_path_factory):
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     data = ModelInput(rng.normal(size=(512, 12)).astype(np.float32), rng.integers(0, 5, (512, 4)))
-    path = export_onnx(FraudMLP(12, [5, 5, 5, 5], TrainConfig(hidden=32)).eval(), data,
+    path = export_onnx(TabularMLP(12, [5, 5, 5, 5], TrainConfig(hidden=32)).eval(), data,
                        tmp_path_factory.mktemp("b") / "m.onnx")
     return path, data
 

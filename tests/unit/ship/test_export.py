@@ -8,7 +8,7 @@ from sluicegate.runtime import VARIANT_PROVIDERS, make_session, onnx_predict, ru
 from sluicegate.ship.export import OPSET, calibration_sample, check_parity, export_onnx, golden_batch, quantize_int8
 from sluicegate.train.config import TrainConfig
 from sluicegate.train.loop import predict
-from sluicegate.train.models import FraudMLP, build_model
+from sluicegate.train.models import TabularMLP, build_model
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def model_and_data(tmp_path_factory):
     rng = np.random.default_rng(0)
     data = ModelInput(rng.normal(size=(4000, 12)).astype(np.float32),
                       np.stack([rng.integers(0, n, 4000) for n in cardinalities(spec)], axis=1))
-    model = FraudMLP(12, cardinalities(spec), TrainConfig(hidden=64)).eval()
+    model = TabularMLP(12, cardinalities(spec), TrainConfig(hidden=64)).eval()
     out = tmp_path_factory.mktemp("onnx")
     fp32 = export_onnx(model, data, out / "fp32.onnx")
     int8 = quantize_int8(fp32, out / "int8.onnx")

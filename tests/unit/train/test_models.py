@@ -5,13 +5,13 @@ from sklearn.metrics import roc_auc_score
 
 from sluicegate.train.config import TrainConfig
 from sluicegate.train.loop import predict, train_distilled, train_model
-from sluicegate.train.models import FraudMLP, FTTransformer, build_model
+from sluicegate.train.models import TabularMLP, FTTransformer, build_model
 from tests.unit.train.test_loop import split, synthetic
 
 CARDS = [5, 3]
 
 
-@pytest.mark.parametrize("kind, cls", [("mlp", FraudMLP), ("ft_transformer", FTTransformer)])
+@pytest.mark.parametrize("kind, cls", [("mlp", TabularMLP), ("ft_transformer", FTTransformer)])
 def test_both_architectures_map_raw_input_to_probabilities(kind, cls):
     rng = np.random.default_rng(0)
     data, _ = synthetic(64, rng)
@@ -50,7 +50,7 @@ def test_distillation_ships_an_mlp_student_and_compares_it_with_the_teacher(tmp_
     seen = []
     cfg = TrainConfig(d_token=16, n_blocks=1, max_epochs=2, batch_size=256, device="cpu", distill=True)
     student = train_distilled(train, y, valid, yv, CARDS, cfg, tmp_path, on_epoch=seen.append)
-    assert isinstance(student.model, FraudMLP)
+    assert isinstance(student.model, TabularMLP)
     assert (tmp_path / "teacher" / "best.pt").exists() and (tmp_path / "student" / "best.pt").exists()
     assert any("teacher_valid_pr_auc" in row for row in seen) and any("valid_pr_auc" in row for row in seen)
     d = student.distillation
