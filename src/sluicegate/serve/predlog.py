@@ -14,6 +14,13 @@ A failed write (disk full, folder gone) keeps its rows for the next flush, up to
 `max_queue` of them, and shows in `error` until a write succeeds again.
 `close()` writes everything queued, so a graceful shutdown loses nothing.
 
+No row is dropped over a type: ids are written as text (an int id is the same id as its digits), a
+column whose values Arrow cannot type together is written as text, and files converted apart are
+joined by promoting or, failing that, by writing the clashing columns as text. A record that still
+cannot become a table goes, as JSON lines, to the dead-letter folder `<folder>/_dead_letter/` (which
+the monitor counts); its rows are counted as dropped (`on_drop`) and shown in `error` from then on,
+so the health routes and `/metrics` say what stderr says.
+
 Every row holds the model's inputs under `input.<name>` (the numeric tensor's columns after their
 transforms, the categorical codes), so the monitor compares what the model saw with what it saw in
 training; /predict rows also hold the request's raw columns and the online features.
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import calendar
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -40,6 +48,7 @@ import pyarrow.parquet as pq
 log = logging.getLogger("sluicegate.serve")
 
 POLL_SECONDS = 0.1
+DEAD_LETTER = "_dead_letter"  # a leading "_": Arrow's dataset readers skip it; the monitor counts it
 
 
 @dataclass(slots=True)
@@ -76,7 +85,10 @@ class PredictionLog:
         self.flush_rows = flush_rows
         self.expand = expand or {}
         self.dropped = 0  # rows
-        self.error: str | None = None  # the last write's error while writes fail; None once one succeeds
+        self.write_error: str | None = None  # the last write's error while writes fail; None once one succeeds
+        self.unlogged = 0  # rows of records that could not become a table (in the dead-letter folder)
+        self.unlogged_error: str | None = None  # why the last of them could not
+        self.dead_letter = folder / DEAD_LETTER
         self._on_drop = on_drop
         self._on_error = on_error
         self._queue: deque[Record] = deque()
@@ -100,6 +112,18 @@ class PredictionLog:
 
     def depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def error(self) -> str | None:
+        """What an operator should know about the log: a failing write, or rows it could not log (which
+        stay counted: a row missing from the log matters after the writes recover)."""
+        problems = []
+        if self.write_error:
+            problems.append(self.write_error)
+        if self.unlogged:
+            problems.append(f"{self.unlogged:,} rows could not be logged, kept in {self.dead_letter} "
+                            f"(last: {self.unlogged_error})")
+        return "; ".join(problems) or None
 
     def close(self) -> None:
         """Write everything queued so far, then stop the writer."""
@@ -145,12 +169,24 @@ class PredictionLog:
             pending.setdefault(endpoint, []).append(table)
 
     def _lost(self, records: list[Record], endpoint: str, exc: Exception) -> None:
-        self._failed(exc)
-        log.error("prediction log: lost %d %s records: %s", len(records), endpoint, exc)
+        """Records that cannot become a table: to the dead-letter folder, counted and shown in `error`."""
+        rows = sum(len(r.probabilities) for r in records)
+        self.unlogged += rows
+        self.unlogged_error = f"{type(exc).__name__}: {exc}"
+        self._count_dropped(rows)
+        if self._on_error:
+            self._on_error()
+        try:
+            path = write_dead_letter(self.dead_letter, records, self.unlogged_error)
+        except Exception as dead:  # the log must never take the server down
+            log.error("prediction log: lost %d %s rows: %s; the dead-letter write failed too: %s",
+                      rows, endpoint, exc, dead)
+            return
+        log.error("prediction log: %d %s rows not logged (%s), kept in %s", rows, endpoint, exc, path)
 
     def _failed(self, exc: Exception) -> None:
         """Shown in `error` (and so on the health routes) until a write succeeds."""
-        self.error = f"{type(exc).__name__}: {exc}"
+        self.write_error = f"{type(exc).__name__}: {exc}"
         if self._on_error:
             self._on_error()
 
@@ -161,7 +197,7 @@ class PredictionLog:
             tmp = None
             try:
                 # Chunks converted apart may type a column differently (all null, int then float).
-                table = pa.concat_tables(tables, promote_options="permissive")
+                table = concat(tables)
                 folder = self.folder / endpoint / hour_partition(time.time())
                 folder.mkdir(parents=True, exist_ok=True)
                 self._seq += 1
@@ -169,7 +205,7 @@ class PredictionLog:
                 tmp = final.with_name(f".{final.name}.tmp")
                 pq.write_table(table, tmp)
                 tmp.rename(final)  # readers globbing *.parquet never see a half-written file
-                self.error = None
+                self.write_error = None
             except Exception as exc:  # the log must never take the server down
                 if tmp is not None:
                     with contextlib.suppress(OSError):  # a half-written file is never read (dot name)
@@ -186,7 +222,7 @@ class PredictionLog:
 
     def _keep_at_most(self, tables: list[pa.Table], limit: int) -> list[pa.Table]:
         """Bound what waits for a failing disk: the oldest rows beyond `limit` are dropped and counted."""
-        table = pa.concat_tables(tables, promote_options="permissive")
+        table = concat(tables)
         excess = table.num_rows - limit
         if excess <= 0:
             return [table]
@@ -203,8 +239,8 @@ class PredictionLog:
                                  pa.string()),
             "ts": pa.array((np.repeat([r.ts for r in records], per_call) * 1e6).astype(np.int64),
                            pa.timestamp("us", tz="UTC")),
-            "request_id": pa.array(np.repeat(np.array([i for r in records for i in r.request_ids], dtype=object),
-                                             per_request), pa.string()),
+            "request_id": pa.array(np.repeat(np.array([_text(i) for r in records for i in r.request_ids],
+                                                      dtype=object), per_request), pa.string()),
             "model_name": pa.array(np.repeat(np.array([r.model_name for r in records], dtype=object), per_call),
                                    pa.string()),
             "model_version": pa.array(np.repeat(np.array([r.model_version for r in records], dtype=object),
@@ -224,13 +260,70 @@ class PredictionLog:
             elif isinstance(values[0], np.ndarray):
                 columns[name] = np.concatenate(values)
             else:
-                columns[name] = [v for chunk in values for v in chunk]
+                columns[name] = _typed([v for chunk in values for v in chunk])
         table = pa.table(columns)
         # A column with no value in this file (all None) is typed string, so files read back together.
         for i, column in enumerate(table.schema):
             if pa.types.is_null(column.type):
                 table = table.set_column(i, column.name, table.column(i).cast(pa.string()))
         return table
+
+
+def _text(value) -> str | None:
+    return None if value is None else str(value)
+
+
+def _typed(values: list) -> pa.Array:
+    """A column as Arrow types it; values it cannot type together (an int among strings) as text."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+        return pa.array([_text(v) for v in values], pa.string())
+
+
+def concat(tables: list[pa.Table]) -> pa.Table:
+    """Tables converted apart as one: types promoted (all null, int then float), and a column typed
+    two ways that do not promote (a number here, text there) written as text."""
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        types: dict[str, set] = {}
+        for table in tables:
+            for column in table.schema:
+                types.setdefault(column.name, set()).add(column.type)
+        clash = {name for name, seen in types.items() if len(seen - {pa.null()}) > 1}
+        return pa.concat_tables([_as_text(t, clash) for t in tables], promote_options="permissive")
+
+
+def _as_text(table: pa.Table, names: set[str]) -> pa.Table:
+    for i, column in enumerate(table.schema):
+        if column.name in names and not pa.types.is_string(column.type):
+            values = [_text(v) for v in table.column(i).to_pylist()]
+            table = table.set_column(i, column.name, pa.array(values, pa.string()))
+    return table
+
+
+def write_dead_letter(folder: Path, records: list[Record], reason: str) -> Path:
+    """The records as JSON lines (one per record, any value as text where JSON has no type for it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"dead-{time.time_ns()}.jsonl"
+    tmp, final = folder / f".{name}.tmp", folder / name
+    with tmp.open("w") as out:
+        for r in records:
+            out.write(json.dumps(dead_letter_line(r, reason), default=_json_value) + "\n")
+    tmp.rename(final)
+    return final
+
+
+def dead_letter_line(record: Record, reason: str) -> dict:
+    return {"reason": reason, "rows": len(record.probabilities), "endpoint": record.endpoint, "ts": record.ts,
+            "model_name": record.model_name, "model_version": record.model_version,
+            "request_ids": record.request_ids, "request_rows": record.rows,
+            "probabilities": record.probabilities, "features": record.features}
+
+
+def _json_value(value):
+    return value.tolist() if isinstance(value, np.ndarray | np.generic) else str(value)
 
 
 def _rows(pending: dict[str, list[pa.Table]]) -> int:
