@@ -267,10 +267,13 @@ def _run_stages(settings, spec, policy, params: PipelineParams, batch_dir, work_
     if same := ship.unchanged(client, settings.model_name, fp):
         get_run_logger().info(same["reason"])
         return {**base, **same}
+    if changed := ship.spec_change(client, settings.model_name, spec):
+        get_run_logger().info(changed)
+        base["spec_change"] = changed
     # Transform
     prepared = training.prepare(feats.frame, spec)
     feats.frame = None  # the splits hold the rows from here on: one copy of the table, not two
-    checkpoints = training.checkpoint_dir(settings, feats.data_hash, cfg)
+    checkpoints = training.checkpoint_dir(settings, feats.data_hash, cfg, spec)
     trained = train(settings, prepared, spec, cfg, checkpoints, feats.data_hash, parent)
     clock.lap("train")
     exported = export_model(trained.model, prepared, work_dir, policy, parent)

@@ -20,6 +20,7 @@ def render(name: str, version: str, tags: dict, evidence: dict, decision: GateDe
         "",
         "## Training data",
         f"- batch: `{tags.get('batch_id', 'unknown')}`; data hash `{tags.get('data_hash', 'unknown')}`",
+        f"- model spec (the spec's model-relevant part) hash `{tags.get('spec_hash', 'unknown')}`",
         f"- training window: {tags.get('train_window', 'unknown')}; test window: {tags.get('test_window', 'unknown')}",
         f"- split: {tags.get('split', 'unknown')}",
         f"- feature service: `{tags.get('feature_service', 'unknown')}`; code: `{tags.get('git_commit', 'unknown')}`",

@@ -51,6 +51,7 @@ class Evidence:
     behaviour_violation_rate: float
     champion_version: str | None = None
     comparisons: list[Comparison] = field(default_factory=list)  # overall first; empty without a champion
+    champion_note: str = ""  # why there are no comparisons although there is a champion
     missing: list[str] = field(default_factory=list)  # required evidence not found
     hardware: Hardware | None = None  # the target and price per hour the cost was computed at
 
@@ -185,8 +186,9 @@ def _at_most(gate: str, threshold: float, measured: float, what: str, link: str)
 def _champion_gates(policy: GatePolicy, evidence: Evidence, link: str) -> list[GateResult]:
     overall_gate, slice_gate = "max_regression_vs_champion", "max_slice_regression"
     if not evidence.comparisons:
-        return [GateResult(overall_gate, policy.max_regression_vs_champion, None, True, "no champion yet", link),
-                GateResult(slice_gate, policy.max_slice_regression, None, True, "no champion yet", link)]
+        why = evidence.champion_note or "no champion yet"
+        return [GateResult(overall_gate, policy.max_regression_vs_champion, None, True, why, link),
+                GateResult(slice_gate, policy.max_slice_regression, None, True, why, link)]
     overall, slices = evidence.comparisons[0], evidence.comparisons[1:]
     level = f"{policy.confidence:.0%}"
     passed = bool(overall.ci_high >= -policy.max_regression_vs_champion)

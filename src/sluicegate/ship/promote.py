@@ -36,7 +36,9 @@ from sluicegate.ship.gates import (
 from sluicegate.ship.holdout import compare_on_holdout
 from sluicegate.ship.model_repository import export_champion
 from sluicegate.spec import DatasetSpec
+from sluicegate.train import identity
 
+MAX_SPEC_CHANGES = 12  # changes of the model spec listed in the gate report; the rest are counted
 EXIT_CODES = {"promoted": 0, "nothing_newer": 0, "blocked": 3, "lost_race": 4}
 
 
@@ -93,15 +95,22 @@ def gate_and_promote(settings: Settings, policy: GatePolicy, spec: DatasetSpec, 
         work = Path(tmp)
         raw, missing = load_evidence(client, candidate, work)
         check, candidate_onnx = _load_as_served(settings, spec, client, candidate)
-        comparisons = []
-        if raw is not None and candidate_onnx is not None and champion is not None and champion_version != version:
+        comparisons, spec_row = [], None
+        rival = champion is not None and champion_version != version
+        if rival:
+            spec_row = _spec_row(candidate, champion, raw, load_evidence(client, champion, work / "champion")[0])
+        same_inputs = spec_row is None or spec_row.measured == 0
+        if raw is not None and candidate_onnx is not None and rival and same_inputs:
             onnx_path = work / "candidate.onnx"
             onnx_path.write_bytes(candidate_onnx)
             comparisons = compare_on_holdout(registry.download_onnx(client, champion, work / "champion"), onnx_path,
                                              pd.read_parquet(work / "evidence" / "holdout.parquet"), spec, policy)
-        decision = decide(policy, _evidence(raw, missing, champion_version, comparisons),
-                          _links(settings, candidate))
-        decision.results.append(check)
+        evidence = _evidence(raw, missing, champion_version, comparisons)
+        if not same_inputs:  # the held-out inputs are the candidate's; the champion reads another layout
+            evidence.champion_note = (f"not compared: champion v{champion_version} reads inputs of another model "
+                                      "spec (see model_spec); judged by the other gates")
+        decision = decide(policy, evidence, _links(settings, candidate))
+        decision.results += [check, *([spec_row] if spec_row else [])]
         artifacts = _publish(client, name, candidate, raw, decision, comparisons, work)
     report = decision.to_markdown(title=f"{name} v{version}")
     if not decision.promote:
@@ -158,6 +167,26 @@ def _load_as_served(settings: Settings, spec: DatasetSpec, client: MlflowClient,
         return GateResult("server_load", 0.0, 1.0, False, f"the model server would refuse it: {exc}", evidence), data
     return GateResult("server_load", 0.0, 0.0, True, "fetched by hash, meets the tensor contract, warms up",
                       evidence), data
+
+
+def _spec_row(candidate: ModelVersion, champion: ModelVersion, raw: dict | None,
+              champion_raw: dict | None) -> GateResult:
+    """The model spec's changes since the champion, as a report row that never blocks: measured is the
+    number of changed keys (0: same inputs, so the two models are compared on the same rows)."""
+    new, old = candidate.tags.get("spec_hash"), champion.tags.get("spec_hash")
+    where = "evidence/evidence.json: dataset.model_spec"
+    if new == old or None in (new, old):  # a version from before spec hashes: the same inputs as before
+        return GateResult("model_spec", 0, 0.0, True, f"same model spec {new or '(not recorded)'} as champion "
+                          f"v{champion.version}", where)
+    changes = identity.spec_diff(_model_spec(champion_raw), _model_spec(raw)) or ["(the recorded specs are equal)"]
+    shown = "; ".join(changes[:MAX_SPEC_CHANGES]) + (f"; and {len(changes) - MAX_SPEC_CHANGES} more"
+                                                      if len(changes) > MAX_SPEC_CHANGES else "")
+    return GateResult("model_spec", 0, float(len(changes)), True,
+                      f"model spec {old} (champion v{champion.version}) -> {new}: {shown}", where)
+
+
+def _model_spec(raw: dict | None) -> dict:
+    return ((raw or {}).get("dataset") or {}).get("model_spec") or {}
 
 
 def load_evidence(client: MlflowClient, version: ModelVersion, work: Path) -> tuple[dict | None, list[str]]:

@@ -27,6 +27,7 @@ from sluicegate.ship.benchmark import BenchConfig, VariantBenchmark
 from sluicegate.ship.export import Parity
 from sluicegate.ship.holdout import holdout_frame
 from sluicegate.spec import DatasetSpec
+from sluicegate.train import identity
 from sluicegate.train.loop import predict
 from sluicegate.train.stages import Prepared
 
@@ -165,7 +166,8 @@ def evaluate_stage(model, prepared: Prepared, exported: ExportOutcome, spec: Dat
         variants=variants, benchmark=benchmark_rows(benches, hw.price_per_hour), shipped=shipped,
         holdout=holdout_frame(prepared.test, y, groups, spec), hardware=hw, features=spec.feature_columns,
         dataset={"name": spec.name, "predicts": spec.predicts, "label": spec.label,
-                 "positive": spec.table.positive},
+                 "positive": spec.table.positive, "spec_hash": identity.spec_hash(spec),
+                 "model_spec": identity.model_spec(spec)},
         seconds=time.perf_counter() - started)
 
 
@@ -217,7 +219,7 @@ def lineage_tags(batch_id: str, data_hash: str, fp: str, flow_run_id: str, targe
             "prefect_flow_run_id": flow_run_id, "target": target,
             "train_window": prepared.splits.window("train", spec),
             "test_window": prepared.splits.window("test", spec), "split": prepared.splits.method,
-            "threshold": f"{evaluated.threshold:.6f}"}
+            "threshold": f"{evaluated.threshold:.6f}", "spec_hash": identity.spec_hash(spec)}
 
 
 def unchanged(client: MlflowClient, model_name: str, fp: str) -> dict | None:
@@ -227,8 +229,19 @@ def unchanged(client: MlflowClient, model_name: str, fp: str) -> dict | None:
     if champion is None or champion.tags.get("fingerprint") != fp:
         return None
     return {"status": "unchanged", "version": str(champion.version),
-            "reason": f"champion v{champion.version} was trained on this exact data and configuration; "
+            "reason": f"champion v{champion.version} was trained on this exact data, configuration and model spec; "
                       "nothing new to promote"}
+
+
+def spec_change(client: MlflowClient, model_name: str, spec: DatasetSpec) -> str | None:
+    """Why this run cannot build on the champion's training: its model spec differs; None when it does not."""
+    champion = registry.version_by_alias(client, model_name, registry.CHAMPION)
+    now = identity.spec_hash(spec)
+    before = champion.tags.get("spec_hash") if champion is not None else None
+    if champion is None or before == now:
+        return None
+    return (f"model spec {now} differs from champion v{champion.version}'s {before or '(not recorded)'}: "
+            "training from scratch; the gate report lists what changed")
 
 
 @dataclass

@@ -43,15 +43,17 @@ class TrainResult:
     resumed_from_epoch: int = 0  # 0 = a fresh run
     distillation: dict = field(default_factory=dict)
     config: TrainConfig | None = None  # set by train.stages.train_stage
+    fresh_start: str = ""  # why it did not resume (set by train.stages.train_stage); "" when it resumed
 
     def tags(self) -> dict:
         """The hardware and the resume point, as MLflow tags of the train stage run."""
         return ({f"hw.{k}": v for k, v in self.device.items()}
-                | {"resumed_from_epoch": self.resumed_from_epoch})
+                | {"resumed_from_epoch": self.resumed_from_epoch, "fresh_start": self.fresh_start})
 
     def summary(self) -> str:
         cfg = self.config or TrainConfig()
-        resumed = f", resumed after epoch {self.resumed_from_epoch}" if self.resumed_from_epoch else ""
+        resumed = (f", resumed after epoch {self.resumed_from_epoch}" if self.resumed_from_epoch
+                   else f", {self.fresh_start}" if self.fresh_start else "")
         line = (f"train: {cfg.model}{' (distilled)' if cfg.distill else ''}, best epoch {self.best_epoch} of "
                 f"{self.epochs_run}{resumed}, valid PR-AUC {self.best_valid_pr_auc:.4f} on "
                 f"{self.device.get('device_kind')} x{self.device.get('world_size')} ({self.device.get('precision')}, "
@@ -73,14 +75,15 @@ def fit_normalization(numeric: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.where(std < 1e-6, 1.0, std)
 
 
-def checkpoint_dir_for(root: Path, data_hash: str, cfg: TrainConfig) -> Path:
-    """A checkpoint directory that is the same for the same data and config.
+def checkpoint_dir_for(root: Path, data_hash: str, cfg: TrainConfig, spec_hash: str) -> Path:
+    """A checkpoint directory that is the same for the same data, config and model spec.
 
     Keyed on content rather than a run id, so a retried or re-run flow finds the
-    killed run's `last.pt` and resumes it.
+    killed run's `last.pt` and resumes it. The model spec is the innermost folder: its
+    siblings are the same data and config trained under another spec.
     """
     payload = json.dumps({"data": data_hash, "config": cfg.model_dump()}, sort_keys=True, default=str)
-    return root / hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return root / hashlib.sha256(payload.encode()).hexdigest()[:16] / spec_hash
 
 
 @dataclass

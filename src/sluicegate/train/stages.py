@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,16 +13,10 @@ from sluicegate.features.inputs import ModelInput, build_model_input, cardinalit
 from sluicegate.spec import DatasetSpec
 from sluicegate.train import ddp
 from sluicegate.train.config import TrainConfig
+from sluicegate.train.identity import fingerprint, spec_hash  # noqa: F401 (fingerprint: an entry point of the phase)
 from sluicegate.train.loop import TrainResult, checkpoint_dir_for, train_distilled, train_model
 
 SPLITS = (0.70, 0.85)  # time quantiles ending train and validation; the rest is test
-
-
-def fingerprint(data_hash: str, cfg: TrainConfig, spec: DatasetSpec, target: str = "cpu") -> str:
-    """Identity of a training run's inputs: same data, config, spec and target hardware."""
-    payload = json.dumps({"data": data_hash, "config": cfg.model_dump(), "spec": spec.model_dump(), "target": target},
-                         sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 SPLIT_SEED = 0  # the random split of a table without a timestamp; recorded on the run
@@ -124,13 +116,26 @@ def train_stage(prepared: Prepared, spec: DatasetSpec, cfg: TrainConfig, checkpo
     """Train in this process, or under torchrun when more than one device is to be used;
     with `cfg.distill`, an FT-Transformer teacher and then the MLP student that ships."""
     fit = ddp.launch if ddp.world_size(cfg) > 1 else train_model
+    start = fresh_start_reason(checkpoint_dir)
     args = (prepared.train, prepared.y_train, prepared.valid, prepared.y_valid, cardinalities(spec), cfg,
             checkpoint_dir)
     result = train_distilled(*args, on_epoch=on_epoch, fit=fit) if cfg.distill else fit(*args, on_epoch=on_epoch)
-    result.config = cfg
+    result.config, result.fresh_start = cfg, start
     return result
 
 
-def checkpoint_dir(settings: Settings, data_hash: str, cfg: TrainConfig) -> Path:
-    """Keyed on data and config, so a retried or re-run flow resumes from the last epoch."""
-    return checkpoint_dir_for(settings.paths.runs / "checkpoints", data_hash, cfg)
+def checkpoint_dir(settings: Settings, data_hash: str, cfg: TrainConfig, spec: DatasetSpec) -> Path:
+    """Keyed on data, config and model spec, so a retried or re-run flow resumes from the last epoch and a
+    changed spec (a new transform, a dropped feature) starts from scratch."""
+    return checkpoint_dir_for(settings.paths.runs / "checkpoints", data_hash, cfg, spec_hash(spec))
+
+
+def fresh_start_reason(checkpoint_dir: Path) -> str:
+    """Why training starts from scratch in this directory, or "" when it resumes a checkpoint."""
+    if (checkpoint_dir / "last.pt").exists() or (checkpoint_dir / "student" / "last.pt").exists():
+        return ""
+    others = sorted(d.name for d in checkpoint_dir.parent.glob("*") if d != checkpoint_dir and d.is_dir())
+    if others:
+        return (f"trained from scratch: the model spec changed to {checkpoint_dir.name}; this data and "
+                f"configuration were trained under model spec {', '.join(others)}")
+    return "trained from scratch: no checkpoint of this data, configuration and model spec"

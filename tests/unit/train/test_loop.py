@@ -92,11 +92,14 @@ def test_fingerprint_records_versions_precision_compile_and_determinism(tmp_path
     assert fp["device_name"] and fp["cpu_threads"] >= 1
 
 
-def test_checkpoint_dir_is_keyed_on_data_and_config(tmp_path):
+def test_checkpoint_dir_is_keyed_on_data_config_and_model_spec(tmp_path):
     cfg = TrainConfig()
-    assert checkpoint_dir_for(tmp_path, "abc", cfg) == checkpoint_dir_for(tmp_path, "abc", TrainConfig())
-    assert checkpoint_dir_for(tmp_path, "abc", cfg) != checkpoint_dir_for(tmp_path, "abd", cfg)
-    assert checkpoint_dir_for(tmp_path, "abc", cfg) != checkpoint_dir_for(tmp_path, "abc", TrainConfig(seed=1))
+    here = checkpoint_dir_for(tmp_path, "abc", cfg, "s1")
+    assert here == checkpoint_dir_for(tmp_path, "abc", TrainConfig(), "s1")
+    assert here != checkpoint_dir_for(tmp_path, "abd", cfg, "s1")
+    assert here != checkpoint_dir_for(tmp_path, "abc", TrainConfig(seed=1), "s1")
+    # another spec on the same data and config: a sibling folder, so a run can say what changed
+    assert checkpoint_dir_for(tmp_path, "abc", cfg, "s2") == here.parent / "s2"
 
 
 def test_last_checkpoint_holds_everything_a_resume_needs(tmp_path):

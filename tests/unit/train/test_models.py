@@ -5,7 +5,7 @@ from sklearn.metrics import roc_auc_score
 
 from sluicegate.train.config import TrainConfig
 from sluicegate.train.loop import predict, train_distilled, train_model
-from sluicegate.train.models import TabularMLP, FTTransformer, build_model
+from sluicegate.train.models import FTTransformer, TabularMLP, build_model
 from tests.unit.train.test_loop import split, synthetic
 
 CARDS = [5, 3]

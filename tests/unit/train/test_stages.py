@@ -6,8 +6,11 @@ import pytest
 
 from sluicegate.config import Settings
 from sluicegate.features.inputs import build_model_input
-from sluicegate.spec import load_spec
-from sluicegate.train.stages import prepare, split
+from sluicegate.spec import load_spec, parse_spec
+from sluicegate.train.config import TrainConfig
+from sluicegate.train.identity import spec_hash
+from sluicegate.train.loop import checkpoint_dir_for
+from sluicegate.train.stages import prepare, split, train_stage
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +73,47 @@ def test_a_table_in_time_order_is_split_into_views_not_copies(spec):
     amount = spec.features.numeric_columns[0].column
     assert np.shares_memory(test[amount].to_numpy(), frame[amount].to_numpy())  # 10M rows: 1.3 GB not copied
     pd.testing.assert_frame_equal(test, frame.iloc[-300:].reset_index(drop=True))
+
+
+def _changed(spec, change):
+    """The spec with `change(raw)` applied to its dump, validated again like a spec file."""
+    raw = spec.model_dump(mode="json")
+    change(raw)
+    return parse_spec(raw)
+
+
+def _no_transform(raw):
+    raw["features"]["numeric"][0]["transform"] = "none"
+
+
+def _one_aggregate_fewer(raw):
+    raw["features"]["aggregates"] = raw["features"]["aggregates"][:-1]  # one no other key refers to
+
+
+@pytest.fixture(scope="module")
+def first_training(spec, tmp_path_factory):
+    """One finished training of the example spec, and where its checkpoints are."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    cfg = TrainConfig(max_epochs=2, patience=5, hidden=16, device="cpu")
+    frame = _training_frame(spec)
+    train_stage(prepare(frame, spec), spec, cfg, checkpoint_dir_for(root, "data", cfg, spec_hash(spec)))
+    return frame, cfg, root
+
+
+def test_the_same_spec_resumes_its_checkpoint(spec, first_training):
+    frame, cfg, root = first_training
+    again = train_stage(prepare(frame, spec), spec, cfg, checkpoint_dir_for(root, "data", cfg, spec_hash(spec)))
+    assert again.resumed_from_epoch == 2 and again.fresh_start == ""
+
+
+@pytest.mark.parametrize("change", [_no_transform, _one_aggregate_fewer], ids=["changed-transform", "dropped-feature"])
+def test_a_changed_spec_trains_from_scratch_and_says_why(spec, first_training, change):
+    frame, cfg, root = first_training
+    changed = _changed(spec, change)
+    assert spec_hash(changed) != spec_hash(spec)
+    prepared = prepare(frame, changed)
+    result = train_stage(prepared, changed, cfg, checkpoint_dir_for(root, "data", cfg, spec_hash(changed)))
+    assert result.resumed_from_epoch == 0 and result.epochs_run == 2
+    assert f"model spec changed to {spec_hash(changed)}" in result.fresh_start
+    assert spec_hash(spec) in result.summary()
+    assert result.model.mean.shape[0] == prepared.train.numeric.shape[1]  # weights for the new inputs
