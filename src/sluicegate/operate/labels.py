@@ -65,6 +65,17 @@ class QuarantinedFile:
 # --- import ----------------------------------------------------------------------------------------
 
 
+def utc_times(values: pd.Series) -> pd.Series:
+    """Times as UTC, whatever their text: with or without fractions of seconds, with or without a zone
+    (none: UTC), mixed in one column; a typed column as it is."""
+    if pd.api.types.is_datetime64_any_dtype(values):
+        return pd.to_datetime(values, utc=True)
+    try:
+        return pd.to_datetime(values, utc=True, format="ISO8601")
+    except (ValueError, TypeError):  # not ISO 8601 (e.g. "12/04/2026 10:00"): element by element
+        return pd.to_datetime(values, utc=True, format="mixed")
+
+
 def _utc(now: datetime | pd.Timestamp) -> pd.Timestamp:
     stamp = pd.Timestamp(now)
     return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
@@ -170,7 +181,7 @@ def import_labels(table_path: Path, spec: DatasetSpec, labels_dir: Path, now: da
     values = _check_labels(frame[spec.label], spec, table_path)
     if LABELLED_AT in frame.columns:
         try:
-            labelled = pd.to_datetime(frame[LABELLED_AT], utc=True)
+            labelled = utc_times(frame[LABELLED_AT])
         except (ValueError, TypeError) as exc:
             raise LabelError(f"{table_path}: column {LABELLED_AT!r} is not a timestamp ({exc})") from None
         labelled = labelled.fillna(now)
@@ -221,7 +232,7 @@ def read_labels(labels_dir: Path, spec: DatasetSpec,
                 if LABELLED_AT not in frame.columns:
                     frame[LABELLED_AT] = pd.Timestamp(path.stat().st_mtime, unit="s", tz="UTC")
                 frame = frame[[spec.id, spec.label, LABELLED_AT]].copy()
-                frame[LABELLED_AT] = pd.to_datetime(frame[LABELLED_AT], utc=True)
+                frame[LABELLED_AT] = utc_times(frame[LABELLED_AT])
                 frames.append(frame)
                 continue
             reason = f"lacks the column(s) {lacking} (has {list(frame.columns)})"
@@ -296,7 +307,7 @@ def _prediction_frame(log: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
     else:
         raise ValueError(f"the prediction log has neither the spec's id column {spec.id!r} nor {REQUEST_ID!r}")
     score = log[_first(log, SCORE_COLUMNS, "score")].astype(float)
-    at = pd.to_datetime(log[_first(log, TIME_COLUMNS, "time")], utc=True)
+    at = utc_times(log[_first(log, TIME_COLUMNS, "time")])
     return pd.DataFrame({"key": key, "score": score, "at": at})
 
 
@@ -324,7 +335,7 @@ def labelled_predictions(log: pd.DataFrame, labels: pd.DataFrame, spec: DatasetS
     preds = preds[preds["key"].notna() & preds["score"].notna() & (preds["at"] <= now)]
     preds = preds.sort_values("at", kind="stable").drop_duplicates("key", keep="last")
     if len(labels):
-        stamps = (pd.to_datetime(labels[LABELLED_AT], utc=True) if LABELLED_AT in labels.columns
+        stamps = (utc_times(labels[LABELLED_AT]) if LABELLED_AT in labels.columns
                   else pd.Series(pd.NaT, index=labels.index, dtype="datetime64[ns, UTC]"))
         known = pd.DataFrame({"key": _keys(labels[spec.id]), "y": spec.positive(labels[spec.label]).to_numpy(),
                               "labelled_at": stamps})

@@ -37,9 +37,10 @@ import pandas as pd
 from sluicegate.config import file_lock
 from sluicegate.data.batches import quarantine_file
 from sluicegate.features.inputs import logged_inputs
-from sluicegate.operate.labels import LivePerformance, PerformanceEstimate
+from sluicegate.operate.labels import LivePerformance, PerformanceEstimate, utc_times
 from sluicegate.policy import DriftThresholds
 from sluicegate.runtime import ModelInput
+from sluicegate.serve.predlog import DEAD_LETTER
 from sluicegate.spec import DatasetSpec
 
 LOG_COLUMNS = ("score", "model_version", "latency_ms", "logged_at")
@@ -76,11 +77,21 @@ def numeric_shares(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return counts / max(counts.sum(), 1.0)
 
 
+def category_text(value) -> str:
+    """One text per category value, however it was stored: 1, 1.0 (an int column with nulls, read
+    back) and "1" are "1"; True and numpy's True are "True"."""
+    if isinstance(value, bool | np.bool_):
+        return str(bool(value))
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return str(int(value))
+    return str(value.item() if isinstance(value, np.generic) else value)
+
+
 def categorical_shares(values: pd.Series, categories: list[str]) -> np.ndarray:
     """Share per known category, then one for unseen values and one for missing values."""
     text = values.astype("object")
     missing = text.isna()
-    known = text[~missing].astype(str)
+    known = text[~missing].map(category_text)
     counts = [float((known == c).sum()) for c in categories]
     counts.append(float((~known.isin(categories)).sum()))
     counts.append(float(missing.sum()))
@@ -157,7 +168,7 @@ def build_profile(reference: pd.DataFrame, spec: DatasetSpec, model_version: str
             columns.append(_numeric_profile(name, reference[name].to_numpy(dtype=float, na_value=np.nan), "raw"))
     for name in categorical:
         if name in reference.columns:
-            cats = [str(c) for c in spec.categories(name)]
+            cats = [category_text(c) for c in spec.categories(name)]
             columns.append(ColumnProfile(name, "categorical", categorical_shares(reference[name], cats).tolist(),
                                          categories=cats))
     if inputs is not None:
@@ -187,7 +198,7 @@ def reference_rows(batch: pd.DataFrame, spec: DatasetSpec, window: tuple[pd.Time
     ts = spec.timestamp
     frame = batch
     if ts and window is not None:
-        when = pd.to_datetime(frame[ts], utc=True)
+        when = utc_times(frame[ts])
         frame = frame[(when >= window[0]) & (when <= window[1])]
     if len(frame) > rows:
         frame = frame.sample(rows, random_state=seed)
@@ -229,6 +240,7 @@ class DriftReport:
     estimate: PerformanceEstimate | None = None  # CBPE: expected from the scores alone
     estimated_drop: str | None = None  # the estimate fell too far below the champion's test figures
     quarantined: list[str] = field(default_factory=list)  # log or label files that could not be read
+    unlogged: int = 0  # rows the server answered but could not log (its dead-letter folder)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -249,6 +261,9 @@ class DriftReport:
             p = "" if r["p_value"] is None else f"{r['p_value']:.4f}"
             lines.append(f"| {r['column']} | {r['kind']} | {r['psi']:.4f} | {p} | {r['status']} |")
         lines.append("")
+        if self.unlogged:
+            lines += [f"**{self.unlogged:,} rows the server answered could not be logged** (its dead-letter "
+                      "folder); they are in no figure above.", ""]
         if self.quarantined:
             lines += [f"**{len(self.quarantined)} unreadable log file(s) moved to quarantine:** "
                       + ", ".join(self.quarantined), ""]
@@ -344,10 +359,29 @@ def read_prediction_log(folder: Path, since: pd.Timestamp | None = None,
     if not frames:
         return LogRead(pd.DataFrame(columns=list(LOG_COLUMNS)), quarantined)
     log = pd.concat(frames, ignore_index=True)
-    log[LOGGED_AT] = pd.to_datetime(log[LOGGED_AT], utc=True)
+    log[LOGGED_AT] = utc_times(log[LOGGED_AT])
     if since is not None:
         log = log[log[LOGGED_AT] > since]
     return LogRead(log.sort_values(LOGGED_AT, kind="stable").reset_index(drop=True), quarantined)
+
+
+def unlogged_rows(folder: Path, after: pd.Timestamp | None, until: pd.Timestamp) -> int:
+    """Rows the model server answered but could not log: its dead-letter files under folder written
+    after `after` and at or before `until`, one JSON line per model call with its `rows`."""
+    dead = folder / DEAD_LETTER
+    total = 0
+    for path in sorted(dead.glob("*.jsonl")) if dead.exists() else []:
+        written = pd.Timestamp(path.stat().st_mtime, unit="s", tz="UTC")
+        if (after is None or written > after) and written <= until:
+            total += sum(_dead_rows(line) for line in path.read_text().splitlines() if line.strip())
+    return total
+
+
+def _dead_rows(line: str) -> int:
+    try:
+        return int(json.loads(line).get("rows", 1))
+    except (ValueError, TypeError, AttributeError):  # a torn line still stands for at least one row
+        return 1
 
 
 def _log_files(folder: Path, since: pd.Timestamp | None) -> list[Path]:
@@ -393,7 +427,7 @@ def quality_frame(log: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
     if spec.label not in log.columns:
         frame[spec.label] = np.zeros(len(log), dtype="int64")
     if spec.timestamp:
-        frame[spec.timestamp] = pd.to_datetime(frame[spec.timestamp], utc=True)
+        frame[spec.timestamp] = utc_times(frame[spec.timestamp])
     return frame
 
 
@@ -416,6 +450,7 @@ class MonitorState:
     last_trigger_key: str | None = None
     last_flow_run_id: str | None = None
     triggers: int = 0
+    unlogged_until: str | None = None  # watermark of the dead-letter files already counted
 
     @classmethod
     def load(cls, path: Path) -> MonitorState:

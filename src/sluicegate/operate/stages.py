@@ -110,20 +110,22 @@ class Trigger(Protocol):
 
 @dataclass
 class MonitorOutcome:
-    status: str  # no_traffic, no_champion, checked or triggered
+    status: str  # no_traffic, unlogged (answered, none logged), no_champion, checked or triggered
     reason: str
     rows: int
     report: mon.DriftReport | None = None
     decision: mon.TriggerDecision | None = None
     flow_run_id: str | None = None
     quarantined: list[str] = field(default_factory=list)  # unreadable log files moved aside
+    unlogged: int = 0  # rows the server answered but could not log
 
     def summary(self) -> str:
         return f"monitor: {self.status}: {self.reason}"
 
     def to_dict(self) -> dict:
         out = {"status": self.status, "reason": self.reason, "rows": self.rows,
-               "quarantined": self.quarantined or (self.report.quarantined if self.report else [])}
+               "quarantined": self.quarantined or (self.report.quarantined if self.report else []),
+               "unlogged": self.report.unlogged if self.report else self.unlogged}
         if self.report is not None:
             estimate = self.report.estimate
             out |= {"flow_run_id": self.flow_run_id, "quality_passed": self.report.quality_passed,
@@ -142,10 +144,9 @@ def monitor_stage(settings: Settings, spec: DatasetSpec, thresholds: DriftThresh
         compact_hours(settings.paths.predictions, time.time())
         read = mon.read_prediction_log(settings.paths.predictions, since, settings.paths.quarantine / "predictions")
         log = read.frame
+        unlogged = _unlogged(settings, state)
         if log.empty:
-            unread = f"; {len(read.quarantined)} unreadable file(s) quarantined" if read.quarantined else ""
-            return MonitorOutcome("no_traffic", f"no traffic since {since or 'the start of the log'}: "
-                                  f"nothing to monitor{unread}", 0, quarantined=read.quarantined)
+            return _nothing_logged(since, unlogged, read.quarantined)
         state.last_run_at = str(log[mon.LOGGED_AT].max())
         client = registry.configure(settings)
         champion = registry.version_by_alias(client, settings.model_name, registry.CHAMPION)
@@ -155,9 +156,29 @@ def monitor_stage(settings: Settings, spec: DatasetSpec, thresholds: DriftThresh
         profile = reference_profile(settings, spec, client, champion)
         report = check_traffic(settings, spec, thresholds, log, profile, client, champion, since, context_root)
         report.quarantined = read.quarantined + report.quarantined
+        report.unlogged = unlogged
         decision, run_id = _decide_and_trigger(report, thresholds, state, trigger, retrains.ledger_path(settings))
     return MonitorOutcome("triggered" if decision.fire else "checked", decision.summary(), report.rows,
                           report, decision, run_id)
+
+
+def _unlogged(settings: Settings, state: mon.MonitorState) -> int:
+    """Rows the server could not log since the last run (counted once: the state keeps a watermark)."""
+    now = pd.Timestamp.now(tz="UTC")
+    after = pd.Timestamp(state.unlogged_until) if state.unlogged_until else None
+    state.unlogged_until = str(now)
+    return mon.unlogged_rows(settings.paths.predictions, after, now)
+
+
+def _nothing_logged(since: pd.Timestamp | None, unlogged: int, quarantined: list[str]) -> MonitorOutcome:
+    """"No traffic" only when there was none: rows answered but not logged are said, and counted."""
+    unread = f"; {len(quarantined)} unreadable file(s) quarantined" if quarantined else ""
+    if unlogged:
+        return MonitorOutcome("unlogged", f"no row logged since {since or 'the start of the log'}, but "
+                              f"{unlogged:,} rows the server answered could not be logged (its dead-letter "
+                              f"folder){unread}", 0, quarantined=quarantined, unlogged=unlogged)
+    return MonitorOutcome("no_traffic", f"no traffic since {since or 'the start of the log'}: "
+                          f"nothing to monitor{unread}", 0, quarantined=quarantined)
 
 
 def _decide_and_trigger(report: mon.DriftReport, thresholds: DriftThresholds, state: mon.MonitorState,

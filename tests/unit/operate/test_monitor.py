@@ -250,3 +250,29 @@ def test_plot_is_written(tmp_path, spec):
     report = m.drift_report(_log(2_000, amount_mu=4.4), _profile(spec), T)
     path = m.plot_drift(report, T, tmp_path / "drift.png")
     assert path.stat().st_size > 1000 and os.path.getsize(path) == path.stat().st_size
+
+
+def test_logged_times_with_and_without_fractions_and_zones_are_read_as_utc(spec):
+    texts = ["2018-10-30T18:08:43.152000+00:00", "2018-10-30T18:08:44+00:00", "2018-10-30T18:08:45",
+             "2018-10-30T20:08:46.5+02:00", None]
+    frame = m.quality_frame(pd.DataFrame({spec.timestamp: texts}), spec)
+    assert frame[spec.timestamp].tolist()[:4] == [pd.Timestamp(t, tz="UTC") for t in (
+        "2018-10-30 18:08:43.152", "2018-10-30 18:08:44", "2018-10-30 18:08:45", "2018-10-30 18:08:46.5")]
+    assert frame[spec.timestamp].isna().tolist() == [False] * 4 + [True]
+
+
+def test_category_values_are_one_text_however_they_were_stored():
+    cats = ["1", "2", "True", "north"]
+    # an int column with a null comes back as floats; numpy and Python bools are the same value
+    values = pd.Series([1.0, 2.0, None, np.True_, True, "north", 3], dtype=object)
+    shares = m.categorical_shares(values, cats)
+    assert shares.tolist() == pytest.approx([1 / 7, 1 / 7, 2 / 7, 1 / 7, 1 / 7, 1 / 7])
+
+
+def test_rows_the_server_could_not_log_are_counted_once_per_window(tmp_path):
+    dead = tmp_path / "_dead_letter"
+    dead.mkdir()
+    (dead / "dead-1.jsonl").write_text('{"rows": 3}\n{"rows": 2}\n{torn\n')
+    now = pd.Timestamp.now(tz="UTC") + pd.Timedelta(seconds=1)
+    assert m.unlogged_rows(tmp_path, None, now) == 6
+    assert m.unlogged_rows(tmp_path, now, now + pd.Timedelta(hours=1)) == 0
