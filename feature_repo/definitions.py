@@ -1,6 +1,6 @@
 """Feast CLI shim: the objects Sluicegate applies, for `feast -c feature_repo plan|apply|ui`.
 
-The definitions live in sluicegate.features.store.build_definitions; this file only
+The definitions live in sluicegate.features.definitions.build_definitions; this file only
 binds them to module names, which is how the feast CLI discovers objects.
 Paths come from SLUICEGATE_HOME (default: .sluicegate at the project root).
 """
@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from sluicegate.config import Settings
-from sluicegate.features.store import build_definitions
+from sluicegate.features.definitions import build_definitions
 from sluicegate.spec import load_spec
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

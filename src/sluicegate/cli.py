@@ -454,6 +454,8 @@ def serve(
     max_batch_rows: Annotated[int | None, typer.Option(help="Rows per model call at most")] = None,
     max_wait_ms: Annotated[float | None, typer.Option(help="Wait for more requests before a call")] = None,
     poll_interval: Annotated[float | None, typer.Option(help="Seconds between champion checks")] = None,
+    workers: Annotated[int | None, typer.Option(help="Server processes; they share the online state "
+                                                     "[SLUICEGATE_SERVE_WORKERS]")] = None,
 ) -> None:
     """Serve MODEL@champion of each spec: Open Inference Protocol v2, /predict, /metrics; hot-reloads champions."""
     from sluicegate.serve import ServeSettings, run
@@ -467,7 +469,7 @@ def serve(
     for table in tables:
         _home(table)
     given = {"host": host, "port": port, "max_batch_rows": max_batch_rows, "max_wait_ms": max_wait_ms,
-             "poll_interval_s": poll_interval}
+             "poll_interval_s": poll_interval, "workers": workers}
     serve_settings = ServeSettings(**{k: v for k, v in given.items() if v is not None})
     console.print(f"serving {', '.join(f'{n}@champion' for n in names)} on "
                   f"http://{serve_settings.host}:{serve_settings.port} "

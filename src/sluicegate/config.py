@@ -40,11 +40,12 @@ class Settings(BaseSettings):
     model_name: str | None = None
     # None means MLflow on SQLite under home.
     mlflow_tracking_uri: str | None = None
-    # None means Feast's SQLite online store under home; else a Redis connection string.
+    # None: the online state (and Feast's online store) in SQLite under home; else a Redis connection
+    # string in Feast's form (host:port,password=...).
     feast_redis: str | None = None
     # A Dask distributed scheduler to run batch work on (sluicegate.compute); None: in this process.
     dask_scheduler: str | None = None
-    # Rows per shard of an entity's events in the feature stage (features.store): a shard's sort and
+    # Rows per shard of an entity's events in the feature stage (features.aggregates): a shard's sort and
     # windows cost O(s log s), so the cost per row stays flat past this; shards are what a cluster runs.
     feature_shard_rows: int = Field(1_000_000, ge=1000)
     # DuckDB's memory for one point-in-time join of the feature stage; past it the join spills to disk

@@ -76,11 +76,11 @@ def champion(env, settings) -> dict:
 def _infer(url: str, settings: Settings, rows: pd.DataFrame, chunk: int = 100) -> None:
     """The rows' point-in-time features from the offline store, as v2 tensors (how a v2 caller
     scores: it builds the model's inputs with the same builder)."""
-    from sluicegate.features import store
+    from sluicegate.features import retrieval
     from sluicegate.features.inputs import build_model_input
 
     spec = load_spec()
-    inputs = build_model_input(store.training_frame(store.feature_store(settings, spec), rows, spec), spec)
+    inputs = build_model_input(retrieval.offline_features(settings, spec, rows), spec)
     with httpx.Client(base_url=url, timeout=10) as client:
         for start in range(0, len(rows), chunk):
             numeric, categorical = inputs.numeric[start:start + chunk], inputs.categorical[start:start + chunk]

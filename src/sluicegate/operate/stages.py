@@ -22,7 +22,7 @@ from sluicegate import runtime
 from sluicegate.config import Settings
 from sluicegate.data import batches as data
 from sluicegate.data import validate as validation
-from sluicegate.features import store as features
+from sluicegate.features import retrieval
 from sluicegate.features.inputs import build_model_input, python_features
 from sluicegate.operate import ingest, labels, retrains
 from sluicegate.operate import monitor as mon
@@ -43,7 +43,7 @@ def reference_profile(settings: Settings, spec: DatasetSpec, client: MlflowClien
     batch = data.read_batch(settings.paths.raw / batch_id)
     rows = mon.reference_rows(batch, spec, mon.parse_window(champion.tags.get("train_window")))
     # The features training read: the feature service's point-in-time rows, from the offline store.
-    ref = features.training_frame(features.feature_store(settings, spec), rows, spec)
+    ref = retrieval.offline_features(settings, spec, rows)
     if spec.features.python:  # after the aggregates, which the function may read
         ref = ref.assign(**python_features(ref, spec))
     onnx_path = registry.download_onnx(client, champion, settings.paths.monitoring / f"champion-v{champion.version}")

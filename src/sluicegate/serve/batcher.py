@@ -108,5 +108,9 @@ class MicroBatcher:
                         job.future.set_exception(exc)
                 continue
             for job, result in zip(jobs, results, strict=True):
-                if not job.future.done():  # a caller that went away cancelled its future
+                if job.future.done():  # a caller that went away cancelled its future
+                    continue
+                if isinstance(result, Exception):  # this request alone was refused
+                    job.future.set_exception(result)
+                else:
                     job.future.set_result(result)

@@ -1,7 +1,7 @@
-"""`/predict`: a business request -> online features from Feast -> the shared model-input builder.
+"""`/predict`: a business request -> its entities' aggregates as of its time, from the online state
+(`features.online`), which then counts it -> the shared model-input builder.
 
-Feast's online values for an entity are its state as of its last materialized event; the
-request's own fields are always current. The request schema is the spec's raw columns.
+The request schema is the spec's raw columns.
 """
 
 from __future__ import annotations
@@ -9,19 +9,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from sluicegate.features import catalog
 from sluicegate.features.inputs import build_model_input, python_features
+from sluicegate.features.online import OnlineFeatures, OutsideState
 from sluicegate.runtime import ModelInput
 from sluicegate.serve.errors import BadRequest, Unavailable
 from sluicegate.spec import DatasetSpec
-
-if TYPE_CHECKING:  # Feast is imported only by the first /predict, through features.store
-    import feast
 
 MAX_ID_LENGTH = 128
 # Timestamps a pandas column can hold; outside them the feature builder would fail with a 500.
@@ -148,58 +144,34 @@ def _timestamp(value) -> tuple[str | None, datetime | None]:
 
 
 class FeatureLookup:
-    """Online features for many requests in one Feast call.
+    """A micro-batch's aggregates from the online state, each request then counted in it (once per id).
 
-    The store, the online feature references and the join keys are resolved once;
-    `get_online_features(...).to_dict()` is the fast path of Feast's SDK
-    (`to_df()` on one row costs about 20x more here).
-    """
+    A request the state cannot score exactly (older than what it keeps for its entity) is refused with
+    a 422 saying so; a state that cannot answer (its file locked past the timeout, Redis down) is a 503
+    for the whole batch, and nothing of the batch is counted."""
 
-    # Entities whose last served event is remembered, per entity; past it the memory starts afresh.
-    MAX_REMEMBERED = 1_000_000
+    def __init__(self, online: OnlineFeatures):
+        self.online = online
 
-    def __init__(self, store: feast.FeatureStore, spec: DatasetSpec):
-        self.store = store
-        self.spec = spec
-        self.refs = catalog.online_refs(spec)
-        self.keys = [store.get_entity(e).join_key for e in catalog.served_entities(spec)]
-        self.names = catalog.online_features(spec)
-        # Time since previous counts from the entity's last known event: the online row knows events
-        # up to its batch's end, this server the requests it has answered since (key -> epoch seconds).
-        self.since_previous = [(spec.entities[a.entity].key, catalog.stored_name(a)) for a in spec.features.aggregates
-                               if a.agg == "time_since_previous"]
-        self.served: dict[str, dict] = {key: {} for key, _ in self.since_previous}
-
-    def fetch(self, requests: list[PredictRequest]) -> dict[str, np.ndarray]:
-        rows = {key: [r.fields[key] for r in requests] for key in self.keys}
+    def fetch(self, requests: list[PredictRequest]) -> tuple[dict[str, np.ndarray], list[BadRequest | None]]:
+        events, refused = [], [None] * len(requests)
+        for i, request in enumerate(requests):
+            try:
+                events.append(self.online.event(request.fields, request.id))
+            except OutsideState as exc:
+                refused[i] = BadRequest(f"invalid request: {exc}", 422)
         try:
-            found = self.store.get_online_features(features=self.refs, entity_rows=rows).to_dict()
-        except Exception as exc:  # any store failure (file, network, Redis) means: not now
+            found, outside = self.online.score(events)
+        except Exception as exc:  # any state failure (file lock, disk, Redis) means: not now
             raise Unavailable(f"online feature store unavailable: {type(exc).__name__}: {exc}") from exc
-        # Feast answers None for an entity it has never seen: the feature is missing, as in training.
-        out = {name: np.array([np.nan if v is None else v for v in found[name]], dtype=np.float64)
-               for name in self.names}
-        if self.since_previous:  # time since the entity's last event, at the request's time
-            when = np.array([r.fields[self.spec.timestamp].timestamp() for r in requests], dtype=np.float64)
-            self._remember(requests, when, out)
-            catalog.derive_since_previous(out, when, self.spec)
-        return out
-
-    def _remember(self, requests: list[PredictRequest], when: np.ndarray, out: dict[str, np.ndarray]) -> None:
-        """Move each stored last-event time up to the latest earlier request of the same entity, then
-        remember this batch's requests."""
-        for key, stored in self.since_previous:
-            served = self.served[key]
-            last = out[stored]
-            for i, request in enumerate(requests):
-                seen = served.get(request.fields[key])
-                if seen is not None and seen < when[i] and not seen <= last[i]:  # NaN last: never seen online
-                    last[i] = seen
-            if len(served) > self.MAX_REMEMBERED:
-                served.clear()
-            for i, request in enumerate(requests):
-                value = request.fields[key]
-                served[value] = max(served.get(value, when[i]), when[i])
+        kept = [i for i, r in enumerate(refused) if r is None]
+        for i, why in zip(kept, outside, strict=True):
+            if why is not None:
+                refused[i] = BadRequest(f"invalid request: {why}", 422)
+        out = {name: np.full(len(requests), np.nan) for name in found}
+        for name, values in found.items():
+            out[name][kept] = values
+        return out, refused
 
 
 def model_input(requests: list[PredictRequest], found: dict[str, np.ndarray], spec: DatasetSpec) -> ModelInput:

@@ -13,6 +13,7 @@ import numpy as np
 from sluicegate.config import Settings
 from sluicegate.features import catalog
 from sluicegate.features.inputs import cardinalities, logged_inputs, numeric_inputs, tensor_widths
+from sluicegate.features.online import OnlineFeatures, open_state
 from sluicegate.serve import predict as business
 from sluicegate.serve import v2
 from sluicegate.serve.batcher import MicroBatcher
@@ -69,6 +70,7 @@ class ServedModel:
         """Answer what is queued, then flush the prediction log."""
         await self.v2_batcher.stop()
         await self.predict_batcher.stop()
+        await self.shutdown_state()
         if self.predlog is not None:
             await asyncio.to_thread(self.predlog.close)
 
@@ -140,22 +142,36 @@ class ServedModel:
                                 [(now - r.received) * 1000.0 for r in requests], rows, probs, features, threshold))
 
     def _feature_lookup(self) -> business.FeatureLookup:
-        """Created on first use, in the worker thread; a failed start is retried on the next batch."""
+        """Opened on first use; a failed open is retried on the next batch."""
         if self._lookup is None:
-            from sluicegate.features.store import feature_store
-
             try:
-                self._lookup = business.FeatureLookup(feature_store(self.settings, self.spec), self.spec)
+                self._lookup = business.FeatureLookup(OnlineFeatures(self.spec, open_state(self.settings, self.spec)))
             except Exception as exc:
                 raise Unavailable(f"online feature store unavailable: {type(exc).__name__}: {exc}") from exc
         return self._lookup
 
-    def _run_predict(self, requests: list[business.PredictRequest]) -> list[tuple[float, LoadedModel]]:
-        """One Feast lookup, one input build and one model call for the whole batch."""
+    def _run_predict(self, requests: list[business.PredictRequest]) -> list:
+        """One online-state transaction, one input build and one model call for the whole batch; a request
+        the state refused gets its error."""
         model = self.serving()
-        found = self._feature_lookup().fetch(requests) if catalog.served_entities(self.spec) else {}
-        data = business.model_input(requests, found, self.spec)
-        probs = model.run(data.numeric, data.categorical)
-        logged = business.feature_columns(requests, found) | {"numeric": data.numeric, "categorical": data.categorical}
-        self._log("predict", requests, [1] * len(requests), model, probs, logged, model.threshold)
-        return [(p, model) for p in probs.tolist()]
+        refused: list = [None] * len(requests)
+        found: dict = {}
+        if catalog.served_entities(self.spec):
+            found, refused = self._feature_lookup().fetch(requests)
+        kept = [i for i, why in enumerate(refused) if why is None]
+        answers: list = list(refused)
+        if kept:
+            scored = [requests[i] for i in kept]
+            features = {name: values[kept] for name, values in found.items()}
+            data = business.model_input(scored, features, self.spec)
+            probs = model.run(data.numeric, data.categorical)
+            logged = business.feature_columns(scored, features) | {"numeric": data.numeric,
+                                                                   "categorical": data.categorical}
+            self._log("predict", scored, [1] * len(scored), model, probs, logged, model.threshold)
+            for i, p in zip(kept, probs.tolist(), strict=True):
+                answers[i] = (p, model)
+        return answers
+
+    async def shutdown_state(self) -> None:
+        if self._lookup is not None:
+            self._lookup.online.state.close()

@@ -11,6 +11,9 @@ class ServeSettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8080
+    # Server processes sharing the port. The online state is shared by all of them (SQLite under the
+    # home, or Redis); each has its own model session, prediction log writer and /metrics counters.
+    workers: int = Field(1, ge=1)
     # Concurrent requests share one onnxruntime call, up to this many rows.
     max_batch_rows: int = Field(64, ge=1)
     # How long the batcher waits for more requests once one is queued. 0 batches whatever arrived

@@ -1,0 +1,534 @@
+"""Online aggregates: each entity's recent events in state shared by every server process, and the
+spec's aggregates computed from them as of each request's time.
+
+The value served for an event at time t is what the offline transformation (`features.aggregates`)
+computes for an event at t: windows [t - w, t) of strictly earlier events, a label only once its
+event is `label_delay` old (and the label has arrived), time since the entity's previous event.
+The state holds the events themselves, not running sums or tiles, so every aggregate is exact at any
+t: docs/serving.md has the measurements behind that choice. Each event scored is recorded (once per
+id), late labels update it, and a batch that lands replaces the days it covers.
+
+Two backends share one interface: SQLite in WAL mode (the embedded default: one file under the
+table's home, one transaction per micro-batch, so every process of a server sees the same state)
+and Redis (past one machine).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sluicegate.features import catalog
+from sluicegate.spec import Aggregate, DatasetSpec
+
+DAY_NS = 86_400 * 10**9
+# Events scored together by a replay, as the server's micro-batcher scores them.
+REPLAY_BATCH = 64
+
+
+class OutsideState(ValueError):
+    """An event the state cannot score exactly: it is older than what the state keeps for its entity."""
+
+
+@dataclass(frozen=True)
+class Event:
+    id: str
+    ts: int  # nanoseconds since the epoch, UTC
+    keys: dict[str, str]  # entity name -> key value, as text
+    values: tuple[float, ...]  # the aggregated columns (`OnlineFeatures.value_columns`), NaN where missing
+    label: float = np.nan  # 1.0 / 0.0 once known
+
+
+@dataclass
+class History:
+    """One entity key's events, in time order."""
+
+    ids: list[str] = field(default_factory=list)
+    ts: list[int] = field(default_factory=list)
+    labels: list[float] = field(default_factory=list)
+    values: list[tuple[float, ...]] = field(default_factory=list)
+
+    def add(self, event: Event) -> None:
+        at = int(np.searchsorted(np.asarray(self.ts, dtype=np.int64), event.ts, side="right"))
+        self.ids.insert(at, event.id)
+        self.ts.insert(at, event.ts)
+        self.labels.insert(at, event.label)
+        self.values.insert(at, event.values)
+
+    def arrays(self, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        values = np.asarray(self.values, dtype=np.float64).reshape(len(self.ts), width)
+        return np.asarray(self.ts, dtype=np.int64), np.asarray(self.labels, dtype=np.float64), values
+
+
+# ---------------------------------------------------------------- the aggregates at a time
+
+class OnlineFeatures:
+    """The spec's aggregates for a stream of events, from and into an `EventState`."""
+
+    def __init__(self, spec: DatasetSpec, state: EventState):
+        self.spec = spec
+        self.state = state
+        self.entities = {e: spec.entities[e].key for e in catalog.served_entities(spec)}
+        self.value_columns = sorted({a.column for a in spec.features.aggregates if a.column})
+        self.names = [a.feature_name for a in spec.features.aggregates]
+        self.reach = reach_ns(spec)
+        self.delay = int(spec.label_delay.value)
+
+    def event(self, fields: dict, event_id: str | int | None, label: float = np.nan) -> Event:
+        """An event from a request's (or a raw row's) fields; an event without id gets a fresh one,
+        so it is never taken for a retry."""
+        keys = {}
+        for entity, key in self.entities.items():
+            value = fields.get(key)
+            if value is None or (isinstance(value, float) and np.isnan(value)):
+                raise OutsideState(f"{key}: the entity key is missing; the {entity} aggregates need it")
+            keys[entity] = key_text(value)
+        values = tuple(_number(fields.get(c)) for c in self.value_columns)
+        return Event(str(event_id) if event_id is not None else uuid.uuid4().hex, to_ns(fields[self.spec.timestamp]),
+                     keys, values, label)
+
+    def score(self, events: list[Event]) -> tuple[dict[str, np.ndarray], list[OutsideState | None]]:
+        """Every aggregate of every event as of its own time, then the events recorded: one transaction.
+
+        Events are taken in time order, so an earlier event of the batch counts for a later one; an
+        event whose id the state already holds (a retry) is scored again but not counted again.
+        Returns the features (NaN where an event was refused) and, per event, why it was refused."""
+        out = {name: np.full(len(events), np.nan) for name in self.names}
+        refused: list[OutsideState | None] = [None] * len(events)
+        order = sorted(range(len(events)), key=lambda i: events[i].ts)
+        with self.state.transaction():
+            wanted = {(e, ev.keys[e]) for ev in events for e in self.entities}
+            histories = self.state.read(wanted)
+            fresh: dict[tuple[str, str], list[Event]] = {}
+            for i in order:
+                event = events[i]
+                try:
+                    row = self._row(event, histories)
+                except OutsideState as exc:
+                    refused[i] = exc
+                    continue
+                for name, value in row.items():
+                    out[name][i] = value
+                for entity in self.entities:
+                    history = histories[(entity, event.keys[entity])]
+                    if event.id not in history.ids:
+                        history.add(event)
+                        fresh.setdefault((entity, event.keys[entity]), []).append(event)
+            self.state.write(fresh, self.reach)
+        return out, refused
+
+    def _row(self, event: Event, histories: dict[tuple[str, str], History]) -> dict[str, float]:
+        row: dict[str, float] = {}
+        for entity in self.entities:
+            history = histories[(entity, event.keys[entity])]
+            if history.ts and event.ts < history.ts[-1] - self.reach:
+                oldest = pd.Timestamp(history.ts[-1] - self.reach, tz="UTC")
+                raise OutsideState(f"{self.spec.timestamp}: {pd.Timestamp(event.ts, tz='UTC').isoformat()} is older "
+                                   f"than the online state keeps for {entity} {event.keys[entity]} (from "
+                                   f"{oldest.isoformat()}); score it offline")
+            ts, labels, values = history.arrays(len(self.value_columns))
+            for agg in self.spec.aggregates_by_entity[entity]:
+                row[agg.feature_name] = aggregate_at(agg, event.ts, ts, labels, values, self.value_columns,
+                                                     self.delay)
+        return row
+
+    def label(self, labels: dict[str, float]) -> int:
+        """Late labels (event id -> 1.0 / 0.0) onto the events the state holds; how many it held."""
+        with self.state.transaction():
+            return self.state.set_labels(labels)
+
+    def reconcile(self, rows: pd.DataFrame) -> int:
+        """A batch landed: the days its rows cover (with the history read before it) are replaced by
+        them, as the offline store reads the newest partition of each day; events on other days stay.
+        Returns the events written."""
+        table = self.event_table(rows)
+        if table.empty:
+            return 0
+        days = sorted(set((table["ts"].to_numpy() // DAY_NS).tolist()))
+        table = table[table["ts"] >= table["ts"].max() - self.reach]
+        with self.state.transaction():
+            self.state.replace_days(days, table, self.reach)
+        return len(table) // max(1, len(self.entities))
+
+    def event_table(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """Raw rows as the state's rows, one per (entity, row): entity, key, id, ts, label, v0...;
+        built column by column (a batch is millions of rows)."""
+        if rows.empty:
+            return pd.DataFrame(columns=["entity", "key", "id", "ts", "label"])
+        when = _ns(rows[self.spec.timestamp])
+        label = (self.spec.positive(rows[self.spec.label]).to_numpy() if self.spec.label in rows
+                 else np.full(len(rows), np.nan))
+        # Rows without an id (history is read without it) get one of their own: the days they cover are
+        # replaced whole, so it only has to be unique.
+        ids = np.array([f"row:{t}:{i}" for i, t in enumerate(when.tolist())], dtype=object)
+        if self.spec.id and self.spec.id in rows:
+            given = rows[self.spec.id]
+            ids = np.where(given.notna().to_numpy(), given.astype(str).to_numpy(dtype=object), ids)
+        values = {f"v{i}": pd.to_numeric(rows[c], errors="coerce").to_numpy(np.float64)
+                  for i, c in enumerate(self.value_columns)}
+        parts = [pd.DataFrame({"entity": entity, "key": [key_text(v) for v in rows[key].tolist()], "id": ids,
+                               "ts": when, "label": label, **values})
+                 for entity, key in self.entities.items()]
+        return pd.concat(parts, ignore_index=True)
+
+
+def aggregate_at(agg: Aggregate, t: int, ts: np.ndarray, labels: np.ndarray, values: np.ndarray,
+                 columns: list[str], delay: int) -> float:
+    """One aggregate of one entity's events (sorted by time) as of time t, by the spec's semantics."""
+    if agg.agg == "time_since_previous":
+        before = ts[ts < t]
+        return (t - before[-1]) / 1e9 if len(before) else np.nan
+    window = int(pd.Timedelta(agg.window).value)
+    if agg.agg == "label_rate":
+        known = (ts >= t - window) & (ts <= t - delay) & ~np.isnan(labels)
+        return float(labels[known].mean()) if known.any() else np.nan
+    inside = (ts >= t - window) & (ts < t)
+    if agg.agg == "count":
+        return float(np.count_nonzero(inside))
+    seen = values[inside, columns.index(agg.column)]
+    seen = seen[~np.isnan(seen)]
+    if not len(seen) or (agg.agg == "std" and len(seen) < 2):
+        return np.nan
+    if agg.agg == "std":
+        return float(np.std(seen, ddof=1))
+    return float(getattr(np, agg.agg)(seen))
+
+
+def reach_ns(spec: DatasetSpec) -> int:
+    """How long an event stays in the state: the longest window (at least a day), as far as the offline
+    transformation reaches back before a batch."""
+    windows = [pd.Timedelta(a.window) for a in spec.features.aggregates if a.window]
+    return int(max([*windows, pd.Timedelta(days=1)]).value)
+
+
+def key_text(value) -> str:
+    """An entity key as the state stores it: integers without a fraction, strings as they are."""
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return str(int(value))
+    return str(value.item() if isinstance(value, np.generic) else value)
+
+
+def to_ns(when) -> int:
+    """Nanoseconds since the epoch; a naive time is UTC, as the offline transformation reads it."""
+    return int(pd.Timestamp(when).value)
+
+
+def _ns(times: pd.Series) -> np.ndarray:
+    return pd.to_datetime(times, utc=True).dt.as_unit("ns").array.asi8
+
+
+def _number(value) -> float:
+    return np.nan if value is None else float(value)
+
+
+# ---------------------------------------------------------------- state backends
+
+class EventState:
+    """Where the events live. `transaction` makes read-then-write one step for every process."""
+
+    def transaction(self):
+        raise NotImplementedError
+
+    def read(self, wanted: Iterable[tuple[str, str]]) -> dict[tuple[str, str], History]:
+        raise NotImplementedError
+
+    def write(self, fresh: dict[tuple[str, str], list[Event]], reach: int) -> None:
+        raise NotImplementedError
+
+    def set_labels(self, labels: dict[str, float]) -> int:
+        raise NotImplementedError
+
+    def replace_days(self, days: list[int], table: pd.DataFrame, reach: int) -> None:
+        """Delete every event on `days` (UTC day numbers), then add `table` (`OnlineFeatures.event_table`)."""
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class SqliteEventState(EventState):
+    """One SQLite file in WAL mode: readers never wait, and a micro-batch's read-then-write is one
+    IMMEDIATE transaction, so concurrent server processes never count an event twice."""
+
+    def __init__(self, path: Path, width: int, busy_timeout_s: float = 5.0):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.width = width
+        self._depth = 0
+        self.db = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        values = "".join(f", v{i} REAL" for i in range(width))
+        with self.transaction():
+            found = self.db.execute("SELECT name FROM sqlite_master WHERE name = 'events'").fetchone()
+            if found and _columns(self.db) != 5 + width:  # the spec's aggregated columns changed: start over
+                self.db.execute("DROP TABLE events")
+            self.db.execute(f"CREATE TABLE IF NOT EXISTS events (entity TEXT NOT NULL, key TEXT NOT NULL, "
+                            f"id TEXT NOT NULL, ts INTEGER NOT NULL, label REAL{values}, "
+                            f"PRIMARY KEY (entity, key, id)) WITHOUT ROWID")
+            self.db.execute("CREATE INDEX IF NOT EXISTS events_by_time ON events (entity, key, ts)")
+            self.db.execute("CREATE INDEX IF NOT EXISTS events_by_id ON events (id)")
+            self.db.execute("CREATE INDEX IF NOT EXISTS events_by_day ON events (ts)")
+
+    def transaction(self):
+        return _Transaction(self)
+
+    def read(self, wanted):
+        values = "".join(f", v{i}" for i in range(self.width))
+        out: dict[tuple[str, str], History] = {}
+        for entity, key in wanted:
+            rows = self.db.execute(f"SELECT id, ts, label{values} FROM events WHERE entity = ? AND key = ? "
+                                   "ORDER BY ts", (entity, key)).fetchall()
+            out[(entity, key)] = History(
+                [r[0] for r in rows], [r[1] for r in rows], [np.nan if r[2] is None else r[2] for r in rows],
+                [tuple(np.nan if v is None else v for v in r[3:]) for r in rows])
+        return out
+
+    def write(self, fresh, reach):
+        marks = ", ?" * self.width
+        for (entity, key), events in fresh.items():
+            self.db.executemany(f"INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?, ?{marks})",
+                                [(entity, key, e.id, e.ts, _sql(e.label), *map(_sql, e.values)) for e in events])
+            newest = self.db.execute("SELECT max(ts) FROM events WHERE entity = ? AND key = ?",
+                                     (entity, key)).fetchone()[0]
+            self.db.execute("DELETE FROM events WHERE entity = ? AND key = ? AND ts < ?", (entity, key, newest - reach))
+
+    def set_labels(self, labels):
+        before = self.db.total_changes
+        self.db.executemany("UPDATE events SET label = ? WHERE id = ?",
+                            [(float(v), str(k)) for k, v in labels.items()])
+        return self.db.total_changes - before
+
+    def replace_days(self, days, table, reach):
+        for day in days:
+            self.db.execute("DELETE FROM events WHERE ts >= ? AND ts < ?", (day * DAY_NS, (day + 1) * DAY_NS))
+        marks = ", ?" * self.width
+        rows = table.astype(object).where(table.notna(), None)
+        self.db.executemany(f"INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?, ?{marks})",
+                            rows.itertuples(index=False, name=None))
+        newest = self.db.execute("SELECT max(ts) FROM events").fetchone()[0]
+        if newest is not None:  # state expires past the longest window
+            self.db.execute("DELETE FROM events WHERE ts < ?", (newest - reach,))
+
+    def stats(self):
+        events, entities = self.db.execute(
+            "SELECT count(*), count(DISTINCT entity || ':' || key) FROM events").fetchone()
+        return {"events": events, "entity_keys": entities}
+
+    def close(self):
+        self.db.close()
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error); nested uses join the outer one."""
+
+    def __init__(self, state: SqliteEventState):
+        self.state = state
+
+    def __enter__(self):
+        if self.state._depth == 0:
+            self.state.db.execute("BEGIN IMMEDIATE")
+        self.state._depth += 1
+
+    def __exit__(self, kind, exc, tb):
+        self.state._depth -= 1
+        if self.state._depth == 0:
+            self.state.db.execute("ROLLBACK" if kind else "COMMIT")
+
+
+def _columns(db: sqlite3.Connection) -> int:
+    return len(db.execute("PRAGMA table_info(events)").fetchall())
+
+
+def _sql(value: float) -> float | None:
+    return None if value is None or np.isnan(value) else float(value)
+
+
+class RedisEventState(EventState):
+    """Each entity key's events in a sorted set (score: microseconds) beside a hash of its ids, and per
+    event id a hash of the sets holding it (for late labels). A script adds an event only if its id is
+    new and trims the set past the longest window, atomically. A micro-batch reads its entities in one
+    round trip and writes in one; two replicas scoring the same entity at the same instant may not see
+    each other's event (docs/serving.md)."""
+
+    # KEYS: the set, its ids, the event's pointer hash. ARGV: id, score, member, trim below, ttl ms, entity.
+    ADD = """
+local added = 0
+if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[3]) == 1 then
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3]); added = 1
+end
+local old = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[4])
+for _, member in ipairs(old) do redis.call('HDEL', KEYS[2], cjson.decode(member)[1]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[4])
+redis.call('HSET', KEYS[3], ARGV[6], KEYS[1])
+for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ARGV[5]) end
+return added
+"""
+    # KEYS: the set, its ids. ARGV: id, label.
+    LABEL = """
+local member = redis.call('HGET', KEYS[2], ARGV[1])
+if not member then return 0 end
+local event = cjson.decode(member)
+event[3] = tonumber(ARGV[2])
+local updated = cjson.encode(event)
+redis.call('ZREM', KEYS[1], member)
+redis.call('ZADD', KEYS[1], math.floor(event[2] / 1000), updated)
+redis.call('HSET', KEYS[2], ARGV[1], updated)
+return 1
+"""
+
+    def __init__(self, client, prefix: str, width: int):
+        self.redis = client
+        self.prefix = prefix
+        self.width = width
+        self._add = client.register_script(self.ADD)
+        self._label = client.register_script(self.LABEL)
+
+    def _set(self, entity: str, key: str) -> str:
+        return f"{self.prefix}:set:{entity}:{key}"
+
+    def transaction(self):
+        return _NoTransaction()
+
+    def read(self, wanted):
+        wanted = list(wanted)
+        pipe = self.redis.pipeline(transaction=False)
+        for entity, key in wanted:
+            pipe.zrange(self._set(entity, key), 0, -1)
+        out = {}
+        for pair, members in zip(wanted, pipe.execute(), strict=True):
+            history = History()
+            for member in members:  # members sort by score, and a score's ties by their text: sort by ts
+                event_id, ts, label, *values = json.loads(member)
+                history.add(Event(event_id, ts, {}, tuple(np.nan if v is None else v for v in values),
+                                  np.nan if label is None else label))
+            out[pair] = history
+        return out
+
+    def write(self, fresh, reach):
+        pipe = self.redis.pipeline(transaction=False)
+        for (entity, key), events in fresh.items():
+            newest = max(e.ts for e in events)
+            for e in events:
+                self._add_event(pipe, entity, key, e.id, e.ts, e.label, e.values, newest - reach, reach)
+        pipe.execute()
+
+    def _add_event(self, pipe, entity, key, event_id, ts, label, values, trim_below, reach) -> None:
+        zset = self._set(entity, key)
+        member = json.dumps([event_id, int(ts), _sql(label), *map(_sql, values)])
+        self._add(keys=[zset, zset + ":ids", f"{self.prefix}:id:{event_id}"],
+                  args=[event_id, int(ts) // 1000, member, trim_below // 1000, max(1, reach // 10**6), entity],
+                  client=pipe)
+
+    def set_labels(self, labels):
+        ids = [str(k) for k in labels]
+        pipe = self.redis.pipeline(transaction=False)
+        for event_id in ids:
+            pipe.hgetall(f"{self.prefix}:id:{event_id}")
+        found = 0
+        for event_id, sets in zip(ids, pipe.execute(), strict=True):
+            for zset in sets.values():
+                zset = zset.decode() if isinstance(zset, bytes) else zset
+                found += int(self._label(keys=[zset, zset + ":ids"], args=[event_id, float(labels[event_id])]))
+        return found
+
+    def replace_days(self, days, table, reach):
+        sets = [n.decode() if isinstance(n, bytes) else n
+                for n in self.redis.scan_iter(match=f"{self.prefix}:set:*", count=1000)]
+        sets = [n for n in sets if not n.endswith(":ids")]
+        for name in sets:
+            pipe = self.redis.pipeline(transaction=False)
+            for day in days:
+                low, high = day * DAY_NS // 1000, "(" + str((day + 1) * DAY_NS // 1000)
+                for member in self.redis.zrangebyscore(name, low, high):
+                    pipe.hdel(name + ":ids", json.loads(member)[0])
+                pipe.zremrangebyscore(name, low, high)
+            pipe.execute()
+        newest = int(table["ts"].max()) if len(table) else 0
+        pipe = self.redis.pipeline(transaction=False)
+        values = [f"v{i}" for i in range(self.width)]
+        for row in table.itertuples(index=False):
+            self._add_event(pipe, row.entity, row.key, row.id, row.ts, row.label,
+                            tuple(getattr(row, v) for v in values), newest - reach, reach)
+            if len(pipe) >= 10_000:
+                pipe.execute()
+        pipe.execute()
+
+    def stats(self):
+        sets = [n for n in self.redis.scan_iter(match=f"{self.prefix}:set:*", count=1000)
+                if not (n.decode() if isinstance(n, bytes) else n).endswith(":ids")]
+        return {"events": sum(self.redis.zcard(n) for n in sets), "entity_keys": len(sets)}
+
+
+class _NoTransaction:
+    """Redis needs none: each event's add is one script, atomic on the server."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def open_state(settings, spec: DatasetSpec) -> EventState:
+    """The table's online state: Redis when `feast_redis` is set, else SQLite under its home."""
+    width = len({a.column for a in spec.features.aggregates if a.column})
+    if settings.feast_redis:
+        return RedisEventState(redis_client(settings.feast_redis), f"sluicegate:{spec.name}:events", width)
+    return SqliteEventState(settings.paths.feast / "online_events.db", width)
+
+
+def redis_client(connection: str):
+    """A client from Feast's Redis connection string (`host:port,password=...,ssl=true`)."""
+    import redis
+
+    address, *options = connection.split(",")
+    host, _, port = address.partition(":")
+    kwargs = dict(option.split("=", 1) for option in options)
+    return redis.Redis(host=host, port=int(port or 6379), password=kwargs.get("password"),
+                       ssl=kwargs.get("ssl", "false").lower() == "true", db=int(kwargs.get("db", 0)),
+                       socket_timeout=5, socket_connect_timeout=5)
+
+
+# ---------------------------------------------------------------- a window replayed as served
+
+def replay(spec: DatasetSpec, prior: pd.DataFrame, rows: pd.DataFrame, state: EventState) -> pd.DataFrame:
+    """`rows` scored through the serving path, in time order and in micro-batches, on a state that holds
+    `prior` (the events before them, labels included); each batch's labels reach the state after it
+    is scored, as late labels do, and a batch never spans more than the label delay (so no label that
+    is known by an event's time is still missing). Returns each row's aggregates (rows' order)."""
+    online = OnlineFeatures(spec, state)
+    online.reconcile(prior)
+    ordered = rows.assign(__row=np.arange(len(rows))).sort_values(spec.timestamp, kind="stable")
+    fields = ordered.to_dict("records")
+    labels = spec.positive(ordered[spec.label]).to_numpy() if spec.label in ordered else None
+    found = {name: np.full(len(rows), np.nan) for name in online.names}
+    for part in _micro_batches(_ns(ordered[spec.timestamp]), online.delay):
+        batch = [fields[i] for i in part]
+        events = [online.event(f, f.get(spec.id) if spec.id else f"replay:{f['__row']}") for f in batch]
+        values, _ = online.score(events)
+        where = [f["__row"] for f in batch]
+        for name in online.names:
+            found[name][where] = values[name]
+        if labels is not None:
+            online.label({e.id: float(labels[i]) for e, i in zip(events, part, strict=True)})
+    return pd.DataFrame(found, index=rows.index)
+
+
+def _micro_batches(times: np.ndarray, delay: int) -> list[range]:
+    """Consecutive runs of at most REPLAY_BATCH events, each spanning less than `delay`."""
+    out, start = [], 0
+    for i in range(1, len(times) + 1):
+        if i == len(times) or i - start == REPLAY_BATCH or (delay and times[i] - times[start] >= delay):
+            out.append(range(start, i))
+            start = i
+    return out
