@@ -5,15 +5,20 @@ import pytest
 from sluicegate.features.inputs import MISSING, build_model_input, numeric_inputs
 from sluicegate.runtime import ModelInput
 from sluicegate.ship.evaluate import (
+    ROWS,
+    Comparison,
     average_precision,
     behaviour,
     choose_threshold,
     classification_metrics,
+    compare_with_champion,
     expected_calibration_error,
     paired_bootstrap,
     plot_reliability,
     reliability_table,
+    resampling_blocks,
     robustness,
+    slice_confidence,
     slice_groups,
     slice_metrics,
 )
@@ -141,3 +146,61 @@ def test_reliability_table_counts_add_up():
     s = rng.random(1000)
     table = reliability_table((rng.random(1000) < s).astype(float), s)
     assert sum(r["count"] for r in table) == 1000
+
+
+def _clustered(rng, clusters, size=50):
+    """Labels and two scorers whose difference varies by cluster (as rows of one customer or one day do)."""
+    effect = rng.normal(0, 1.5, clusters)
+    block = np.repeat(np.arange(clusters), size)
+    y = (rng.random(len(block)) < 0.1).astype(float)
+    champion = y + rng.normal(0, 1, len(y))
+    challenger = y * (1.3 + effect[block]) + rng.normal(0, 1, len(y))
+    return y, champion, challenger, block
+
+
+def test_block_bootstrap_covers_a_known_difference_at_its_stated_level():
+    """The difference over a million rows is the truth; 100 windows of 50 clusters each: the interval that
+    resamples clusters holds it about 90% of the time, the one that resamples rows far less often."""
+    y, a, b, _ = _clustered(np.random.default_rng(0), 25_000, 40)
+    truth = average_precision(y, b) - average_precision(y, a)
+    hits = {"rows": 0, "blocks": 0}
+    for rep in range(100):
+        y, a, b, block = _clustered(np.random.default_rng(100 + rep), 50)
+        for kind, blocks in (("rows", None), ("blocks", block)):
+            c = paired_bootstrap(y, a, b, 100, 0.9, seed=rep, blocks=blocks, unit="cluster")
+            hits[kind] += c.ci_low <= truth <= c.ci_high
+    assert 0.84 <= hits["blocks"] / 100 <= 0.96, hits
+    assert hits["rows"] / 100 <= 0.8, hits
+    assert c.resampled == "cluster (50 blocks)"
+
+
+def test_resampling_unit_is_the_coarsest_that_leaves_enough_blocks(spec):
+    rng = np.random.default_rng(6)
+    keys = {name: entity.key for name, entity in spec.entities.items()}
+    fine, coarse = list(keys)[:2]
+    n = 3000
+    frame = pd.DataFrame({keys[fine]: rng.integers(0, 1000, n), keys[coarse]: rng.integers(0, 40, n),
+                          spec.timestamp: pd.Timestamp("2026-10-01", tz="UTC")
+                          + pd.to_timedelta(rng.uniform(0, 2 * 86400, n), unit="s")})
+    unit, blocks = resampling_blocks(frame, spec)
+    assert unit == f"entity {coarse}" and len(np.unique(blocks)) == 40  # two days are too few blocks
+    frame[keys[coarse]] = rng.integers(0, 5, n)
+    assert resampling_blocks(frame, spec)[0] == f"entity {fine}"
+    assert resampling_blocks(frame.drop(columns=list(keys.values())), spec) == (ROWS, None)
+
+
+def test_slice_intervals_are_corrected_for_the_number_of_slices():
+    assert slice_confidence(0.95, 10, "not_shown_worse") == pytest.approx(0.995)
+    assert slice_confidence(0.95, 10, "non_inferiority") == 0.95  # every slice must pass: no correction
+    rng = np.random.default_rng(7)
+    y = (rng.random(6000) < 0.1).astype(float)
+    a = y * 0.5 + rng.random(6000)
+    groups = {"g": np.repeat(np.arange(6), 1000).astype(str)}
+    comps = compare_with_champion(y, a, a + y * 0.2, groups, 100, 0.95, 500, 20)
+    assert comps[0].confidence == 0.95 and [c.confidence for c in comps[1:]] == [pytest.approx(1 - 0.05 / 6)] * 6
+
+
+def test_the_two_tests_differ_on_a_noisy_challenger():
+    noisy = Comparison("overall", 1000, 50, 0.5, 0.49, -0.01, -0.06, 0.04)
+    assert noisy.passes(0.02, "not_shown_worse")  # not shown worse
+    assert not noisy.passes(0.02, "non_inferiority")  # nor shown within the margin
