@@ -40,7 +40,7 @@ from sluicegate.features.inputs import logged_inputs
 from sluicegate.operate.labels import LivePerformance, PerformanceEstimate, utc_times
 from sluicegate.policy import DriftThresholds
 from sluicegate.runtime import ModelInput
-from sluicegate.serve.predlog import DEAD_LETTER
+from sluicegate.serve.predlog import DEAD_LETTER, RAW_PREFIX
 from sluicegate.spec import DatasetSpec
 
 LOG_COLUMNS = ("score", "model_version", "latency_ms", "logged_at")
@@ -351,8 +351,7 @@ def read_prediction_log(folder: Path, since: pd.Timestamp | None = None,
         except Exception as exc:  # a broken file must not stop monitoring, nor vanish unseen
             quarantined.append(str(_quarantine(path, folder, quarantine, exc)))
             continue
-        frame = frame.rename(columns={k: v for k, v in LOG_ALIASES.items()
-                                      if k in frame.columns and v not in frame.columns})
+        frame = _own_names(frame)
         if LOGGED_AT not in frame.columns:
             frame[LOGGED_AT] = mtime
         frames.append(frame)
@@ -382,6 +381,15 @@ def _dead_rows(line: str) -> int:
         return int(json.loads(line).get("rows", 1))
     except (ValueError, TypeError, AttributeError):  # a torn line still stands for at least one row
         return 1
+
+
+def _own_names(frame: pd.DataFrame) -> pd.DataFrame:
+    """The log's columns under the monitor's names, then a request field the server wrote aside
+    (`raw.<name>`: a table's own `ts`, say) under its own name."""
+    aliases = {k: v for k, v in LOG_ALIASES.items() if k in frame.columns and v not in frame.columns}
+    frame = frame.rename(columns=aliases)
+    raw = {c: c.removeprefix(RAW_PREFIX) for c in frame.columns if str(c).startswith(RAW_PREFIX)}
+    return frame.rename(columns={k: v for k, v in raw.items() if v not in frame.columns})
 
 
 def _log_files(folder: Path, since: pd.Timestamp | None) -> list[Path]:
@@ -432,8 +440,9 @@ def quality_frame(log: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
 
 
 def quality_failures(report_failures: list, log: pd.DataFrame, spec: DatasetSpec) -> list[str]:
-    """The GX failures that concern live traffic; label checks only count when labels are logged."""
-    ignore = set() if spec.label in log.columns else {spec.label}
+    """The GX failures that concern live traffic; label and id checks only count when the log holds them."""
+    # Not sent with the traffic: the label (late), the id (optional, kept as the request's id).
+    ignore = {name for name in (spec.label, spec.id) if name not in log.columns}
     return [f"{f.column or 'table'}: {f.expectation} ({f.detail})" for f in report_failures
             if f.column not in ignore]
 

@@ -129,6 +129,7 @@ class MonitorOutcome:
         if self.report is not None:
             estimate = self.report.estimate
             out |= {"flow_run_id": self.flow_run_id, "quality_passed": self.report.quality_passed,
+                    "quality_failures": self.report.quality_failures,
                     "drifting": [c.name for c in self.report.columns if c.status == "drift"],
                     "estimate": None if estimate is None else {"precision": estimate.precision,
                                                                "recall": estimate.recall, "rows": estimate.rows}}

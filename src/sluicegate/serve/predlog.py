@@ -21,6 +21,8 @@ cannot become a table goes, as JSON lines, to the dead-letter folder `<folder>/_
 the monitor counts); its rows are counted as dropped (`on_drop`) and shown in `error` from then on,
 so the health routes and `/metrics` say what stderr says.
 
+A request field named like one of the log's own columns is written as `raw.<name>`.
+
 Every row holds the model's inputs under `input.<name>` (the numeric tensor's columns after their
 transforms, the categorical codes), so the monitor compares what the model saw with what it saw in
 training; /predict rows also hold the request's raw columns and the online features.
@@ -48,6 +50,11 @@ import pyarrow.parquet as pq
 log = logging.getLogger("sluicegate.serve")
 
 POLL_SECONDS = 0.1
+# The log's own columns; a request field of the same name (a table's `ts`, say) is written as
+# `raw.<name>` beside them, never over them (the monitor reads it back under its own name).
+OWN_COLUMNS = ("endpoint", "ts", "request_id", "model_name", "model_version", "latency_ms", "row", "probability",
+               "decision")
+RAW_PREFIX = "raw."
 DEAD_LETTER = "_dead_letter"  # a leading "_": Arrow's dataset readers skip it; the monitor counts it
 
 
@@ -258,15 +265,19 @@ class PredictionLog:
                 for j, column in enumerate(self.expand.get(name) or [f"{name}_{j}" for j in range(block.shape[1])]):
                     columns[column] = block[:, j]
             elif isinstance(values[0], np.ndarray):
-                columns[name] = np.concatenate(values)
+                columns[_field_column(name)] = np.concatenate(values)
             else:
-                columns[name] = _typed([v for chunk in values for v in chunk])
+                columns[_field_column(name)] = _typed([v for chunk in values for v in chunk])
         table = pa.table(columns)
         # A column with no value in this file (all None) is typed string, so files read back together.
         for i, column in enumerate(table.schema):
             if pa.types.is_null(column.type):
                 table = table.set_column(i, column.name, table.column(i).cast(pa.string()))
         return table
+
+
+def _field_column(name: str) -> str:
+    return RAW_PREFIX + name if name in OWN_COLUMNS else name
 
 
 def _text(value) -> str | None:

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from sluicegate.serve.predlog import DEAD_LETTER, PredictionLog, Record
 
@@ -52,3 +53,15 @@ def test_a_record_that_cannot_become_a_table_is_dead_lettered_counted_and_shown(
     assert "3 rows could not be logged" in log.error and DEAD_LETTER in log.error
     lines = [json.loads(line) for f in (tmp_path / DEAD_LETTER).glob("*.jsonl") for line in f.read_text().splitlines()]
     assert [(line["rows"], line["request_ids"], line["features"]["a"]) for line in lines] == [(3, ["x"], [1, 2, 3])]
+
+
+def test_a_field_named_like_a_log_column_is_kept_beside_it_and_read_back_under_its_name(tmp_path):
+    from sluicegate.operate.monitor import read_prediction_log
+
+    _closed_log(tmp_path, [_predict(0, "a", ts="2018-10-30T18:08:43.152000+00:00", probability=3)])
+    frame = pd.read_parquet(tmp_path / "predict")
+    assert str(frame["ts"].dtype) == "datetime64[us, UTC]" and frame["probability"].tolist() == pytest.approx([0.2])
+    assert frame["raw.ts"].tolist() == ["2018-10-30T18:08:43.152000+00:00"]
+    read = read_prediction_log(tmp_path).frame
+    assert read["ts"].tolist() == ["2018-10-30T18:08:43.152000+00:00"] and read["probability"].tolist() == [3]
+    assert read["score"].tolist() == pytest.approx([0.2]) and read["logged_at"].dt.year.tolist() == [2023]
