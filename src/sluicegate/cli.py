@@ -65,6 +65,19 @@ def _settings(spec: Path | None) -> Settings:
         raise typer.Exit(2) from None
 
 
+def _check_target(settings: Settings) -> None:
+    """A target that is unknown, disagrees with its hardware profile or whose provider is not installed
+    ends the command here, before any work, naming what to install."""
+    from sluicegate.hardware import hardware
+    from sluicegate.runtime import ProviderUnavailable
+
+    try:
+        hardware(settings)
+    except (ProviderUnavailable, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
 def _home(settings: Settings):
     try:
         return ensure_home(settings.paths)
@@ -164,13 +177,18 @@ def run(
     train: dict,
     spec: SpecOption = None,
     batch: Annotated[str | None, typer.Option(help="Raw batch id; default: the newest")] = None,
-    target: Annotated[str, typer.Option(help="Where the model will run: cpu, cuda or rocm")] = "cpu",
+    target: Annotated[str | None, typer.Option(
+        help="Where the model will run: cpu, cuda, tensorrt or rocm [SLUICEGATE_TARGET]; default: the hardware "
+             "profile's target, else cpu")] = None,
     promote: Annotated[bool, typer.Option(help="Gate and promote now, or only register a challenger")] = True,
 ) -> None:
     """Run the training pipeline on a batch. Exit 0 done, 3 blocked by a gate, else error."""
     from sluicegate.flows.pipeline import PipelineParams, training_pipeline
 
+    if target is not None:  # through the environment, so `deploy` and the server read the same target
+        os.environ["SLUICEGATE_TARGET"] = target
     settings = _settings(spec)
+    _check_target(settings)
     _home(settings)
     _check_policy(settings)
     try:
@@ -412,6 +430,7 @@ def deploy_cmd(
     from sluicegate.flows.deploy import deploy_flow
 
     settings = _settings(spec)
+    _check_target(settings)
     _home(settings)
     _check_policy(settings)
     with _registry_answers():
@@ -467,6 +486,7 @@ def serve(
                       "give each its own model_name")
         raise typer.Exit(2)
     for table in tables:
+        _check_target(table)
         _home(table)
     given = {"host": host, "port": port, "max_batch_rows": max_batch_rows, "max_wait_ms": max_wait_ms,
              "poll_interval_s": poll_interval, "workers": workers}

@@ -28,6 +28,7 @@ from sluicegate.serve.metrics import Metrics
 from sluicegate.serve.model import LoadedModel
 from sluicegate.serve.served import ServedModel
 from sluicegate.serve.settings import ServeSettings
+from sluicegate.ship import registry
 
 log = logging.getLogger("sluicegate.serve")
 
@@ -349,10 +350,15 @@ def run(settings: Settings | list[Settings] | None = None, serve: ServeSettings 
         uvicorn.Server(uvicorn_config(create_app(settings, serve), serve)).run()
         return
     tables = settings if isinstance(settings, list) else [settings or Settings()]
+    for table in tables:  # an embedded MLflow store is created here once: workers racing to create it corrupt it
+        try:
+            registry.configure(table)
+        except Exception as exc:  # unreachable now: each worker keeps asking, as one server does
+            log.error("cannot reach the registry of %s before starting the workers: %s", table.model_name, exc)
     os.environ[WORKER_SPECS] = json.dumps([str(Path(t.spec_path).resolve()) for t in tables])
     os.environ[WORKER_SETTINGS] = serve.model_dump_json()
     config = uvicorn_config("sluicegate.serve.app:worker_app", serve, factory=True, workers=serve.workers)
     sock = config.bind_socket()
     from uvicorn.supervisors import Multiprocess
 
-    Multiprocess(config, target=uvicorn.Server(config).run, sockets=[sock]).run()
+    Multiprocess(config, sockets=[sock]).run()

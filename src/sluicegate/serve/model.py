@@ -8,13 +8,14 @@ from collections.abc import Callable
 
 from mlflow import MlflowClient
 
+from sluicegate import runtime
 from sluicegate.config import Settings
+from sluicegate.hardware import hardware, serving_providers
 from sluicegate.ship import registry
 from sluicegate.ship.loader import (
     FetchFailed,
     LoadedModel,
     ModelRejected,
-    choose_providers,
     fetch_onnx,
     load_from_bytes,
     registry_client,
@@ -32,6 +33,10 @@ class ModelManager:
     A version the checks refuse is remembered (by version and sha256) and not fetched again; a
     version whose artifact could not be fetched (`FetchFailed`: MLflow, the artifact store or the
     network down) is not: `fetch_error` says why, and the next `refresh` tries it again.
+
+    Models run on the target's execution provider (`hardware`), never on another: a target whose
+    provider is not installed stops the server at start, and a session onnxruntime started on another
+    provider is not swapped in (nor remembered against the version: the machine is at fault, not it).
     """
 
     def __init__(self, settings: Settings, threads: int, providers: list[str], widths: tuple[int, int],
@@ -39,7 +44,9 @@ class ModelManager:
                  on_rejected: Callable[[str, str], None] | None = None):
         self.settings = settings
         self.threads = threads
-        self.providers = choose_providers(providers)
+        self.hardware = hardware(settings)
+        self.override = list(providers)  # SLUICEGATE_SERVE_PROVIDERS: empty, or the target's provider first
+        self.providers = serving_providers(self.hardware, "fp32", self.override)
         self.widths = widths
         self.current: LoadedModel | None = None
         self.last_error: str | None = None
@@ -71,9 +78,15 @@ class ModelManager:
                 if not number.isdigit():  # it names folders (model repository) and metrics
                     raise ModelRejected(f"{name}: version {number!r} is not a number")
                 data = fetch_onnx(self.client(), version)
+                variant = version.tags.get("variant", "")
                 model = load_from_bytes(name, number, data, version.tags.get("sha256"),
-                                        version.tags.get("threshold"), version.tags.get("variant", ""),
-                                        self.threads, self.providers, self.widths)
+                                        version.tags.get("threshold"), variant, self.threads,
+                                        serving_providers(self.hardware, variant, self.override), self.widths)
+                runtime.check_session(model.session, self.hardware.provider)
+            except runtime.ProviderUnavailable as exc:  # this machine's fault: not held against the version
+                self.last_error = str(exc)
+                log.error("champion %s v%s not served on %s: %s", name, number, self.hardware.label(), exc)
+                return False
             except FetchFailed as exc:  # nothing known against the model: not rejected, tried again next poll
                 self.last_error = self.fetch_error = str(exc)
                 log.error("champion %s v%s not fetched, still serving %s; trying again at the next poll: %s",
@@ -90,8 +103,8 @@ class ModelManager:
             previous = self.current
             self.current = model
             self.last_error = None
-            log.warning("now serving %s v%s (%s)%s", name, model.version, model.variant,
-                        f", was v{previous.version}" if previous else "")
+            log.warning("now serving %s v%s (%s) on %s%s", name, model.version, model.variant,
+                        self.hardware.label(), f", was v{previous.version}" if previous else "")
             if self._on_loaded:
                 self._on_loaded(model)
             return True

@@ -24,7 +24,9 @@ class ServeSettings(BaseSettings):
     run_in_thread: bool = False
     # onnxruntime intra-op threads; 1 suits small models (the event loop needs the other core).
     threads: int = Field(1, ge=0)
-    # Providers in preference order; empty means the best this onnxruntime offers.
+    # onnxruntime execution providers; empty: the target's (SLUICEGATE_TARGET, hardware.yaml), the one
+    # setting the pipeline and `deploy` read too. A list must start with the target's provider; what
+    # follows is a fallback the operator allows. A provider that is not installed stops the server.
     providers: list[str] = []
     # How often the registry is asked whether `champion` moved.
     poll_interval_s: float = Field(5.0, gt=0)
