@@ -21,9 +21,8 @@ import pytest
 
 from sluicegate.config import Settings, ensure_home
 from sluicegate.data.synthetic import GenerateConfig, generate_transactions
-from sluicegate.features import catalog
+from sluicegate.features import aggregates, catalog
 from sluicegate.features import stages as features_stages
-from sluicegate.features import store as features
 from sluicegate.features.inputs import build_model_input, numeric_inputs, python_features
 from sluicegate.runtime import make_session, onnx_predict, sha256_file
 from sluicegate.serve import ServeSettings, create_app
@@ -209,29 +208,51 @@ def _metric(text: str, name: str) -> float:
     return 0.0
 
 
-# ------------------------------------------------------------------ /predict through Feast
+# ------------------------------------------------------------------ /predict through the online state
 
-def test_predict_end_to_end_through_feast(http, world):
+def test_predict_end_to_end_through_the_online_state(http, world):
+    """A new event of a known customer and merchant: its aggregates as training computes them (the
+    batch as its history), the model's answer on them, and the event counted for the next request."""
     spec, frame = world["spec"], world["frame"]
-    row = frame.iloc[-1]
-    body = _business(row)
+    last = frame.iloc[-1]
+    when = pd.Timestamp(last["event_timestamp"]) + pd.Timedelta(minutes=5)
+    body = {**_business(last), "transaction_id": "online-1", "event_timestamp": when.isoformat()}
     answer = http.post("/predict", json=body, headers=AUTH)
     assert answer.status_code == 200, answer.text
     got = answer.json()
-    store = features.feature_store(world["settings"], spec)
-    online = features.online_features(store, spec, {"customer_id": [body["customer_id"]],
-                                                    "merchant_id": [body["merchant_id"]]})
-    assert online["cust_txn_count_24h"] != [None]  # the entity is known online
-    when = pd.Timestamp(body["event_timestamp"])
-    found = {n: np.array(online[n], dtype=float) for n in catalog.online_features(spec)}
-    catalog.derive_since_previous(found, np.array([when.timestamp()]), spec)  # at the request's time
-    raw = pd.DataFrame([{**body, "event_timestamp": when}])
-    model_frame = pd.concat([raw, pd.DataFrame(found)], axis=1)
+    row = pd.DataFrame([{**body, "event_timestamp": when, spec.label: 0}])
+    found = aggregates.compute_feature_tables(row, spec, history=frame)
+    model_frame = row
+    for entity in catalog.served_entities(spec):
+        model_frame = model_frame.merge(found[catalog.entity_view(entity)], on=[spec.entities[entity].key,
+                                                                                spec.timestamp])
+    assert model_frame["cust_txn_count_24h"].iloc[0] >= 1  # the customer's history reaches the request
     model_frame = model_frame.assign(**python_features(model_frame, spec))
     expected = onnx_predict(make_session(world["onnx"]), build_model_input(model_frame, spec))[0]
     assert got["probability"] == pytest.approx(float(expected), abs=1e-6)
     assert got["positive"] == (got["probability"] >= 0.3) and got["threshold"] == pytest.approx(0.3)
     assert got["model_version"] == "1" and got["id"] == body["transaction_id"]
+    again = http.post("/predict", json={**body, "transaction_id": "online-2",
+                                         "event_timestamp": (when + pd.Timedelta(seconds=1)).isoformat()},
+                      headers=AUTH)
+    assert again.status_code == 200 and again.json()["probability"] != got["probability"]  # one more event counted
+
+
+def test_a_retried_request_is_answered_alike_and_counted_once(http, server, world):
+    when = pd.Timestamp(world["frame"]["event_timestamp"].max()) + pd.Timedelta(minutes=20)
+    body = {**_business(world["frame"].iloc[-2]), "transaction_id": "retry-1", "customer_id": 10**9 + 5,
+            "event_timestamp": when.isoformat()}
+    answers = [http.post("/predict", json=body, headers=AUTH) for _ in range(3)]
+    assert {a.status_code for a in answers} == {200} and len({a.json()["probability"] for a in answers}) == 1
+    held = server.app.default._lookup.online.state.read([("customer", str(10**9 + 5))])
+    assert held[("customer", str(10**9 + 5))].ids == ["retry-1"]
+
+
+def test_an_event_older_than_the_online_state_keeps_gets_a_422(http, world):
+    body = {**_business(world["frame"].iloc[-1]), "transaction_id": "ancient",
+            "event_timestamp": "2020-01-01T00:00:00+00:00"}
+    answer = http.post("/predict", json=body, headers=AUTH)
+    assert answer.status_code == 422 and "older than the online state keeps" in answer.json()["error"]
 
 
 def test_predict_for_an_unseen_customer_uses_defaults(http, world):
@@ -240,21 +261,23 @@ def test_predict_for_an_unseen_customer_uses_defaults(http, world):
     assert answer.status_code == 200 and 0.0 <= answer.json()["probability"] <= 1.0
 
 
-def test_online_store_down_gives_503_then_recovers(http, server, world):
-    body = _business(world["frame"].iloc[1])
+def test_online_store_down_gives_503_counts_nothing_then_recovers(http, server, world):
+    body = {**_business(world["frame"].iloc[1]), "transaction_id": "down-1"}
     assert http.post("/predict", json=body, headers=AUTH).status_code == 200
-    store = server.app.default._lookup.store
+    state = server.app.default._lookup.online.state
+    before = state.stats()
 
     def down(*args, **kwargs):  # injected fault: the online store refuses connections
         raise ConnectionError("connection refused")
 
-    store.get_online_features = down
+    state.read = down
     try:
-        answer = http.post("/predict", json=body, headers=AUTH)
+        answer = http.post("/predict", json={**body, "transaction_id": "down-2"}, headers=AUTH)
         assert answer.status_code == 503 and "online feature store unavailable" in answer.json()["error"]
-        assert http.get("/v2/health/ready").status_code == 200  # the v2 path does not need Feast
+        assert http.get("/v2/health/ready").status_code == 200  # the v2 path does not need the online state
     finally:
-        del store.get_online_features
+        del state.read
+    assert state.stats() == before  # the refused request was not counted
     assert http.post("/predict", json=body, headers=AUTH).status_code == 200
 
 
