@@ -6,6 +6,7 @@ Read once per run; the gates (ship) and the monitor (operate) take the parsed po
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -47,6 +48,13 @@ class GatePolicy(BaseModel):
     # absent (None): no cost gate.
     max_cost_per_million: float | None = Field(None, gt=0)
     max_regression_vs_champion: float = Field(ge=0)
+    # How a paired comparison (champion, slices, baseline) passes: non_inferiority, the interval's low end
+    # above -margin (the candidate must show it is no worse); not_shown_worse, its high end above -margin
+    # (only a candidate shown worse fails). docs/gates.md gives the reasons for the default.
+    comparison_test: Literal["non_inferiority", "not_shown_worse"] = "not_shown_worse"
+    # The candidate's PR-AUC minus the best baseline's (logistic regression, HistGradientBoosting, picked on
+    # validation) on the same test rows, under comparison_test; absent (None): no baseline gate.
+    min_lift_over_baseline: float | None = Field(None, ge=-1, le=1)
     max_slice_regression: float = Field(ge=0)
     min_slice_support: int = Field(ge=1)
     min_slice_positives: int = Field(ge=1)

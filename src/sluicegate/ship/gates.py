@@ -39,6 +39,7 @@ class VariantReport:
     memory_mb: float
     cost_per_million: float
     server_verdict: str = "not measured"  # LoadGen's validity of the Server run, with its reason if INVALID
+    valid_pr_auc_drop: float | None = None  # the same drop on the validation window, which picks the variant
 
 
 @dataclass
@@ -52,6 +53,8 @@ class Evidence:
     champion_version: str | None = None
     comparisons: list[Comparison] = field(default_factory=list)  # overall first; empty without a champion
     champion_note: str = ""  # why there are no comparisons although there is a champion
+    baseline: Comparison | None = None  # the candidate against the best baseline on the same rows
+    baselines: list[dict] = field(default_factory=list)  # each baseline's name, validation and test PR-AUC
     missing: list[str] = field(default_factory=list)  # required evidence not found
     hardware: Hardware | None = None  # the target and price per hour the cost was computed at
 
@@ -114,12 +117,17 @@ def select_variant(variants: list[VariantReport], policy: GatePolicy) -> Variant
     the cost per prediction, while single-row latency differences between variants
     are tens of microseconds and the latency SLO is gated separately. Falls back to
     fp32 so that a failing quantization is reported by the gates, never silently shipped.
+    The accuracy read is the validation window's: the test window then grades the choice, not makes it.
     """
-    ok = [v for v in variants if v.pr_auc_drop <= policy.max_quantization_drop
+    ok = [v for v in variants if _choice_drop(v) <= policy.max_quantization_drop
           and (v.name != "fp32" or v.max_abs_diff <= policy.parity_tolerance)]
     if ok:
         return max(ok, key=lambda v: v.rows_per_s)
     return next(v for v in variants if v.name == "fp32")
+
+
+def _choice_drop(v: VariantReport) -> float:
+    return v.pr_auc_drop if v.valid_pr_auc_drop is None else v.valid_pr_auc_drop
 
 
 def decide(policy: GatePolicy, evidence: Evidence, links: dict[str, str] | None = None) -> GateDecision:
@@ -146,6 +154,7 @@ def decide(policy: GatePolicy, evidence: Evidence, links: dict[str, str] | None 
                  links.get("benchmark", "")),
         *_cost_gate(policy, evidence, links.get("benchmark", "")),
         *_champion_gates(policy, evidence, links.get("comparison", "")),
+        *_baseline_gate(policy, evidence, links.get("comparison", "")),
     ]
     return GateDecision(variant=v.name, results=results)
 
@@ -190,18 +199,46 @@ def _champion_gates(policy: GatePolicy, evidence: Evidence, link: str) -> list[G
         return [GateResult(overall_gate, policy.max_regression_vs_champion, None, True, why, link),
                 GateResult(slice_gate, policy.max_slice_regression, None, True, why, link)]
     overall, slices = evidence.comparisons[0], evidence.comparisons[1:]
-    level = f"{policy.confidence:.0%}"
-    passed = bool(overall.ci_high >= -policy.max_regression_vs_champion)
+    test, margin = policy.comparison_test, policy.max_regression_vs_champion
+    passed = overall.passes(margin, test)
     detail = (f"PR-AUC {overall.challenger:.4f} vs champion v{evidence.champion_version} {overall.champion:.4f}: "
-              f"diff {overall.diff:+.4f}, {level} CI [{overall.ci_low:+.4f}, {overall.ci_high:+.4f}]"
-              f"{'' if passed else ' — significantly worse'}")
-    results = [GateResult(overall_gate, policy.max_regression_vs_champion, overall.diff, passed, detail, link)]
-    worse = [c for c in slices if c.ci_high < -policy.max_slice_regression]
+              f"{_interval(overall)}{'' if passed else ' — ' + _failure(test)}")
+    results = [GateResult(overall_gate, margin, overall.diff, passed, detail, link)]
+    worse = [c for c in slices if not c.passes(policy.max_slice_regression, test)]
+    level = f" (each at {slices[0].confidence:.2%}, {test.replace('_', '-')})" if slices else ""
     if worse:
-        named = ", ".join(f"{c.scope} {c.diff:+.4f} (CI high {c.ci_high:+.4f}, n={c.support})" for c in worse)
-        detail = f"significantly worse on {len(worse)} of {len(slices)} slices: {named}"
+        named = ", ".join(f"{c.scope} {c.diff:+.4f} (CI [{c.ci_low:+.4f}, {c.ci_high:+.4f}], n={c.support})"
+                          for c in worse)
+        detail = f"{_failure(test)} on {len(worse)} of {len(slices)} slices{level}: {named}"
     else:
-        detail = f"no significant regression on any of {len(slices)} slices with enough support"
-    worst = min((c.ci_high for c in slices), default=0.0)
+        detail = f"no regression on any of {len(slices)} slices with enough support{level}"
+    bound = (lambda c: c.ci_low) if test == "non_inferiority" else (lambda c: c.ci_high)
+    worst = min((bound(c) for c in slices), default=0.0)
     results.append(GateResult(slice_gate, policy.max_slice_regression, worst, not worse, detail, link))
     return results
+
+
+def _interval(c: Comparison) -> str:
+    return (f"diff {c.diff:+.4f}, {c.confidence:.0%} CI [{c.ci_low:+.4f}, {c.ci_high:+.4f}], "
+            f"{c.support} rows resampled by {c.resampled}")
+
+
+def _failure(test: str) -> str:
+    return "not shown within the margin" if test == "non_inferiority" else "significantly worse"
+
+
+def _baseline_gate(policy: GatePolicy, evidence: Evidence, link: str) -> list[GateResult]:
+    """Challenger minus the best baseline (picked on validation) on the same test rows; only when
+    gates.yaml sets min_lift_over_baseline. Evidence without baseline scores fails: nothing was shown."""
+    lift = policy.min_lift_over_baseline
+    if lift is None:
+        return []
+    c = evidence.baseline
+    figures = ", ".join(f"{b['name']} {b['test_pr_auc']:.4f}" for b in evidence.baselines) or "none recorded"
+    if c is None:
+        return [GateResult("min_lift_over_baseline", lift, None, False,
+                           f"no baseline scores in the evidence (baselines: {figures})", link)]
+    passed = c.passes(-lift, policy.comparison_test)
+    detail = (f"PR-AUC {c.challenger:.4f} vs {c.scope} {c.champion:.4f} (test PR-AUC of the baselines: {figures}): "
+              f"{_interval(c)}{'' if passed else ' — ' + _failure(policy.comparison_test)}")
+    return [GateResult("min_lift_over_baseline", lift, c.diff, passed, detail, link)]

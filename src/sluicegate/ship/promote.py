@@ -22,8 +22,8 @@ from sluicegate.config import Settings
 from sluicegate.features.inputs import tensor_widths
 from sluicegate.hardware import Hardware, hardware
 from sluicegate.policy import GatePolicy
+from sluicegate.ship import baselines, registry
 from sluicegate.ship import card as modelcard
-from sluicegate.ship import registry
 from sluicegate.ship.evaluate import Comparison
 from sluicegate.ship.gates import (
     REQUIRED_EVIDENCE,
@@ -33,7 +33,7 @@ from sluicegate.ship.gates import (
     VariantReport,
     decide,
 )
-from sluicegate.ship.holdout import compare_on_holdout
+from sluicegate.ship.holdout import compare_on_holdout, lift_over_baseline, score_holdout
 from sluicegate.ship.model_repository import export_champion
 from sluicegate.spec import DatasetSpec
 from sluicegate.train import identity
@@ -100,18 +100,24 @@ def gate_and_promote(settings: Settings, policy: GatePolicy, spec: DatasetSpec, 
         if rival:
             spec_row = _spec_row(candidate, champion, raw, load_evidence(client, champion, work / "champion")[0])
         same_inputs = spec_row is None or spec_row.measured == 0
-        if raw is not None and candidate_onnx is not None and rival and same_inputs:
+        lift = None
+        if raw is not None and candidate_onnx is not None:
             onnx_path = work / "candidate.onnx"
             onnx_path.write_bytes(candidate_onnx)
-            comparisons = compare_on_holdout(registry.download_onnx(client, champion, work / "champion"), onnx_path,
-                                             pd.read_parquet(work / "evidence" / "holdout.parquet"), spec, policy)
+            holdout = pd.read_parquet(work / "evidence" / "holdout.parquet")
+            scores = score_holdout(onnx_path, holdout, spec)
+            lift = lift_over_baseline(scores, holdout, spec, policy, baselines.best(raw.get("baselines", [])))
+            if rival and same_inputs:
+                comparisons = compare_on_holdout(registry.download_onnx(client, champion, work / "champion"), scores,
+                                                 holdout, spec, policy)
         evidence = _evidence(raw, missing, champion_version, comparisons)
+        evidence.baseline, evidence.baselines = lift, (raw or {}).get("baselines", [])
         if not same_inputs:  # the held-out inputs are the candidate's; the champion reads another layout
             evidence.champion_note = (f"not compared: champion v{champion_version} reads inputs of another model "
                                       "spec (see model_spec); judged by the other gates")
         decision = decide(policy, evidence, _links(settings, candidate))
         decision.results += [check, *([spec_row] if spec_row else [])]
-        artifacts = _publish(client, name, candidate, raw, decision, comparisons, work)
+        artifacts = _publish(client, name, candidate, raw, decision, comparisons + ([lift] if lift else []), work)
     report = decision.to_markdown(title=f"{name} v{version}")
     if not decision.promote:
         return DeployOutcome("blocked", decision.reason(), version, champion_version, decision, report, artifacts)

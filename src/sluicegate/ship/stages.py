@@ -25,7 +25,7 @@ from sluicegate.ship import benchmark, export, gates, registry
 from sluicegate.ship import evaluate as evaluation
 from sluicegate.ship.benchmark import BenchConfig, VariantBenchmark
 from sluicegate.ship.export import Parity
-from sluicegate.ship.holdout import holdout_frame
+from sluicegate.ship.holdout import keep_holdout
 from sluicegate.spec import DatasetSpec
 from sluicegate.train import identity
 from sluicegate.train.loop import predict
@@ -94,6 +94,7 @@ class EvaluationOutcome:
     hardware: Hardware
     features: list[str] = field(default_factory=list)  # the spec's feature columns
     dataset: dict = field(default_factory=dict)  # what the model card says of the table
+    baselines: list[dict] = field(default_factory=list)  # each baseline's validation and test PR-AUC
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -102,7 +103,8 @@ class EvaluationOutcome:
                 f"{self.torch_metrics['roc_auc']:.4f}; shipping {v.name} for {self.hardware.target} "
                 f"(PR-AUC {v.pr_auc:.4f}, drop {v.pr_auc_drop:+.4f}; SingleStream p90 {v.p90_ms_batch1:.3f} ms, "
                 f"Server p99 {v.server_p99_ms:.3f} ms, Offline {v.rows_per_s:,.0f} rows/s, "
-                f"${v.cost_per_million:.3g} per 1M) in {self.seconds:.1f}s")
+                f"${v.cost_per_million:.3g} per 1M) in {self.seconds:.1f}s; baselines' test PR-AUC: "
+                + (", ".join(f"{b['name']} {b['test_pr_auc']:.4f}" for b in self.baselines) or "none"))
 
     def tables(self) -> dict[str, list[dict]]:
         """The run's tables, for MLflow and Prefect artifacts."""
@@ -137,17 +139,22 @@ def evaluate_stage(model, prepared: Prepared, exported: ExportOutcome, spec: Dat
     torch_metrics = evaluation.classification_metrics(
         y, predict(model, prepared.test.numeric, prepared.test.categorical), threshold)
     golden = export.golden_batch(prepared.test)
+    torch_valid = evaluation.average_precision(prepared.y_valid, predict(model, prepared.valid.numeric,
+                                                                         prepared.valid.categorical))
     variants, benches, metrics_by_name = [], [], {}
     runnable = exported.runnable([hw.provider])
     for name, path in runnable.items():
         # One session at a time: each keeps the memory arena of its largest batch (about 0.3 GB).
         session = runtime.make_session(path, providers=[hw.provider])
         metrics = evaluation.classification_metrics(y, runtime.onnx_predict(session, prepared.test), threshold)
+        valid_drop = torch_valid - evaluation.average_precision(prepared.y_valid,
+                                                                runtime.onnx_predict(session, prepared.valid))
         del session
         result = benchmark.benchmark_variant(name, path, golden, bench, hw.provider)
         benches.append(result)
         metrics_by_name[name] = metrics
         variants.append(_variant_report(name, path, hw, metrics, torch_metrics, exported.max_abs_diff[name], result))
+        variants[-1].valid_pr_auc_drop = valid_drop  # what picks the variant (gates.select_variant)
     shipped = gates.select_variant(variants, policy)
     shipped_session = runtime.make_session(runnable[shipped.name], providers=[hw.provider])
 
@@ -157,6 +164,7 @@ def evaluate_stage(model, prepared: Prepared, exported: ExportOutcome, spec: Dat
     shipped_scores = score(prepared.test)
     test_rows = prepared.splits.rows("test")
     groups = evaluation.slice_groups(test_rows, prepared.test, spec)
+    holdout, fitted = keep_holdout(prepared, spec, groups)
     return EvaluationOutcome(
         threshold=threshold, torch_metrics=torch_metrics, shipped_metrics=metrics_by_name[shipped.name],
         slices=evaluation.slice_metrics(groups, y, shipped_scores, threshold),
@@ -164,7 +172,7 @@ def evaluate_stage(model, prepared: Prepared, exported: ExportOutcome, spec: Dat
         robustness=evaluation.robustness(score, prepared.test, y, metrics_by_name[shipped.name]["pr_auc"], spec),
         behaviour=evaluation.behaviour(lambda f: score(build_model_input(f, spec)), test_rows, spec),
         variants=variants, benchmark=benchmark_rows(benches, hw.price_per_hour), shipped=shipped,
-        holdout=holdout_frame(prepared.test, y, groups, spec), hardware=hw, features=spec.feature_columns,
+        holdout=holdout, baselines=fitted, hardware=hw, features=spec.feature_columns,
         dataset={"name": spec.name, "predicts": spec.predicts, "label": spec.label,
                  "positive": spec.table.positive, "spec_hash": identity.spec_hash(spec),
                  "model_spec": identity.model_spec(spec)},
@@ -193,7 +201,8 @@ def write_evidence(evaluated: EvaluationOutcome, exported: ExportOutcome, out_di
         "slices": evaluated.slices, "reliability": evaluated.reliability,
         "robustness": evaluated.robustness.to_dict(), "behaviour": evaluated.behaviour.to_dict(),
         "benchmark": evaluated.benchmark, "hardware": asdict(evaluated.hardware),
-        "features": evaluated.features, "dataset": evaluated.dataset, **(extra or {}),
+        "features": evaluated.features, "dataset": evaluated.dataset, "baselines": evaluated.baselines,
+        **(extra or {}),
     }
     (out_dir / "evidence.json").write_text(json.dumps(evidence, indent=2, default=float))
     (out_dir / "benchmark.json").write_text(json.dumps(evaluated.benchmark, indent=2))

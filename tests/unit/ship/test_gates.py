@@ -7,7 +7,7 @@ import yaml
 
 from sluicegate.hardware import Hardware
 from sluicegate.policy import GatePolicyError, load_policy
-from sluicegate.ship.evaluate import compare_with_champion
+from sluicegate.ship.evaluate import Comparison, compare_with_champion
 from sluicegate.ship.gates import (
     Evidence,
     GateDecision,
@@ -33,7 +33,9 @@ def variant(name="int8", **kw):
 
 
 def evidence(**kw):
-    base = dict(shipped=variant(), fp32_parity=1e-6, robustness_worst=0.01, behaviour_violation_rate=0.0)
+    above_baseline = Comparison("baseline hist_gradient_boosting", 5000, 100, 0.5, 0.6, 0.1, 0.05, 0.15)
+    base = dict(shipped=variant(), fp32_parity=1e-6, robustness_worst=0.01, behaviour_violation_rate=0.0,
+                baseline=above_baseline)
     return Evidence(**{**base, **kw})
 
 
@@ -43,7 +45,7 @@ def test_good_candidate_is_promoted_and_every_gate_is_listed(policy):
     listed = {r.gate for r in decision.results}
     gated = {"min_pr_auc", "max_ece", "max_quantization_drop", "parity_tolerance", "max_robustness_drop",
              "max_behaviour_violation_rate", "latency_slo_p99_ms", "max_cost_per_million",
-             "max_regression_vs_champion", "max_slice_regression", "required_evidence"}
+             "max_regression_vs_champion", "max_slice_regression", "min_lift_over_baseline", "required_evidence"}
     assert listed == gated
 
 
@@ -124,7 +126,7 @@ def test_the_cost_gate_reads_the_price_from_the_evidence_of_the_version(policy):
 
     raw = {"shipped": asdict(variant(cost_per_million=0.5)), "fp32_parity": 1e-6, "robustness": {"noise": 0.01},
            "behaviour": {"behaviour_violation_rate": 0.0}, "hardware": asdict(CPU_2CORE)}
-    decision = decide(policy, _evidence(raw, [], None, []))
+    decision = decide(policy.model_copy(update={"min_lift_over_baseline": None}), _evidence(raw, [], None, []))
     assert [r.gate for r in decision.failed] == ["max_cost_per_million"]
     assert "$0.085/h (cpu-2core" in decision.reason()
 
