@@ -53,10 +53,12 @@ class Settings(BaseSettings):
     # and 10.7 s at 2GB, 4.4 GB and 7.1 s unbounded; the customer view's: 1.5 GB and 6.4 s at 1GB.
     feature_join_memory: str = "1GB"
     experiment: str = "sluicegate"
-    # Where the model will run: picks the execution provider the gates measure on.
-    target: str = "cpu"
-    # Row of hardware.yaml used for cost per 1M predictions; price overridable.
-    hardware_profile: str = "cpu-2core"
+    # Where the model will run (a target of hardware.yaml: cpu, cuda, tensorrt, rocm): the one setting the
+    # pipeline, `deploy` and the server read. None: the profile's target, else cpu.
+    target: str | None = None
+    # Row of hardware.yaml priced for cost per 1M predictions; it names its target, so giving both means
+    # they must agree. None: the target's own profile. Price overridable.
+    hardware_profile: str | None = None
     price_per_hour: float | None = None
 
     @model_validator(mode="after")

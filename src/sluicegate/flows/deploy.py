@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from sluicegate.config import Settings, ensure_home
 from sluicegate.flows.limits import PROMOTE, one_at_a_time
 from sluicegate.flows.outcome import finish, gated_flow
+from sluicegate.hardware import hardware
 from sluicegate.policy import load_policy
 from sluicegate.ship import promote
 from sluicegate.spec import load_spec
@@ -32,6 +33,7 @@ def deploy_flow(actor: str = "deploy") -> dict:
     gate blocked it; an in-process caller still gets the result, exit code included)."""
     settings = Settings()
     policy = load_policy(settings.gates_path)  # a broken policy fails before any work
+    hardware(settings)  # so does a target whose provider is not installed: server_load would check another
     ensure_home(settings.paths)
     with one_at_a_time(PROMOTE, settings):
         outcome = promote.deploy_newest(settings, policy, load_spec(settings.spec_path), actor)

@@ -54,7 +54,9 @@ class PipelineParams(TrainConfig):
     """What the Prefect UI shows as the run form: the training settings plus what this run is about."""
 
     batch: str | None = Field(None, description="Raw batch id under SLUICEGATE_HOME/raw; empty = newest")
-    target: Literal["cpu", "cuda", "rocm"] = Field("cpu", description="Hardware the shipped model will run on")
+    target: Literal["cpu", "cuda", "tensorrt", "rocm"] | None = Field(
+        None, description="Hardware the shipped model will run on; empty: SLUICEGATE_TARGET, else the hardware "
+                          "profile's target (hardware.yaml). Its onnxruntime provider must be installed here")
     expectations: str = Field("expectations", description="Great Expectations context folder")
     actor: str = Field("pipeline", description="Who or what asked for this run, recorded on promotion")
     promote: bool = Field(True, description="Gate and promote now; off: register a challenger for `make deploy`")
@@ -137,6 +139,7 @@ def export_model(model, prepared, out_dir: Path, policy: GatePolicy, parent: str
 def evaluate(model, prepared, exported, spec: DatasetSpec, policy: GatePolicy, hw, parent: str):
     with registry.stage_run(parent, "evaluate"):
         outcome = ship.evaluate_stage(model, prepared, exported, spec, policy, hw)
+        mlflow.log_params(hw.params() | {"hardware.shipped_provider": outcome.shipped.provider})
         mlflow.log_metrics({f"torch_{k}": v for k, v in outcome.torch_metrics.items()})
         for name, rows in outcome.tables().items():
             mlflow.log_table(_columns(rows), f"{name}.json")
@@ -183,6 +186,9 @@ def training_pipeline(params: PipelineParams | None = None) -> dict:
     Failed with the reasons, and still returns them to an in-process caller)."""
     params = params or PipelineParams()
     settings = Settings()
+    if params.target:  # the run form's target, in the settings every stage (the gate's server_load too) reads
+        settings = settings.model_copy(update={"target": params.target})
+    hardware(settings)  # an unknown target, or one whose provider is not installed, fails before any work
     policy = load_policy(settings.gates_path)  # a broken policy fails before any work
     spec = load_spec(settings.spec_path)
     ensure_home(settings.paths)
@@ -263,7 +269,8 @@ def _run_stages(settings, spec, policy, params: PipelineParams, batch_dir, work_
     feats = build_features(settings, spec, validated, parent)
     validated.rows = None  # the raw rows are in the feature frame now: holding both doubles the run's memory
     clock.lap("features")
-    fp = training.fingerprint(feats.data_hash, cfg, spec, params.target)
+    hw = hardware(settings)
+    fp = training.fingerprint(feats.data_hash, cfg, spec, hw.target)
     if same := ship.unchanged(client, settings.model_name, fp):
         get_run_logger().info(same["reason"])
         return {**base, **same}
@@ -278,11 +285,10 @@ def _run_stages(settings, spec, policy, params: PipelineParams, batch_dir, work_
     clock.lap("train")
     exported = export_model(trained.model, prepared, work_dir, policy, parent)
     clock.lap("export")
-    hw = hardware(settings.model_copy(update={"target": params.target}))
     evaluated = evaluate(trained.model, prepared, exported, spec, policy, hw, parent)
     clock.lap("evaluate")
     # Load
-    tags = ship.lineage_tags(batch_dir.name, feats.data_hash, fp, str(flow_run.id), params.target, prepared, spec,
+    tags = ship.lineage_tags(batch_dir.name, feats.data_hash, fp, str(flow_run.id), hw.target, prepared, spec,
                              evaluated)
     evidence_dir = ship.write_evidence(evaluated, exported, work_dir / "evidence",
                                        extra={"training": trained.device | {"best_epoch": trained.best_epoch}})

@@ -33,7 +33,8 @@ import mlperf_loadgen as lg
 import numpy as np
 import psutil
 
-from sluicegate.runtime import INPUT_NAMES, OUTPUT_NAME, ModelInput, make_session
+from sluicegate.hardware import device_description
+from sluicegate.runtime import INPUT_NAMES, OUTPUT_NAME, ModelInput, Provider, make_session, onnxruntime_build
 
 
 @dataclass(frozen=True)
@@ -83,20 +84,28 @@ class ScenarioResult:
 @dataclass
 class VariantBenchmark:
     variant: str
-    provider: str
+    provider: str  # the provider the session ran on (its get_providers()), not the one asked for
     model_bytes: int
     memory_mb: float  # resident memory added by loading and running the session
     scenarios: list[ScenarioResult] = field(default_factory=list)
+    device: str = ""  # what the provider ran on (hardware.device_description)
+    onnxruntime: str = ""  # the onnxruntime build (runtime.onnxruntime_build)
 
     def scenario(self, name: str) -> ScenarioResult:
         return next(s for s in self.scenarios if s.scenario == name)
 
 
-def benchmark_variant(name: str, path, sample: ModelInput, cfg: BenchConfig, provider: str) -> VariantBenchmark:
-    """The three MLPerf scenarios under LoadGen plus a batch-size sweep on one execution provider."""
+def benchmark_variant(name: str, path, sample: ModelInput, cfg: BenchConfig, provider: Provider | list[Provider],
+                      device: str | None = None) -> VariantBenchmark:
+    """The three MLPerf scenarios under LoadGen plus a batch-size sweep on one execution provider.
+
+    The session runs on the first provider given or not at all (`make_session`); the result names the
+    provider the session reports, the device it ran on and the onnxruntime build."""
     process = psutil.Process(os.getpid())
     rss_before = process.memory_info().rss
-    session = make_session(path, threads=cfg.threads, providers=[provider])
+    providers = provider if isinstance(provider, list) else [provider]
+    session = make_session(path, threads=cfg.threads, providers=providers)
+    ran_on = session.get_providers()[0]
     sut = _Sut(session, sample)
     warm_ns = [_elapsed_ms(session, sut.feeds[i % len(sut.feeds)]) * 1e6 for i in range(max(1, cfg.warmup_queries))]
     results = [run_scenario(name, sut, "SingleStream", cfg, expected_ns=float(np.median(warm_ns))),
@@ -104,8 +113,10 @@ def benchmark_variant(name: str, path, sample: ModelInput, cfg: BenchConfig, pro
                run_scenario(name, sut, "Offline", cfg, expected_qps=sut.offline_rate(cfg.offline_batch))]
     results += [batch_sweep(name, session, sample, b, cfg) for b in cfg.batch_sizes]
     memory_mb = max(0.0, (process.memory_info().rss - rss_before) / 2**20)
-    return VariantBenchmark(variant=name, provider=provider, model_bytes=os.path.getsize(path),
-                            memory_mb=memory_mb, scenarios=results)
+    return VariantBenchmark(variant=name, provider=ran_on, model_bytes=os.path.getsize(path),
+                            memory_mb=memory_mb, scenarios=results,
+                            device=device if device is not None else device_description(ran_on),
+                            onnxruntime=onnxruntime_build())
 
 
 class _Sut:

@@ -52,11 +52,13 @@ def render(name: str, version: str, tags: dict, evidence: dict, decision: GateDe
         *[f"- {c['kind']} `{c['what']}`: violation rate {c['violation_rate']:.4f}, mean score change "
           f"{c['mean_delta']:+.4f}" for c in evidence["behaviour"].get("checks", [])],
         "",
-        f"## Benchmark ({evidence['hardware']['provider']}, MLPerf Inference scenarios)",
-        "| variant | scenario | batch | p50 ms | p90 ms | p99 ms | samples/s | $ per 1M |",
-        "|---|---|---|---|---|---|---|---|",
-        *[f"| {r['variant']} | {r['scenario']} | {r['batch_size']} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | "
-          f"{r['p99_ms']:.3f} | {r['samples_per_s']:,.0f} | {r['cost_per_million']:.4f} |"
+        "## Benchmark (MLPerf Inference scenarios)",
+        _hardware_line(evidence),
+        "",
+        "| variant | provider (as run) | scenario | batch | p50 ms | p90 ms | p99 ms | samples/s | $ per 1M |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *[f"| {r['variant']} | {r['provider']} | {r['scenario']} | {r['batch_size']} | {r['p50_ms']:.3f} | "
+          f"{r['p90_ms']:.3f} | {r['p99_ms']:.3f} | {r['samples_per_s']:,.0f} | {r['cost_per_million']:.4f} |"
           for r in evidence["benchmark"]],
         "",
         "## Limitations",
@@ -69,6 +71,16 @@ def render(name: str, version: str, tags: dict, evidence: dict, decision: GateDe
         decision.to_markdown(title=f"{name} v{version}").split("\n", 2)[2],
     ]
     return "\n".join(lines) + "\n"
+
+
+def _hardware_line(evidence: dict) -> str:
+    """Where the figures were measured: the session's provider, the device and the onnxruntime build."""
+    hw, shipped = evidence.get("hardware") or {}, evidence["shipped"]
+    return (f"Measured on {shipped.get('provider', hw.get('provider', '?'))} "
+            f"({shipped.get('device') or hw.get('device') or 'device not recorded'}; "
+            f"{shipped.get('onnxruntime') or hw.get('onnxruntime') or 'onnxruntime build not recorded'}), "
+            f"target `{hw.get('target', '?')}`, priced as `{hw.get('profile', '?')}` at "
+            f"${hw.get('price_per_hour', float('nan')):.4g}/h.")
 
 
 def _metric_row(label: str, m: dict) -> str:

@@ -40,6 +40,8 @@ class VariantReport:
     cost_per_million: float
     server_verdict: str = "not measured"  # LoadGen's validity of the Server run, with its reason if INVALID
     valid_pr_auc_drop: float | None = None  # the same drop on the validation window, which picks the variant
+    device: str = ""  # what `provider` (the session's own get_providers()) ran on; empty in older evidence
+    onnxruntime: str = ""  # the onnxruntime build that ran it
 
 
 @dataclass
@@ -150,7 +152,7 @@ def decide(policy: GatePolicy, evidence: Evidence, links: dict[str, str] | None 
                  links.get("robustness", "")),
         _at_most("latency_slo_p99_ms", policy.latency_slo_p99_ms, v.server_p99_ms,
                  f"Server-scenario p99 (ms; LoadGen: {v.server_verdict}) at {policy.slo_target_qps:g} q/s "
-                 f"on {v.provider}",
+                 f"on {ran_on(v)}",
                  links.get("benchmark", "")),
         *_cost_gate(policy, evidence, links.get("benchmark", "")),
         *_champion_gates(policy, evidence, links.get("comparison", "")),
@@ -167,11 +169,16 @@ def _cost_gate(policy: GatePolicy, evidence: Evidence, link: str) -> list[GateRe
     v, hw = evidence.shipped, evidence.hardware
     cost = v.cost_per_million
     passed = bool(cost <= limit)
-    priced = (f"${hw.price_per_hour:.4g}/h ({hw.profile}, {hw.provider})" if hw is not None
-              else f"a price per hour not recorded in the evidence ({v.provider})")
+    priced = (f"${hw.price_per_hour:.4g}/h ({hw.profile}, {ran_on(v)})" if hw is not None
+              else f"a price per hour not recorded in the evidence ({ran_on(v)})")
     detail = (f"${cost:.4g} per 1M predictions {'within' if passed else 'exceeds'} the limit ${limit:.4g}: "
               f"Offline {v.rows_per_s:,.0f} rows/s at {priced}")
     return [GateResult("max_cost_per_million", limit, cost, passed, detail, link)]
+
+
+def ran_on(v: VariantReport) -> str:
+    """The provider the variant's session ran on, the device and the onnxruntime build, for a report line."""
+    return ", ".join(filter(None, [v.provider, v.device or "device not recorded", v.onnxruntime]))
 
 
 def _evidence_gate(evidence: Evidence) -> GateResult:

@@ -101,6 +101,7 @@ class EvaluationOutcome:
         v = self.shipped
         return (f"evaluate: torch PR-AUC {self.torch_metrics['pr_auc']:.4f}, ROC-AUC "
                 f"{self.torch_metrics['roc_auc']:.4f}; shipping {v.name} for {self.hardware.target} "
+                f"on {v.provider}, {v.device} "
                 f"(PR-AUC {v.pr_auc:.4f}, drop {v.pr_auc_drop:+.4f}; SingleStream p90 {v.p90_ms_batch1:.3f} ms, "
                 f"Server p99 {v.server_p99_ms:.3f} ms, Offline {v.rows_per_s:,.0f} rows/s, "
                 f"${v.cost_per_million:.3g} per 1M) in {self.seconds:.1f}s; baselines' test PR-AUC: "
@@ -123,7 +124,8 @@ class EvaluationOutcome:
 def benchmark_rows(benches: list[VariantBenchmark], price_per_hour: float) -> list[dict]:
     """Every scenario of every variant as a table row, with its cost per 1M predictions."""
     return [{**s.to_dict(), "model_bytes": bench.model_bytes, "memory_mb": round(bench.memory_mb, 2),
-             "cost_per_million": benchmark.cost_per_million(s.samples_per_s, price_per_hour)}
+             "cost_per_million": benchmark.cost_per_million(s.samples_per_s, price_per_hour),
+             "device": bench.device, "onnxruntime": bench.onnxruntime}
             for bench in benches for s in bench.scenarios]
 
 
@@ -145,18 +147,18 @@ def evaluate_stage(model, prepared: Prepared, exported: ExportOutcome, spec: Dat
     runnable = exported.runnable([hw.provider])
     for name, path in runnable.items():
         # One session at a time: each keeps the memory arena of its largest batch (about 0.3 GB).
-        session = runtime.make_session(path, providers=[hw.provider])
+        session = runtime.make_session(path, providers=hw.providers(name))  # on the target's provider or not at all
         metrics = evaluation.classification_metrics(y, runtime.onnx_predict(session, prepared.test), threshold)
         valid_drop = torch_valid - evaluation.average_precision(prepared.y_valid,
                                                                 runtime.onnx_predict(session, prepared.valid))
         del session
-        result = benchmark.benchmark_variant(name, path, golden, bench, hw.provider)
+        result = benchmark.benchmark_variant(name, path, golden, bench, hw.providers(name), hw.device)
         benches.append(result)
         metrics_by_name[name] = metrics
         variants.append(_variant_report(name, path, hw, metrics, torch_metrics, exported.max_abs_diff[name], result))
         variants[-1].valid_pr_auc_drop = valid_drop  # what picks the variant (gates.select_variant)
     shipped = gates.select_variant(variants, policy)
-    shipped_session = runtime.make_session(runnable[shipped.name], providers=[hw.provider])
+    shipped_session = runtime.make_session(runnable[shipped.name], providers=hw.providers(shipped.name))
 
     def score(data: ModelInput) -> np.ndarray:
         return runtime.onnx_predict(shipped_session, data)
@@ -182,13 +184,14 @@ def evaluate_stage(model, prepared: Prepared, exported: ExportOutcome, spec: Dat
 def _variant_report(name, path, hw: Hardware, metrics, torch_metrics, max_abs_diff, result) -> gates.VariantReport:
     single, server, offline = (result.scenario(s) for s in ("SingleStream", "Server", "Offline"))
     return gates.VariantReport(
-        name=name, path=str(path), provider=hw.provider, pr_auc=metrics["pr_auc"], roc_auc=metrics["roc_auc"],
+        name=name, path=str(path), provider=result.provider, pr_auc=metrics["pr_auc"], roc_auc=metrics["roc_auc"],
         ece=metrics["ece"], pr_auc_drop=torch_metrics["pr_auc"] - metrics["pr_auc"],
         roc_auc_drop=torch_metrics["roc_auc"] - metrics["roc_auc"], max_abs_diff=max_abs_diff,
         size_bytes=Path(path).stat().st_size, p50_ms_batch1=single.p50_ms, p90_ms_batch1=single.p90_ms,
         p99_ms_batch1=single.p99_ms, server_p99_ms=server.p99_ms, rows_per_s=offline.samples_per_s,
         memory_mb=result.memory_mb, server_verdict=_verdict(server),
-        cost_per_million=benchmark.cost_per_million(offline.samples_per_s, hw.price_per_hour))
+        cost_per_million=benchmark.cost_per_million(offline.samples_per_s, hw.price_per_hour),
+        device=result.device, onnxruntime=result.onnxruntime)
 
 def write_evidence(evaluated: EvaluationOutcome, exported: ExportOutcome, out_dir: Path,
                    extra: dict | None = None) -> Path:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sluicegate import hardware
 from sluicegate.train.config import Precision
 
 
@@ -90,6 +91,8 @@ def device_fingerprint(device: torch.device, policy: PrecisionPolicy,
     """What a training run executed on, for the MLflow record."""
     import onnxruntime as ort
 
+    from sluicegate import runtime
+
     info = {
         "device_type": device.type,
         "device_kind": device_kind(device),
@@ -98,6 +101,7 @@ def device_fingerprint(device: torch.device, policy: PrecisionPolicy,
         "world_size": world_size,
         "torch_version": torch.__version__,
         "onnxruntime_version": ort.__version__,
+        "onnxruntime_build": runtime.onnxruntime_build(),
         "onnxruntime_providers": ",".join(ort.get_available_providers()),
         "precision": policy.name,
         "autocast_dtype": str(policy.autocast).replace("torch.", "") if policy.autocast else "none",
@@ -113,28 +117,17 @@ def device_fingerprint(device: torch.device, policy: PrecisionPolicy,
         "python_platform": platform.platform(),
     }
     if device.type == "cpu":
-        info["device_name"] = _cpu_model() or info["device_name"]
+        info["device_name"] = hardware.cpu_model() or info["device_name"]
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(device_name=props.name, device_count=torch.cuda.device_count(),
                     device_memory_gb=round(props.total_memory / 2**30, 1),
                     compute_capability=f"{props.major}.{props.minor}",
                     cuda_version=torch.version.cuda, hip_version=getattr(torch.version, "hip", None),
-                    cudnn_version=torch.backends.cudnn.version(), driver_version=_gpu_driver_version())
+                    cudnn_version=torch.backends.cudnn.version(), driver_version=hardware.gpu_driver_version())
     if device.type == "mps":
         info["device_name"] = "Apple GPU (MPS)"
     return info
-
-
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 def _host_memory_gb() -> float | None:
@@ -143,22 +136,3 @@ def _host_memory_gb() -> float | None:
     except ImportError:
         return None
     return round(psutil.virtual_memory().total / 2**30, 1)
-
-
-def _gpu_driver_version() -> str | None:
-    """NVIDIA driver from NVML or procfs; the amdgpu driver from sysfs."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        version = pynvml.nvmlSystemGetDriverVersion()
-        return version.decode() if isinstance(version, bytes) else version
-    except Exception:  # no NVML: not NVIDIA, or the bindings are not installed
-        pass
-    for path in ("/proc/driver/nvidia/version", "/sys/module/amdgpu/version"):
-        try:
-            with open(path) as f:
-                return f.readline().strip()
-        except OSError:
-            continue
-    return None

@@ -92,19 +92,30 @@ def test_cost_gate_passes_under_the_limit_and_says_what_it_was_priced_at(policy)
     (gate,) = [r for r in decision.results if r.gate == "max_cost_per_million"]
     assert gate.passed and gate.measured == cost and gate.threshold == policy.max_cost_per_million
     assert gate.detail == (f"${cost:.4g} per 1M predictions within the limit ${policy.max_cost_per_million:.4g}: "
-                           "Offline 800,000 rows/s at $0.085/h (cpu-2core, CPUExecutionProvider)")
+                           "Offline 800,000 rows/s at $0.085/h (cpu-2core, CPUExecutionProvider, "
+                           "device not recorded)")
     assert gate.evidence == "evidence/benchmark.json"
 
 
 def test_cost_gate_blocks_an_expensive_variant_naming_the_figure(policy):
     h100 = Hardware(target="cuda", provider="CUDAExecutionProvider", profile="nvidia-h100", price_per_hour=4.0)
     cost = 4.0 / (2_000 * 3600) * 1e6  # $0.556 per 1M at 2,000 rows/s
-    decision = decide(policy, evidence(shipped=variant(rows_per_s=2_000, cost_per_million=cost), hardware=h100))
+    shipped = variant(rows_per_s=2_000, cost_per_million=cost, provider="CUDAExecutionProvider")
+    decision = decide(policy, evidence(shipped=shipped, hardware=h100))
     assert not decision.promote
     assert [r.gate for r in decision.failed] == ["max_cost_per_million"]
     reason = decision.reason()
     assert "max_cost_per_million: $0.5556 per 1M predictions exceeds the limit $0.1" in reason
-    assert "Offline 2,000 rows/s at $4/h (nvidia-h100, CUDAExecutionProvider)" in reason
+    assert "Offline 2,000 rows/s at $4/h (nvidia-h100, CUDAExecutionProvider, device not recorded)" in reason
+
+
+def test_latency_and_cost_lines_name_the_provider_the_device_and_the_onnxruntime_build(policy):
+    ran = variant(device="AMD EPYC 7B13, 2 cores", onnxruntime="onnxruntime 1.31.1 (CPU build)")
+    decision = decide(policy, evidence(shipped=ran, hardware=CPU_2CORE))
+    lines = {r.gate: r.detail for r in decision.results}
+    where = "CPUExecutionProvider, AMD EPYC 7B13, 2 cores, onnxruntime 1.31.1 (CPU build)"
+    assert f"q/s on {where}" in lines["latency_slo_p99_ms"]
+    assert f"(cpu-2core, {where})" in lines["max_cost_per_million"]
 
 
 def test_cost_gate_without_a_recorded_price_says_so(policy):
