@@ -361,6 +361,7 @@ def labels_cmd(
         raise typer.Exit(2) from None
     console.print(outcome.summary())
     print(outcome.path)
+    _label_online_state(settings, outcome.path)
     if not report:
         return
     if threshold is None:
@@ -495,6 +496,21 @@ def serve(
                   f"http://{serve_settings.host}:{serve_settings.port} "
                   f"(v2: /v2/models/{{{'|'.join(names)}}}/infer, /predict, /metrics, /openapi.json)")
     run(tables, serve_settings)
+
+
+def _label_online_state(settings: Settings, written: Path) -> None:
+    """The imported labels onto the online state's events; its outage does not undo the import."""
+    import pandas as pd
+
+    from sluicegate.features.online import label_events
+
+    try:
+        held = label_events(settings, settings.spec, pd.read_parquet(written))
+    except Exception as exc:  # the labels are on disk: the next batch brings them to the state too
+        console.print(f"[yellow]warning:[/yellow] online state not updated with the labels: {exc}")
+        return
+    if held:
+        console.print(f"online state: {held:,} held event rows took their label")
 
 
 @app.command()

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     # under home. At 10M rows, the row view's join: 1.8 GB over what is held and 10.5 s at 1GB, 2.3 GB
     # and 10.7 s at 2GB, 4.4 GB and 7.1 s unbounded; the customer view's: 1.5 GB and 6.4 s at 1GB.
     feature_join_memory: str = "1GB"
+    # Test rows the serving-parity check replays through the online path (the window's last ones): a
+    # replay scores each event in Python (docs/serving.md has its cost per event).
+    serving_parity_rows: int = Field(20_000, ge=100)
     experiment: str = "sluicegate"
     # Where the model will run (a target of hardware.yaml: cpu, cuda, tensorrt, rocm): the one setting the
     # pipeline, `deploy` and the server read. None: the profile's target, else cpu.

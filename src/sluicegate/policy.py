@@ -47,6 +47,9 @@ class GatePolicy(BaseModel):
     # USD per million predictions at the Offline throughput and the hardware profile's price per hour;
     # absent (None): no cost gate.
     max_cost_per_million: float | None = Field(None, gt=0)
+    # Largest share of test rows on which any feature served by the online path differs from the offline
+    # value training used (the serving-parity replay).
+    max_serving_skew: float = Field(ge=0, le=1)
     max_regression_vs_champion: float = Field(ge=0)
     # How a paired comparison (champion, slices, baseline) passes: non_inferiority, the interval's low end
     # above -margin (the candidate must show it is no worse); not_shown_worse, its high end above -margin

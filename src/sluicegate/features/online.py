@@ -532,3 +532,16 @@ def _micro_batches(times: np.ndarray, delay: int) -> list[range]:
             out.append(range(start, i))
             start = i
     return out
+
+
+def label_events(settings, spec: DatasetSpec, labels: pd.DataFrame) -> int:
+    """Late labels (the spec's id and label columns) onto the events the online state holds, so label
+    rates count them once their events are `label_delay` old; how many (entity, event) rows took one."""
+    if not any(a.agg == "label_rate" for a in spec.features.aggregates) or labels.empty:
+        return 0
+    state = open_state(settings, spec)
+    try:
+        values = spec.positive(labels[spec.label]).to_numpy()
+        return OnlineFeatures(spec, state).label(dict(zip(labels[spec.id].astype(str), values.tolist(), strict=True)))
+    finally:
+        state.close()

@@ -1,10 +1,11 @@
 """training-pipeline, in the order it runs:
 
 1. validate  (data.stages)      GX suite of the spec; a failing batch is quarantined and nothing trains
-2. features  (features.stages)  feature tables, Feast materialization, the point-in-time training set
+2. features  (features.stages)  feature tables, the online state reconciled, the point-in-time training set
 3. train     (train.stages)     time split, model inputs, training (DDP when more than one device)
 4. export    (ship.stages)      ONNX, parity against torch, quantized variants
 5. evaluate  (ship.stages)      metrics, slices, calibration, robustness, behaviour, benchmarks
+   serving-parity (ship.stages) the test window replayed through the serving feature path
 6. register  (ship.stages)      a model version with its evidence, alias challenger
 7. gate      (ship.stages)      every gate of gates.yaml; champion moves only if all pass
 
@@ -155,6 +156,18 @@ def _columns(rows: list[dict]) -> dict[str, list]:
     return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
 
 
+@task(name="serving-parity", cache_policy=NO_CACHE)
+def check_serving(settings: Settings, spec: DatasetSpec, prepared, evaluated, parent: str):
+    """The test window replayed through the serving feature path, for the `max_serving_skew` gate."""
+    with registry.stage_run(parent, "serving-parity"):
+        outcome = ship.serving_parity_stage(settings, spec, prepared, evaluated)
+        mlflow.log_metrics({"serving_skew": outcome.skew, "served_pr_auc": outcome.served_pr_auc,
+                            "serving_rows": outcome.rows})
+        mlflow.log_dict(outcome.to_dict(), "serving_parity.json")
+    get_run_logger().info(outcome.summary())
+    return outcome
+
+
 @task(name="register", retries=3, retry_delay_seconds=[2, 5, 15], cache_policy=NO_CACHE)
 def register(settings: Settings, parent: str, evaluated, evidence_dir: Path, tags: dict):
     """A new model version carrying the shipped ONNX and its evidence; alias challenger."""
@@ -287,11 +300,14 @@ def _run_stages(settings, spec, policy, params: PipelineParams, batch_dir, work_
     clock.lap("export")
     evaluated = evaluate(trained.model, prepared, exported, spec, policy, hw, parent)
     clock.lap("evaluate")
+    parity = check_serving(settings, spec, prepared, evaluated, parent)
+    clock.lap("serving-parity")
     # Load
     tags = ship.lineage_tags(batch_dir.name, feats.data_hash, fp, str(flow_run.id), hw.target, prepared, spec,
                              evaluated)
     evidence_dir = ship.write_evidence(evaluated, exported, work_dir / "evidence",
-                                       extra={"training": trained.device | {"best_epoch": trained.best_epoch}})
+                                       extra={"training": trained.device | {"best_epoch": trained.best_epoch},
+                                              "serving": parity.to_dict()})
     _log_parent_summary(parent, evaluated)
     version = register(settings, parent, evaluated, evidence_dir, tags)
     clock.lap("register")

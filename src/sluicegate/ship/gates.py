@@ -59,6 +59,8 @@ class Evidence:
     baselines: list[dict] = field(default_factory=list)  # each baseline's name, validation and test PR-AUC
     missing: list[str] = field(default_factory=list)  # required evidence not found
     hardware: Hardware | None = None  # the target and price per hour the cost was computed at
+    serving_skew: float | None = None  # largest share of replayed test rows a served feature differed on
+    serving_detail: str = ""  # per skewed feature its share and largest gap, and PR-AUC served vs offline
 
 
 @dataclass
@@ -155,6 +157,7 @@ def decide(policy: GatePolicy, evidence: Evidence, links: dict[str, str] | None 
                  f"on {ran_on(v)}",
                  links.get("benchmark", "")),
         *_cost_gate(policy, evidence, links.get("benchmark", "")),
+        _serving_gate(policy, evidence, links.get("serving", "")),
         *_champion_gates(policy, evidence, links.get("comparison", "")),
         *_baseline_gate(policy, evidence, links.get("comparison", "")),
     ]
@@ -179,6 +182,17 @@ def _cost_gate(policy: GatePolicy, evidence: Evidence, link: str) -> list[GateRe
 def ran_on(v: VariantReport) -> str:
     """The provider the variant's session ran on, the device and the onnxruntime build, for a report line."""
     return ", ".join(filter(None, [v.provider, v.device or "device not recorded", v.onnxruntime]))
+
+
+def _serving_gate(policy: GatePolicy, evidence: Evidence, link: str) -> GateResult:
+    """The test window replayed through the serving feature path against the offline features."""
+    if evidence.serving_skew is None:
+        return GateResult("max_serving_skew", policy.max_serving_skew, None, False,
+                          "no serving-parity evidence: the version was not replayed through the serving path", link)
+    passed = bool(evidence.serving_skew <= policy.max_serving_skew)
+    return GateResult("max_serving_skew", policy.max_serving_skew, evidence.serving_skew, passed,
+                      f"{evidence.serving_detail} ({'within' if passed else 'exceeds'} "
+                      f"{policy.max_serving_skew:.4g} of rows)", link)
 
 
 def _evidence_gate(evidence: Evidence) -> GateResult:

@@ -221,14 +221,17 @@ def _evidence(raw: dict | None, missing: list[str], champion_version: str | None
                     robustness_worst=max(raw["robustness"].values()),
                     behaviour_violation_rate=raw["behaviour"]["behaviour_violation_rate"],
                     champion_version=champion_version, comparisons=comparisons, missing=missing,
-                    hardware=Hardware(**raw["hardware"]) if raw.get("hardware") else None)
+                    hardware=Hardware(**raw["hardware"]) if raw.get("hardware") else None,
+                    serving_skew=(raw.get("serving") or {}).get("skew"),
+                    serving_detail=(raw.get("serving") or {}).get("detail", ""))
 
 
 def _links(settings: Settings, version: ModelVersion) -> dict[str, str]:
     run = f"mlflow run {version.run_id}"
     return {"metrics": f"{run}: evidence/evidence.json", "calibration": f"{run}: evidence/reliability.png",
             "variants": f"{run}: evidence/evidence.json (variants)", "robustness": f"{run}: evidence/evidence.json",
-            "benchmark": f"{run}: evidence/benchmark.json", "comparison": f"{run}: comparison.json"}
+            "benchmark": f"{run}: evidence/benchmark.json", "comparison": f"{run}: comparison.json",
+            "serving": f"{run}: evidence/evidence.json (serving)"}
 
 
 def _publish(client: MlflowClient, name: str, version: ModelVersion, raw: dict | None, decision: GateDecision,

@@ -16,12 +16,13 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
 from sluicegate import runtime
+from sluicegate.config import Settings
 from sluicegate.features import catalog
 from sluicegate.features.inputs import build_model_input
 from sluicegate.hardware import Hardware
 from sluicegate.policy import GatePolicy
 from sluicegate.runtime import ModelInput
-from sluicegate.ship import benchmark, export, gates, registry
+from sluicegate.ship import benchmark, export, gates, registry, serving_parity
 from sluicegate.ship import evaluate as evaluation
 from sluicegate.ship.benchmark import BenchConfig, VariantBenchmark
 from sluicegate.ship.export import Parity
@@ -218,6 +219,15 @@ def _verdict(scenario) -> str:
     if scenario.validity is None:
         return "not measured"
     return scenario.validity + (f" ({scenario.invalid_reason})" if scenario.invalid_reason else "")
+
+
+def serving_parity_stage(settings: Settings, spec: DatasetSpec, prepared: Prepared,
+                         evaluated: EvaluationOutcome) -> serving_parity.ServingParity:
+    """The shipped variant on the test window as the server would compute its features."""
+    session = runtime.make_session(evaluated.shipped.path, providers=[evaluated.hardware.provider])
+    return serving_parity.serving_parity_stage(settings, spec, prepared,
+                                               lambda data: runtime.onnx_predict(session, data),
+                                               settings.serving_parity_rows)
 
 
 # --- register, gate, deploy, roll back --------------------------------------------------------------

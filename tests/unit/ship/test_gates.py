@@ -35,7 +35,7 @@ def variant(name="int8", **kw):
 def evidence(**kw):
     above_baseline = Comparison("baseline hist_gradient_boosting", 5000, 100, 0.5, 0.6, 0.1, 0.05, 0.15)
     base = dict(shipped=variant(), fp32_parity=1e-6, robustness_worst=0.01, behaviour_violation_rate=0.0,
-                baseline=above_baseline)
+                baseline=above_baseline, serving_skew=0.0, serving_detail="every feature equal on all 5,000 rows")
     return Evidence(**{**base, **kw})
 
 
@@ -45,7 +45,8 @@ def test_good_candidate_is_promoted_and_every_gate_is_listed(policy):
     listed = {r.gate for r in decision.results}
     gated = {"min_pr_auc", "max_ece", "max_quantization_drop", "parity_tolerance", "max_robustness_drop",
              "max_behaviour_violation_rate", "latency_slo_p99_ms", "max_cost_per_million",
-             "max_regression_vs_champion", "max_slice_regression", "min_lift_over_baseline", "required_evidence"}
+             "max_regression_vs_champion", "max_slice_regression", "min_lift_over_baseline", "required_evidence",
+             "max_serving_skew"}
     assert listed == gated
 
 
@@ -57,6 +58,8 @@ def test_good_candidate_is_promoted_and_every_gate_is_listed(policy):
     (dict(robustness_worst=0.3), "max_robustness_drop"),
     (dict(behaviour_violation_rate=0.2), "max_behaviour_violation_rate"),
     (dict(missing=["holdout.parquet"]), "required_evidence"),
+    (dict(serving_skew=0.3, serving_detail="cust_txn_count_24h differs on 30.00% of 5,000 rows"), "max_serving_skew"),
+    (dict(serving_skew=None), "max_serving_skew"),  # a version never replayed through the serving path
 ])
 def test_each_gate_blocks_with_its_reason(policy, change, gate):
     decision = decide(policy, evidence(**change))
@@ -136,7 +139,8 @@ def test_the_cost_gate_reads_the_price_from_the_evidence_of_the_version(policy):
     from sluicegate.ship.promote import _evidence
 
     raw = {"shipped": asdict(variant(cost_per_million=0.5)), "fp32_parity": 1e-6, "robustness": {"noise": 0.01},
-           "behaviour": {"behaviour_violation_rate": 0.0}, "hardware": asdict(CPU_2CORE)}
+           "behaviour": {"behaviour_violation_rate": 0.0}, "hardware": asdict(CPU_2CORE),
+           "serving": {"skew": 0.0, "detail": "every feature equal on all 5,000 replayed test rows"}}
     decision = decide(policy.model_copy(update={"min_lift_over_baseline": None}), _evidence(raw, [], None, []))
     assert [r.gate for r in decision.failed] == ["max_cost_per_million"]
     assert "$0.085/h (cpu-2core" in decision.reason()
@@ -202,6 +206,17 @@ def test_select_fastest_variant_within_tolerance(policy):
     assert select_variant([fp32, int8], policy).name == "int8"
     lossy = replace(int8, pr_auc_drop=0.02)
     assert select_variant([fp32, lossy], policy).name == "fp32"
+
+
+def test_the_variant_is_chosen_on_the_validation_window(policy):
+    """What the test window says of a variant grades the choice; it does not make it."""
+    fp32 = variant("fp32", rows_per_s=5e5, pr_auc_drop=0.0, valid_pr_auc_drop=0.0, max_abs_diff=1e-7)
+    lucky = variant("int8", rows_per_s=8e5, pr_auc_drop=0.0, valid_pr_auc_drop=0.02)  # lossy on validation
+    assert select_variant([fp32, lucky], policy).name == "fp32"
+    unlucky = replace(lucky, pr_auc_drop=0.02, valid_pr_auc_drop=0.0)
+    chosen = select_variant([fp32, unlucky], policy)
+    assert chosen.name == "int8"
+    assert "max_quantization_drop" in [r.gate for r in decide(policy, evidence(shipped=chosen)).failed]
 
 
 def test_incomplete_policy_is_a_clear_error(tmp_path):
