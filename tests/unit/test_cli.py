@@ -60,3 +60,34 @@ def test_status_names_every_registered_model_with_its_champion(home):
     result = CliRunner().invoke(app, ["status"])
     assert result.exit_code == 0, result.output
     assert "models in this registry: claims-model (champion v1), fraud-detector (champion none)" in result.output
+
+
+def _missing(provider: str) -> bool:
+    import onnxruntime
+
+    return provider not in onnxruntime.get_available_providers()
+
+
+def test_run_with_a_target_whose_provider_is_missing_fails_before_any_work(tmp_path, monkeypatch):
+    import pytest
+
+    if not _missing("MIGraphXExecutionProvider"):
+        pytest.skip("this onnxruntime has MIGraphX")
+    monkeypatch.setenv("SLUICEGATE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SLUICEGATE_TARGET", "cpu")  # restored after: the command exports its --target for the flows
+    result = CliRunner().invoke(app, ["run", "--target", "rocm"])
+    assert result.exit_code == 2, result.output
+    assert "MIGraphXExecutionProvider is not available" in result.output and "onnxruntime-migraphx" in result.output
+    assert not (tmp_path / "home").exists()  # nothing was imported, trained or registered
+
+
+def test_deploy_on_a_target_whose_provider_is_missing_fails_before_any_gate(tmp_path, monkeypatch):
+    import pytest
+
+    if not _missing("CUDAExecutionProvider"):
+        pytest.skip("this onnxruntime has the CUDA execution provider")
+    monkeypatch.setenv("SLUICEGATE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SLUICEGATE_TARGET", "cuda")
+    result = CliRunner().invoke(app, ["deploy"])
+    assert result.exit_code == 2, result.output
+    assert "CUDAExecutionProvider is not available" in result.output and "onnxruntime-gpu" in result.output

@@ -109,3 +109,19 @@ def test_a_model_failing_its_contract_stays_rejected(store, tmp_path, monkeypatc
     manager = _manager(rejected)
     assert manager.refresh() is False and manager.refresh() is False
     assert len(calls) == 1 and len(rejected) == 1 and "[N, 3]" in manager.last_error
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers(),
+                    reason="this onnxruntime has the CUDA execution provider")
+def test_a_server_whose_target_provider_is_missing_does_not_start(home):
+    from sluicegate.runtime import ProviderUnavailable
+
+    with pytest.raises(ProviderUnavailable, match="CUDAExecutionProvider is not available"):
+        ModelManager(Settings(target="cuda"), 1, [], WIDTHS)
+
+
+def test_the_server_serves_on_the_targets_provider(store, tmp_path):
+    version = _champion(store, tmp_path)
+    manager = ModelManager(Settings(), 1, [], WIDTHS)
+    assert manager.refresh() and manager.current.version == version
+    assert manager.current.session.get_providers()[0] == manager.hardware.provider == "CPUExecutionProvider"

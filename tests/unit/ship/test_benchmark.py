@@ -34,6 +34,10 @@ def test_all_mlperf_scenarios_are_measured_by_loadgen(onnx_model):
     assert server.target_qps == 2000 and offline.batch_size == FAST.offline_batch
     assert offline.samples_per_s > single.samples_per_s  # batching amortizes the call overhead
     assert result.model_bytes == path.stat().st_size
+    # What ran, as the session reports it: the provider, the CPU's model and the onnxruntime build.
+    from sluicegate.hardware import cpu_model
+    assert result.provider == "CPUExecutionProvider" and {s.provider for s in result.scenarios} == {result.provider}
+    assert result.device.startswith(cpu_model() or "") and "onnxruntime" in result.onnxruntime
     # LoadGen's own verdict and its early-stopping estimates, on every MLPerf scenario.
     for s in (single, server, offline):
         assert s.validity in ("VALID", "INVALID") and s.valid == (s.validity == "VALID"), s
