@@ -278,3 +278,54 @@ def test_kubernetes_worker_and_model_server_agree_with_the_code():
 def test_readme_says_docker_does_not_run_here():
     text = (INFRA / "README.md").read_text().lower()
     assert "docker cannot run" in text
+
+
+# The onnxruntime build each image serves with: it must carry the provider of the image's target.
+IMAGE_BUILDS = {"cpu": "onnxruntime", "cuda": "onnxruntime-gpu", "rocm": "onnxruntime-migraphx"}
+
+
+def _pinned_builds(flavour: str) -> dict[str, str]:
+    """{onnxruntime distribution: pinned version} a Dockerfile installs by name (the project's own pin aside)."""
+    from sluicegate.runtime import ONNXRUNTIME_BUILDS
+
+    pinned = {}
+    for args in _pip_installs(INFRA / "docker" / f"Dockerfile.{flavour}"):
+        pinned |= {name: version for name, version in _installed_versions(args)[0] if name in ONNXRUNTIME_BUILDS}
+    return pinned
+
+
+@pytest.mark.parametrize("flavour", ["cuda", "rocm"])
+def test_gpu_images_serve_with_the_onnxruntime_build_that_carries_their_targets_provider(flavour):
+    from sluicegate.hardware import HARDWARE_PATH
+    from sluicegate.runtime import PROVIDER_PACKAGES
+
+    text = (INFRA / "docker" / f"Dockerfile.{flavour}").read_text()
+    target = re.search(r"SLUICEGATE_TARGET=(\w+)", text).group(1)
+    provider = yaml.safe_load(HARDWARE_PATH.read_text())["targets"][target]["provider"]
+    build = IMAGE_BUILDS[flavour]
+    assert PROVIDER_PACKAGES[provider].split()[0] == build, (flavour, provider)
+    assert list(_pinned_builds(flavour)) == [build], f"Dockerfile.{flavour} must install {build} by its pin"
+    assert "pip uninstall -y onnxruntime" in text  # the CPU build would shadow it: same `onnxruntime` module
+
+
+def _index_versions(name: str) -> list[str] | None:
+    """The versions the package index lists for `name`, as pip sees it; None when the index does not answer."""
+    import subprocess
+    import sys
+
+    try:
+        out = subprocess.run([sys.executable, "-m", "pip", "index", "versions", name, "--disable-pip-version-check"],
+                             capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return None
+    match = re.search(r"^Available versions: (.+)$", out.stdout, flags=re.M)
+    return [v.strip() for v in match.group(1).split(",")] if match else None
+
+
+@pytest.mark.parametrize("flavour", ["cuda", "rocm"])
+def test_the_onnxruntime_builds_the_images_pin_are_on_the_index(flavour):
+    for name, version in _pinned_builds(flavour).items():
+        versions = _index_versions(name)
+        if versions is None:
+            pytest.skip(f"the package index did not answer for {name}")
+        assert version in versions, f"Dockerfile.{flavour} pins {name}=={version}; the index has {versions[:8]}"
