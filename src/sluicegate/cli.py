@@ -294,9 +294,11 @@ def init(
     out: Annotated[Path | None, typer.Option(help="Where to write the spec; default: TABLE's name + .spec.yaml")]
     = None,
     name: Annotated[str | None, typer.Option(help="The spec's name; default: from TABLE's file name")] = None,
+    gates: Annotated[bool, typer.Option(help="Also draft the table's gates from its label rate and baselines")]
+    = True,
 ) -> None:
     """Draft a dataset spec from a table: dtypes, ranges, categories, null shares, label band, candidate id,
-    timestamp, and columns that look like leakage. Review it, then `sluicegate import`."""
+    timestamp, and columns that look like leakage; and its gates file. Review both, then `sluicegate import`."""
     from sluicegate.data import tables
 
     try:
@@ -305,7 +307,12 @@ def init(
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     out = out or table.with_name(f"{table.stem}.spec.yaml")
+    if gates:
+        from sluicegate.ship.draft_gates import gates_file, write_draft
+        draft.spec["gates"] = gates_file(out).name
     out.write_text(draft.to_yaml(table))
+    if gates:
+        console.print(write_draft(table, out, Settings().gates_path))
     for note in draft.notes:
         console.print(f"- {note}")
     console.print(f"init: wrote {out}; review it, then: sluicegate import {table} --spec {out}")
