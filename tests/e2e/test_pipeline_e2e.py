@@ -87,11 +87,13 @@ def test_clean_batch_ends_as_champion(first_run):
     assert (repository / str(result["version"]) / "model.onnx").exists() and (repository / "config.pbtxt").exists()
     report = open(result["gate_report"]).read()
     assert "PROMOTE" in report and "max_regression_vs_champion" in report
+    # The test window replayed through the serving feature path: every served feature equal to training's.
+    assert "| max_serving_skew | 0.001 | 0 | pass | every feature equal on all" in report, report
 
 
 def test_the_run_answers_with_seconds_and_peak_memory_per_stage(first_run):
     _, result = first_run
-    stages = ["validate", "features", "train", "export", "evaluate", "register", "gate"]
+    stages = ["validate", "features", "train", "export", "evaluate", "serving-parity", "register", "gate"]
     assert list(result["stage_seconds"]) == list(result["stage_peak_gb"]) == stages
     # Each stage's own high-water mark: above the imports of the process, below the machine.
     assert all(0.2 < gb < 24 for gb in result["stage_peak_gb"].values()), result["stage_peak_gb"]
