@@ -153,21 +153,3 @@ def test_drifted_traffic_warrants_a_retrain_naming_the_drifting_columns(env, set
     flagged = _monitor(env)
     assert columns <= set(flagged["drifting"]), flagged
     assert "retrain warranted" in flagged["reason"] and f"{sorted(columns)[0]} PSI" in flagged["reason"], flagged
-
-
-def test_served_features_equal_the_offline_point_in_time_features(env, settings, champion):
-    """Training/serving skew: the features /predict used (its log) for each customer's first request
-    after the batch equal the offline store's point-in-time features for that entity and time."""
-    from sluicegate.features import store
-
-    spec = load_spec()
-    traffic = _after_training(_batch("2026-10-13"))
-    first = traffic.drop_duplicates(spec.entities["customer"].key).head(300)
-    with model_server(env) as url:
-        predict_rows(url, first)
-    logged = pd.read_parquet(HomePaths(settings.home, spec.name).predictions / "predict")
-    served = logged.drop_duplicates("request_id", keep="last").set_index("request_id").loc[first[spec.id]]
-    offline = store.training_frame(store.feature_store(settings, spec), first, spec).set_index(spec.id)
-    names = [a.feature_name for a in spec.features.aggregates]
-    pd.testing.assert_frame_equal(served[names].astype("float64"), offline[names].astype("float64"),
-                                  check_names=False, rtol=1e-9)
