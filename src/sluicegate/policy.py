@@ -29,6 +29,9 @@ class DriftThresholds(BaseModel):
                                       "recall falls this far below the champion's test-set figure")
     cooldown_hours: float = Field(6.0, ge=0, description="At most one triggered retrain per this many hours")
     min_rows: int = Field(500, ge=1, description="Fewer logged rows than this: report, never trigger")
+    false_alarm_rate: float = Field(0.001, gt=0, lt=1, description="Chance that a window of a steady world crosses "
+                                    "any column's alert level; each level is calibrated on reference windows of "
+                                    "the live window's size, psi_warn and psi_retrain its floors")
     max_blocked_retrains: int = Field(3, ge=0, description="After this many retrains in a row blocked by a gate, "
                                       "trigger no more until reset; 0: no limit")
 

@@ -37,6 +37,7 @@ import pandas as pd
 from sluicegate.config import file_lock
 from sluicegate.data.batches import quarantine_file
 from sluicegate.features.inputs import logged_inputs
+from sluicegate.operate import steady
 from sluicegate.operate.labels import LivePerformance, PerformanceEstimate, utc_times
 from sluicegate.policy import DriftThresholds
 from sluicegate.runtime import ModelInput
@@ -52,7 +53,10 @@ ENDPOINT = "endpoint"
 TENSORS_ONLY = "v2"  # the endpoint whose rows hold model inputs but no raw columns
 EPS = 1e-4  # floor on a bin's share, so an empty bin gives a large but finite PSI
 NUMERIC_BINS = 10  # reference deciles
-REFERENCE_ROWS = 50_000  # enough for stable deciles; keeps the reference profile cheap
+# Enough for stable deciles and for steady windows as full as a live hour of a busy table (the demo's
+# training window holds ~140k rows: an hour of it ~200).
+REFERENCE_ROWS = 200_000
+WARN_Z = 2.0  # a column is reported (never acted on) above its steady windows' mean + 2 sd
 MISSING = "__missing__"
 OTHER = "__other__"
 
@@ -68,12 +72,20 @@ def numeric_edges(reference: np.ndarray, bins: int = NUMERIC_BINS) -> np.ndarray
     return np.unique(np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1]))
 
 
+def numeric_codes(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Each value's bin (len(edges) + 1 bins), then len(edges) + 1 for a missing value."""
+    values = np.asarray(values, dtype=float)
+    codes = np.searchsorted(edges, np.where(np.isfinite(values), values, 0.0), side="right")
+    return np.where(np.isfinite(values), codes, len(edges) + 1)
+
+
 def numeric_shares(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     """Share of values per bin (len(edges) + 1 bins), plus a last bin for missing values."""
-    values = np.asarray(values, dtype=float)
-    finite = np.isfinite(values)
-    counts = np.bincount(np.searchsorted(edges, values[finite], side="right"), minlength=len(edges) + 1)
-    counts = np.append(counts, (~finite).sum()).astype(float)
+    return _shares(numeric_codes(values, edges), len(edges) + 2)
+
+
+def _shares(codes: np.ndarray, bins: int) -> np.ndarray:
+    counts = np.bincount(codes, minlength=bins).astype(float)
     return counts / max(counts.sum(), 1.0)
 
 
@@ -87,22 +99,28 @@ def category_text(value) -> str:
     return str(value.item() if isinstance(value, np.generic) else value)
 
 
+def categorical_codes(values: pd.Series, categories: list[str]) -> np.ndarray:
+    """Each value's category index, then len(categories) for an unseen value, + 1 for a missing one."""
+    text = pd.Series(values).astype("object")
+    missing = text.isna().to_numpy()
+    index = {c: i for i, c in enumerate(categories)}
+    codes = np.full(len(text), len(categories) + 1, dtype=np.int64)
+    codes[~missing] = [index.get(category_text(v), len(categories)) for v in text[~missing]]
+    return codes
+
+
 def categorical_shares(values: pd.Series, categories: list[str]) -> np.ndarray:
     """Share per known category, then one for unseen values and one for missing values."""
-    text = values.astype("object")
-    missing = text.isna()
-    known = text[~missing].map(category_text)
-    counts = [float((known == c).sum()) for c in categories]
-    counts.append(float((~known.isin(categories)).sum()))
-    counts.append(float(missing.sum()))
-    counts = np.asarray(counts)
-    return counts / max(counts.sum(), 1.0)
+    return _shares(categorical_codes(values, categories), len(categories) + 2)
 
 
-def psi(expected: np.ndarray, actual: np.ndarray) -> float:
-    """Population stability index: sum((a - e) * ln(a / e)) over bins, shares floored at EPS."""
+def psi(expected: np.ndarray, actual: np.ndarray, rows: int | None = None) -> float:
+    """Population stability index: sum((a - e) * ln(a / e)) over bins, shares floored at EPS. Given the
+    live `rows`, the live shares are smoothed first (`steady.smoothed`), so that one bin a small window
+    happens to leave empty does not weigh like a shift."""
     e = np.maximum(np.asarray(expected, dtype=float), EPS)
-    a = np.maximum(np.asarray(actual, dtype=float), EPS)
+    a = np.asarray(actual, dtype=float)
+    a = np.maximum(a if rows is None else steady.smoothed(a * rows), EPS)
     return float(np.sum((a - e) * np.log(a / e)))
 
 
@@ -135,20 +153,54 @@ class ColumnProfile:
 
 @dataclass
 class ReferenceProfile:
-    """Bins and shares of the training window, computed once per champion version."""
+    """Bins and shares of the training window, computed once per champion version; and, to cut the
+    reference into steady windows (`operate.steady`), each reference row's bin per column (`codes`),
+    its time and its score (arrays kept beside the JSON, see `save`)."""
 
     model_version: str
     batch_id: str
     rows: int
     columns: list[ColumnProfile]
+    codes: np.ndarray | None = field(default=None, repr=False)  # rows x columns, in `columns` order
+    times: np.ndarray | None = field(default=None, repr=False)  # event time (ns) per row; None: no timestamp
+    scores: np.ndarray | None = field(default=None, repr=False)  # the champion's score per row
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        return json.dumps({"model_version": self.model_version, "batch_id": self.batch_id, "rows": self.rows,
+                           "columns": [asdict(c) for c in self.columns]})
 
     @classmethod
     def from_json(cls, text: str) -> ReferenceProfile:
         raw = json.loads(text)
         return cls(**{**raw, "columns": [ColumnProfile(**c) for c in raw["columns"]]})
+
+    def save(self, path: Path) -> None:
+        """The JSON at path, the arrays beside it (.npz); each written aside and renamed."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {k: v for k, v in (("codes", self.codes), ("times", self.times), ("scores", self.scores))
+                  if v is not None}
+        tmp = path.with_name(f".{path.stem}.tmp.npz")
+        np.savez_compressed(tmp, **arrays)
+        tmp.replace(path.with_suffix(".npz"))
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> ReferenceProfile:
+        profile = cls.from_json(path.read_text())
+        arrays = path.with_suffix(".npz")
+        if arrays.exists():
+            with np.load(arrays) as saved:
+                profile.codes, profile.times, profile.scores = (saved[k] if k in saved else None
+                                                                for k in ("codes", "times", "scores"))
+        return profile
+
+    def column_codes(self, name: str) -> np.ndarray | None:
+        if self.codes is None:
+            return None
+        index = [c.name for c in self.columns].index(name)
+        return self.codes[:, index]
 
 
 def monitored_columns(spec: DatasetSpec) -> tuple[list[str], list[str]]:
@@ -162,33 +214,49 @@ def build_profile(reference: pd.DataFrame, spec: DatasetSpec, model_version: str
                   scores: np.ndarray | None = None, inputs: ModelInput | None = None) -> ReferenceProfile:
     """Fix the bins from the reference frame, its model inputs and its scores under the champion."""
     numeric, categorical = monitored_columns(spec)
-    columns = []
+    columns, codes = [], []
     for name in numeric:
         if name in reference.columns:
-            columns.append(_numeric_profile(name, reference[name].to_numpy(dtype=float, na_value=np.nan), "raw"))
+            _add(columns, codes, *_numeric_profile(name, reference[name].to_numpy(dtype=float, na_value=np.nan),
+                                                   "raw"))
     for name in categorical:
         if name in reference.columns:
             cats = [category_text(c) for c in spec.categories(name)]
-            columns.append(ColumnProfile(name, "categorical", categorical_shares(reference[name], cats).tolist(),
-                                         categories=cats))
+            _add(columns, codes, *_categorical_profile(name, reference[name], cats, "raw"))
     if inputs is not None:
         names = logged_inputs(spec)
         for j, name in enumerate(names["numeric"]):
-            columns.append(_numeric_profile(name, inputs.numeric[:, j].astype(float), "input"))
+            _add(columns, codes, *_numeric_profile(name, inputs.numeric[:, j].astype(float), "input"))
         for j, (name, column) in enumerate(zip(names["categorical"], spec.categorical_features, strict=True)):
-            codes = [str(i) for i in range(len(spec.categories(column)) + 1)]  # 0: unknown or missing
-            columns.append(ColumnProfile(name, "categorical", categorical_shares(pd.Series(inputs.categorical[:, j]),
-                                                                                 codes).tolist(),
-                                         categories=codes, source="input"))
+            cats = [str(i) for i in range(len(spec.categories(column)) + 1)]  # 0: unknown or missing
+            _add(columns, codes, *_categorical_profile(name, pd.Series(inputs.categorical[:, j]), cats, "input"))
     if scores is not None:
-        columns.append(_numeric_profile(SCORE, np.asarray(scores, dtype=float), "input"))
+        _add(columns, codes, *_numeric_profile(SCORE, np.asarray(scores, dtype=float), "input"))
+    times = None
+    if spec.timestamp and spec.timestamp in reference.columns:
+        times = utc_times(reference[spec.timestamp]).to_numpy(dtype="datetime64[ns]").astype(np.int64)
     return ReferenceProfile(model_version=str(model_version), batch_id=batch_id, rows=len(reference),
-                            columns=columns)
+                            columns=columns, codes=np.stack(codes, axis=1).astype(np.uint16) if codes else None,
+                            times=times, scores=None if scores is None else np.asarray(scores, dtype=np.float32))
 
 
-def _numeric_profile(name: str, values: np.ndarray, source: str) -> ColumnProfile:
+def _add(columns: list, codes: list, profile: ColumnProfile, column_codes: np.ndarray) -> None:
+    columns.append(profile)
+    codes.append(column_codes)
+
+
+def _numeric_profile(name: str, values: np.ndarray, source: str) -> tuple[ColumnProfile, np.ndarray]:
     edges = numeric_edges(values)
-    return ColumnProfile(name, "numeric", numeric_shares(values, edges).tolist(), edges.tolist(), source=source)
+    codes = numeric_codes(values, edges)
+    return ColumnProfile(name, "numeric", _shares(codes, len(edges) + 2).tolist(), edges.tolist(),
+                         source=source), codes
+
+
+def _categorical_profile(name: str, values: pd.Series, categories: list[str],
+                         source: str) -> tuple[ColumnProfile, np.ndarray]:
+    codes = categorical_codes(values, categories)
+    return ColumnProfile(name, "categorical", _shares(codes, len(categories) + 2).tolist(),
+                         categories=categories, source=source), codes
 
 
 def reference_rows(batch: pd.DataFrame, spec: DatasetSpec, window: tuple[pd.Timestamp, pd.Timestamp] | None,
@@ -223,6 +291,9 @@ class ColumnDrift:
     psi: float
     p_value: float | None
     status: str  # "ok", "warn" or "drift"
+    expected: float | None = None  # mean PSI of the reference's steady windows like the live one
+    alert_at: float | None = None  # the PSI from which it is drift
+    why: str = ""  # why it is or is not an alarm, in words
 
 
 @dataclass
@@ -241,14 +312,16 @@ class DriftReport:
     estimated_drop: str | None = None  # the estimate fell too far below the champion's test figures
     quarantined: list[str] = field(default_factory=list)  # log or label files that could not be read
     unlogged: int = 0  # rows the server answered but could not log (its dead-letter folder)
+    calibration: str | None = None  # how the alert levels were found (the steady windows)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def table(self) -> list[dict]:
         rows = [*self.columns, *([self.score] if self.score else [])]
-        return [{"column": c.name, "kind": c.kind, "psi": round(c.psi, 4),
-                 "p_value": None if c.p_value is None else round(c.p_value, 4), "status": c.status} for c in rows]
+        return [{"column": c.name, "kind": c.kind, "psi": round(c.psi, 4), "expected": _round(c.expected),
+                 "alert_at": _round(c.alert_at), "p_value": _round(c.p_value), "status": c.status, "why": c.why}
+                for c in rows]
 
     def to_markdown(self, decision: TriggerDecision | None = None) -> str:
         lines = [f"# Drift report: {self.rows:,} predictions", "",
@@ -256,10 +329,13 @@ class DriftReport:
                  f"v{self.reference_version}; served by: {', '.join(self.model_versions) or 'unknown'}.", ""]
         if decision is not None:
             lines += [f"**Decision: {decision.summary()}**", ""]
-        lines += ["| column | kind | PSI | chi-square p | status |", "|---|---|---:|---:|---|"]
+        if self.calibration:
+            lines += [f"Alert levels: {self.calibration}.", ""]
+        lines += ["| column | kind | PSI | steady mean | alert at | chi-square p | status | why |",
+                  "|---|---|---:|---:|---:|---:|---|---|"]
         for r in self.table():
-            p = "" if r["p_value"] is None else f"{r['p_value']:.4f}"
-            lines.append(f"| {r['column']} | {r['kind']} | {r['psi']:.4f} | {p} | {r['status']} |")
+            cells = [_cell(r[k]) for k in ("psi", "expected", "alert_at", "p_value")]
+            lines.append(f"| {r['column']} | {r['kind']} | {' | '.join(cells)} | {r['status']} | {r['why']} |")
         lines.append("")
         if self.unlogged:
             lines += [f"**{self.unlogged:,} rows the server answered could not be logged** (its dead-letter "
@@ -285,15 +361,35 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _status(value: float, thresholds: DriftThresholds, retrain_at: float) -> str:
-    if value >= retrain_at:
-        return "drift"
-    return "warn" if value >= thresholds.psi_warn else "ok"
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def _cell(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+@dataclass(frozen=True)
+class Levels:
+    """A column's warn and alert PSI, and the steady band they come from (None: fixed levels only)."""
+
+    warn: float
+    alert: float
+    band: steady.Band | None = None
+
+
+def levels(band: steady.Band | None, thresholds: DriftThresholds, retrain_at: float, z: float) -> Levels:
+    """Above the steady band (alert: at the family-wise z), never below gates.yaml's fixed levels, which
+    say how much change is worth a retrain at all."""
+    if band is None:
+        return Levels(thresholds.psi_warn, retrain_at)
+    return Levels(max(thresholds.psi_warn, band.upper(WARN_Z)), max(retrain_at, band.upper(z)), band)
 
 
 def column_drift(profile: ColumnProfile, live: pd.Series, thresholds: DriftThresholds,
-                 retrain_at: float) -> ColumnDrift:
-    """PSI of one live column against its reference bins; chi-square p too for categoricals."""
+                 retrain_at: float, at: Levels | None = None) -> ColumnDrift:
+    """PSI of one live column against its reference bins, against its levels (default: the fixed ones);
+    chi-square p too for categoricals."""
     expected = np.asarray(profile.shares)
     if profile.kind == "numeric":
         actual = numeric_shares(live.to_numpy(dtype=float, na_value=np.nan), np.asarray(profile.edges))
@@ -301,30 +397,86 @@ def column_drift(profile: ColumnProfile, live: pd.Series, thresholds: DriftThres
     else:
         actual = categorical_shares(live, profile.categories)
         p_value = chi_square_p(expected, actual * len(live))
-    value = psi(expected, actual)
-    return ColumnDrift(profile.name, profile.kind, value, p_value, _status(value, thresholds, retrain_at))
+    value = psi(expected, actual, len(live))
+    at = at or Levels(thresholds.psi_warn, retrain_at)
+    # Above, not at: a steady window's value is the alert level itself when it is the largest of them.
+    status = "drift" if value > at.alert else "warn" if value > at.warn else "ok"
+    return ColumnDrift(profile.name, profile.kind, value, p_value, status,
+                       None if at.band is None else at.band.mean, at.alert, _why(value, status, at))
+
+
+def _why(value: float, status: str, at: Levels) -> str:
+    if at.band is None:
+        return f"fixed levels: warn {at.warn:g}, alert {at.alert:g}"
+    band = f"steady windows {at.band.mean:.3f} +- {at.band.sd:.3f}, up to {at.band.high:.3f}"
+    if status == "drift":
+        return f"{value:.3f} is above every steady window and the alert level {at.alert:.3f} ({band})"
+    if status == "warn":
+        return f"{value:.3f} is high for a steady window but below the alert level {at.alert:.3f} ({band})"
+    return f"within steady variation ({band}); alert at {at.alert:.3f}"
 
 
 def drift_report(log: pd.DataFrame, profile: ReferenceProfile, thresholds: DriftThresholds,
-                 since: pd.Timestamp | None = None) -> DriftReport:
+                 since: pd.Timestamp | None = None, window: EventWindow | None = None) -> DriftReport:
     """Drift of every profiled column present in the log, and of the score; a raw column only on the
-    rows that carry raw columns."""
-    columns, score = [], None
+    rows that carry raw columns. Each column's levels are calibrated on the reference's steady windows
+    of the log's row count and of its events' `window` (`operate.steady`), with the false-alarm rate shared by all
+    the columns compared; a profile without row codes has the fixed levels only."""
     raw_rows = log[log[ENDPOINT] != TENSORS_ONLY] if ENDPOINT in log.columns else log
-    for col in profile.columns:
-        rows = raw_rows if col.source == "raw" else log
-        if col.name not in rows.columns or rows.empty:
-            continue
+    compared = [(col, rows) for col in profile.columns
+                for rows in [raw_rows if col.source == "raw" else log] if col.name in rows.columns and not rows.empty]
+    z = steady.family_z(thresholds.false_alarm_rate, len(compared))
+    cuts: dict[int, steady.Windows] = {}  # one cut of the reference per row count compared
+    columns, score = [], None
+    for col, rows in compared:
+        retrain_at = thresholds.score_psi_retrain if col.name == SCORE else thresholds.psi_retrain
+        at = levels(_steady_band(profile, col, len(rows), window, cuts), thresholds, retrain_at, z)
+        drift = column_drift(col, rows[col.name], thresholds, retrain_at, at)
         if col.name == SCORE:
-            score = column_drift(col, rows[SCORE], thresholds, thresholds.score_psi_retrain)
+            score = drift
         else:
-            columns.append(column_drift(col, rows[col.name], thresholds, thresholds.psi_retrain))
+            columns.append(drift)
     stamps = pd.to_datetime(log[LOGGED_AT], utc=True) if LOGGED_AT in log.columns and len(log) else None
     versions = sorted(log["model_version"].dropna().astype(str).unique()) if "model_version" in log.columns else []
+    calibration = None
+    if cuts:
+        calibration = (f"{'; '.join(w.how for w in cuts.values())}; a false-alarm rate of "
+                       f"{thresholds.false_alarm_rate:g} over {len(compared)} columns (z = {z:.2f})")
     return DriftReport(rows=len(log), since=None if since is None else str(since),
                        until=None if stamps is None else str(stamps.max()),
                        model_versions=versions, reference_version=profile.model_version, columns=columns,
-                       score=score)
+                       score=score, calibration=calibration)
+
+
+def _steady_band(profile: ReferenceProfile, col: ColumnProfile, rows: int, window: EventWindow | None,
+                 cuts: dict[int, steady.Windows]) -> steady.Band | None:
+    codes = profile.column_codes(col.name)
+    if codes is None:
+        return None
+    if rows not in cuts:
+        cuts[rows] = steady.steady_windows(len(codes), profile.times, rows, window and window.span,
+                                           window and window.start)
+    return steady.band(steady.window_psi(codes, np.asarray(col.shares), cuts[rows]))
+
+
+@dataclass(frozen=True)
+class EventWindow:
+    """When the window's events happened: the reference's steady windows are cut to its span, and
+    taken from the same hours of the day."""
+
+    start: pd.Timestamp
+    span: pd.Timedelta
+
+
+def event_window(log: pd.DataFrame, spec: DatasetSpec) -> EventWindow | None:
+    """By the table's own timestamp where the log holds it (a replay's events span hours its log time
+    does not), else by when the rows were logged; None for fewer than two times."""
+    for name in (spec.timestamp, LOGGED_AT):
+        if name and name in log.columns:
+            times = utc_times(log[name]).dropna()
+            if len(times) > 1:
+                return EventWindow(times.min(), times.max() - times.min())
+    return None
 
 
 # --- reading the logs ------------------------------------------------------------------------------
@@ -499,16 +651,22 @@ class TriggerDecision:
 
 def retrain_reasons(report: DriftReport, thresholds: DriftThresholds) -> list[str]:
     """Every crossed threshold, said in words."""
-    reasons = [f"{c.name} PSI {c.psi:.3f} >= {thresholds.psi_retrain}" for c in report.columns
-               if c.psi >= thresholds.psi_retrain]
-    if report.score is not None and report.score.psi >= thresholds.score_psi_retrain:
-        reasons.append(f"score PSI {report.score.psi:.3f} >= {thresholds.score_psi_retrain}")
+    reasons = [_drift_reason(c, thresholds.psi_retrain) for c in report.columns if c.status == "drift"]
+    if report.score is not None and report.score.status == "drift":
+        reasons.append(_drift_reason(report.score, thresholds.score_psi_retrain))
     live = report.live
     if live is not None and live.recall is not None and live.recall < thresholds.min_recall:
         reasons.append(f"live recall {live.recall:.3f} < {thresholds.min_recall} on {live.labelled:,} labels")
     if report.estimated_drop:
         reasons.append(report.estimated_drop)
     return reasons
+
+
+def _drift_reason(column: ColumnDrift, fixed: float) -> str:
+    if column.alert_at is None or column.expected is None:
+        return f"{column.name} PSI {column.psi:.3f} >= {fixed}"
+    return (f"{column.name} PSI {column.psi:.3f} > {column.alert_at:.3f} (steady windows of the reference: "
+            f"mean {column.expected:.3f})")
 
 
 def dedupe_key(reference_version: str, now: datetime, cooldown_hours: float) -> str:
@@ -561,6 +719,9 @@ def plot_drift(report: DriftReport, thresholds: DriftThresholds, path: Path) -> 
     fig, ax = plt.subplots(figsize=(8, 0.3 * len(rows) + 1.5))
     colors = {"ok": "#4c9f70", "warn": "#e0a100", "drift": "#c0392b"}
     ax.barh([r["column"] for r in rows], [r["psi"] for r in rows], color=[colors[r["status"]] for r in rows])
+    calibrated = [r for r in rows if r["alert_at"] is not None]  # each column's own alert level
+    ax.scatter([r["alert_at"] for r in calibrated], [r["column"] for r in calibrated], marker="|", s=200,
+               color="#c0392b", label="column's alert level")
     ax.axvline(thresholds.psi_warn, color="#e0a100", linestyle="--", label=f"warn {thresholds.psi_warn}")
     ax.axvline(thresholds.psi_retrain, color="#c0392b", linestyle="--", label=f"retrain {thresholds.psi_retrain}")
     ax.set_xlabel("PSI vs. training reference")

@@ -35,10 +35,10 @@ from sluicegate.spec import DatasetSpec
 def reference_profile(settings: Settings, spec: DatasetSpec, client: MlflowClient,
                       champion: ModelVersion) -> mon.ReferenceProfile:
     """The champion's training window, binned; computed once per champion version and cached."""
-    # "-p2": profiles that hold model inputs too; older caches are rebuilt.
-    cached = settings.paths.monitoring / f"reference-v{champion.version}-p2.json"
+    # "-p3": profiles with each reference row's bins, times and scores (steady windows); older caches are rebuilt.
+    cached = settings.paths.monitoring / f"reference-v{champion.version}-p3.json"
     if cached.exists():
-        return mon.ReferenceProfile.from_json(cached.read_text())
+        return mon.ReferenceProfile.load(cached)
     batch_id = champion.tags.get("batch_id")
     batch = data.read_batch(settings.paths.raw / batch_id)
     rows = mon.reference_rows(batch, spec, mon.parse_window(champion.tags.get("train_window")))
@@ -50,8 +50,7 @@ def reference_profile(settings: Settings, spec: DatasetSpec, client: MlflowClien
     inputs = build_model_input(ref, spec)
     profile = mon.build_profile(ref, spec, champion.version, batch_id, scores=score(onnx_path, inputs),
                                 inputs=inputs)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    cached.write_text(profile.to_json())
+    profile.save(cached)
     return profile
 
 
@@ -79,7 +78,7 @@ def check_traffic(settings: Settings, spec: DatasetSpec, thresholds: DriftThresh
                   since: pd.Timestamp | None, context_root: Path) -> mon.DriftReport:
     """Drift against the champion's reference, data quality, live metrics on late labels and the CBPE
     estimate against the champion's test-set precision and recall."""
-    report = mon.drift_report(log, profile, thresholds, since)
+    report = mon.drift_report(log, profile, thresholds, since, mon.event_window(log, spec))
     report.quality_passed, report.quality_failures = data_quality(log, spec, context_root)
     threshold = float(champion.tags.get("threshold", 0.5))
     known, unread = labels.read_labels(settings.paths.labels, spec, settings.paths.quarantine)
