@@ -25,8 +25,9 @@ class DriftThresholds(BaseModel):
     psi_retrain: float = Field(0.25, gt=0, description="PSI of any feature that triggers a retrain")
     score_psi_retrain: float = Field(0.25, gt=0, description="PSI of the score that triggers a retrain")
     min_recall: float = Field(0.5, ge=0, le=1, description="Live recall on late labels below which we retrain")
-    max_estimated_drop: float = Field(0.2, ge=0, le=1, description="Retrain when the CBPE estimate of precision or "
-                                      "recall falls this far below the champion's test-set figure")
+    max_estimated_drop: float = Field(0.2, ge=0, le=1, description="Retrain when a version's CBPE estimate of "
+                                      "precision or recall falls below its band and this far below what the "
+                                      "reference's windows of the same size expect")
     cooldown_hours: float = Field(6.0, ge=0, description="At most one triggered retrain per this many hours")
     min_rows: int = Field(500, ge=1, description="Fewer logged rows than this: report, never trigger")
     false_alarm_rate: float = Field(0.001, gt=0, lt=1, description="Chance that a window of a steady world crosses "

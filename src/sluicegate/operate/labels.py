@@ -411,20 +411,24 @@ class PerformanceEstimate:
                 f"{fmt(self.precision)}, recall {fmt(self.recall)}, {self.expected_positives:,.1f} expected positives")
 
 
-def estimate_performance(scores, threshold: float) -> PerformanceEstimate:
+def estimate_performance(scores, threshold: float, probabilities=None) -> PerformanceEstimate:
     """CBPE (NannyML's confidence-based performance estimation) for precision and recall, no labels needed.
 
     With calibrated probabilities p, a row scored p is positive with probability p, so at threshold t:
     expected TP = sum(p[p >= t]), FP = sum(1 - p[p >= t]), FN = sum(p[p < t]), TN = sum(1 - p[p < t]),
     precision = TP / (TP + FP), recall = TP / (TP + FN). It is only as good as the calibration (the
     `max_ece` gate) and assumes the relation of score to label has not changed (no concept drift).
-    Missing scores are left out; a score outside [0, 1] is not a probability: ValueError.
+    `probabilities`: the scores once calibrated (on reference data, as NannyML's CBPE does); the model
+    still flags by its own score. Missing scores are left out; a score outside [0, 1] is not a
+    probability: ValueError.
     """
-    p = np.asarray(scores, dtype=float).ravel()
-    p = p[~np.isnan(p)]
+    score = np.asarray(scores, dtype=float).ravel()
+    p = score if probabilities is None else np.asarray(probabilities, dtype=float).ravel()
+    keep = ~np.isnan(score) & ~np.isnan(p)
+    score, p = score[keep], p[keep]
     if len(p) and (p.min() < 0 or p.max() > 1):
         raise ValueError(f"scores must be probabilities in [0, 1], found {p.min():g} .. {p.max():g}")
-    flagged = p >= threshold
+    flagged = score >= threshold
     tp, fp = float(p[flagged].sum()), float((1 - p[flagged]).sum())
     fn, tn = float(p[~flagged].sum()), float((1 - p[~flagged]).sum())
     return PerformanceEstimate(rows=len(p), threshold=float(threshold), expected_tp=tp, expected_fp=fp,

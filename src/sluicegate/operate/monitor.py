@@ -164,6 +164,7 @@ class ReferenceProfile:
     codes: np.ndarray | None = field(default=None, repr=False)  # rows x columns, in `columns` order
     times: np.ndarray | None = field(default=None, repr=False)  # event time (ns) per row; None: no timestamp
     scores: np.ndarray | None = field(default=None, repr=False)  # the champion's score per row
+    labels: np.ndarray | None = field(default=None, repr=False)  # 1 where the row's label is positive
 
     def to_json(self) -> str:
         return json.dumps({"model_version": self.model_version, "batch_id": self.batch_id, "rows": self.rows,
@@ -177,8 +178,8 @@ class ReferenceProfile:
     def save(self, path: Path) -> None:
         """The JSON at path, the arrays beside it (.npz); each written aside and renamed."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        arrays = {k: v for k, v in (("codes", self.codes), ("times", self.times), ("scores", self.scores))
-                  if v is not None}
+        arrays = {k: v for k, v in (("codes", self.codes), ("times", self.times), ("scores", self.scores),
+                                    ("labels", self.labels)) if v is not None}
         tmp = path.with_name(f".{path.stem}.tmp.npz")
         np.savez_compressed(tmp, **arrays)
         tmp.replace(path.with_suffix(".npz"))
@@ -192,8 +193,8 @@ class ReferenceProfile:
         arrays = path.with_suffix(".npz")
         if arrays.exists():
             with np.load(arrays) as saved:
-                profile.codes, profile.times, profile.scores = (saved[k] if k in saved else None
-                                                                for k in ("codes", "times", "scores"))
+                profile.codes, profile.times, profile.scores, profile.labels = (
+                    saved[k] if k in saved else None for k in ("codes", "times", "scores", "labels"))
         return profile
 
     def column_codes(self, name: str) -> np.ndarray | None:
@@ -235,9 +236,11 @@ def build_profile(reference: pd.DataFrame, spec: DatasetSpec, model_version: str
     times = None
     if spec.timestamp and spec.timestamp in reference.columns:
         times = utc_times(reference[spec.timestamp]).to_numpy(dtype="datetime64[ns]").astype(np.int64)
+    labels = spec.positive(reference[spec.label]).to_numpy(dtype=np.uint8) if spec.label in reference.columns else None
     return ReferenceProfile(model_version=str(model_version), batch_id=batch_id, rows=len(reference),
                             columns=columns, codes=np.stack(codes, axis=1).astype(np.uint16) if codes else None,
-                            times=times, scores=None if scores is None else np.asarray(scores, dtype=np.float32))
+                            times=times, scores=None if scores is None else np.asarray(scores, dtype=np.float32),
+                            labels=labels)
 
 
 def _add(columns: list, codes: list, profile: ColumnProfile, column_codes: np.ndarray) -> None:
@@ -313,6 +316,7 @@ class DriftReport:
     quarantined: list[str] = field(default_factory=list)  # log or label files that could not be read
     unlogged: int = 0  # rows the server answered but could not log (its dead-letter folder)
     calibration: str | None = None  # how the alert levels were found (the steady windows)
+    estimates: list[dict] = field(default_factory=list)  # per model version, see operate.estimate
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -352,6 +356,7 @@ class DriftReport:
             lines.append(self.live.summary() + ".")
         if self.estimate is not None:
             lines += ["", f"Estimated before labels ({self.estimate.summary()})."]
+        lines += _estimate_lines(self.estimates)
         if self.estimated_drop:
             lines += ["", f"**{self.estimated_drop}**"]
         return "\n".join(lines) + "\n"
@@ -359,6 +364,23 @@ class DriftReport:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def _estimate_lines(estimates: list[dict]) -> list[str]:
+    """Per model version: the estimate, what the reference's windows of this size expect, its band, and
+    the realized figure once labels arrive."""
+    if not estimates:
+        return []
+    lines = ["", "| version | rows | metric | estimated | expected | band | realized | status |",
+             "|---|---:|---|---:|---:|---|---:|---|"]
+    for version in estimates:
+        for m in version["metrics"]:
+            band = "" if m["low"] is None else f"{m['low']:.3f}..{m['high']:.3f}"
+            realized = "" if m["realized"] is None else f"{m['realized']:.3f} ({version['labelled']:,} labelled)"
+            lines.append(f"| v{version['model_version']} | {version['rows']:,} | {m['metric']} | "
+                         f"{_fmt(m['estimated'])} | {_fmt(m['expected'])} | {band} | {realized} | {m['status']} |")
+    hows = sorted({v["how"] for v in estimates if v["how"]})
+    return lines + (["", f"Bands from {'; '.join(hows)}."] if hows else [])
 
 
 def _round(value: float | None) -> float | None:

@@ -24,7 +24,7 @@ from sluicegate.data import batches as data
 from sluicegate.data import validate as validation
 from sluicegate.features import retrieval
 from sluicegate.features.inputs import build_model_input, python_features
-from sluicegate.operate import ingest, labels, retrains
+from sluicegate.operate import estimate, ingest, labels, retrains, steady
 from sluicegate.operate import monitor as mon
 from sluicegate.policy import DriftThresholds
 from sluicegate.serve.predlog import compact_hours
@@ -76,18 +76,58 @@ def data_quality(log: pd.DataFrame, spec: DatasetSpec, context_root: Path) -> tu
 def check_traffic(settings: Settings, spec: DatasetSpec, thresholds: DriftThresholds, log: pd.DataFrame,
                   profile: mon.ReferenceProfile, client: MlflowClient, champion: ModelVersion,
                   since: pd.Timestamp | None, context_root: Path) -> mon.DriftReport:
-    """Drift against the champion's reference, data quality, live metrics on late labels and the CBPE
-    estimate against the champion's test-set precision and recall."""
+    """Drift against the champion's reference, data quality, live metrics on late labels, and the CBPE
+    estimate of each model version against its reference's windows of the same size."""
     report = mon.drift_report(log, profile, thresholds, since, mon.event_window(log, spec))
     report.quality_passed, report.quality_failures = data_quality(log, spec, context_root)
     threshold = float(champion.tags.get("threshold", 0.5))
     known, unread = labels.read_labels(settings.paths.labels, spec, settings.paths.quarantine)
     report.quarantined += [str(q.path) for q in unread]
-    report.live = labels.live_performance(log, known, spec, threshold, datetime.now(UTC))
-    report.estimate = labels.estimate_performance(log[mon.SCORE], threshold)
-    tested = registry.run_key_metrics(client, champion.run_id) if champion.run_id else {}
-    report.estimated_drop = labels.estimated_drop(report.estimate, tested, thresholds.max_estimated_drop)
+    now = datetime.now(UTC)
+    report.live = labels.live_performance(log, known, spec, threshold, now)
+    report.estimate = labels.estimate_performance(log[mon.SCORE], threshold)  # all rows, for the headline
+    checks = version_estimates(settings, spec, thresholds, log, known, client, champion, profile, now)
+    report.estimates = [check.to_dict() for check in checks]
+    report.estimated_drop = "; ".join(r for check in checks if (r := check.reason())) or None
     return report
+
+
+def version_estimates(settings: Settings, spec: DatasetSpec, thresholds: DriftThresholds, log: pd.DataFrame,
+                      known: pd.DataFrame, client: MlflowClient, champion: ModelVersion,
+                      profile: mon.ReferenceProfile, now: datetime) -> list[estimate.VersionEstimate]:
+    """Each model version's rows on their own: its threshold, its reference, its realized figures."""
+    served = (log["model_version"].astype("string") if "model_version" in log.columns
+              else pd.Series(pd.NA, index=log.index, dtype="string")).fillna(str(champion.version))
+    z = steady.family_z(thresholds.false_alarm_rate, len(estimate.METRICS) * served.nunique())
+    checks = []
+    for version, rows in log.groupby(served, sort=True):
+        version = str(version)
+        known_version = champion if version == str(champion.version) else _model_version(client, settings, version)
+        reference = profile if known_version is champion else _reference_or_none(settings, spec, client,
+                                                                                  known_version)
+        threshold = float(known_version.tags.get("threshold", 0.5)) if known_version is not None else 0.5
+        realized = labels.live_performance(rows, known, spec, threshold, now)
+        checks.append(estimate.check_version(version, rows[mon.SCORE].to_numpy(dtype=float), threshold, reference,
+                                             mon.event_window(rows, spec), z, thresholds.max_estimated_drop,
+                                             realized))
+    return checks
+
+
+def _model_version(client: MlflowClient, settings: Settings, version: str) -> ModelVersion | None:
+    try:
+        return client.get_model_version(settings.model_name, version)
+    except Exception:  # a version deleted from the registry: estimated without its band
+        return None
+
+
+def _reference_or_none(settings: Settings, spec: DatasetSpec, client: MlflowClient,
+                       version: ModelVersion | None) -> mon.ReferenceProfile | None:
+    if version is None:
+        return None
+    try:
+        return reference_profile(settings, spec, client, version)
+    except Exception:  # its training batch is gone: estimated without its band
+        return None
 
 
 def retrain_window(settings: Settings, days: int) -> ingest.Window:
@@ -130,6 +170,7 @@ class MonitorOutcome:
             out |= {"flow_run_id": self.flow_run_id, "quality_passed": self.report.quality_passed,
                     "quality_failures": self.report.quality_failures,
                     "drifting": [c.name for c in self.report.columns if c.status == "drift"],
+                    "estimates": self.report.estimates,
                     "estimate": None if estimate is None else {"precision": estimate.precision,
                                                                "recall": estimate.recall, "rows": estimate.rows}}
         return out
