@@ -3,7 +3,9 @@
 Generates a batch, builds the Feast training set in a temporary SLUICEGATE_HOME, trains
 the model, exports every variant through the pipeline's export stage, then measures on
 this machine: p50 latency at batch 1, rows/s at batch 4096, and ROC-AUC against torch's.
-Torch and onnxruntime use the same number of threads.
+Torch and onnxruntime use the same number of threads. Each variant runs on the providers it is
+meant for that this onnxruntime has (fp16 on GPU providers only); the provider printed is the one
+the session reports, and the header names the device and the onnxruntime build.
 
     python bench/variants.py [--rows 200000] [--model mlp|ft_transformer] [--threads 0]
 """
@@ -54,7 +56,7 @@ def main() -> None:
     home = tempfile.mkdtemp(prefix="sluicegate-bench-")
     os.environ["SLUICEGATE_HOME"] = home
 
-    from sluicegate import runtime
+    from sluicegate import hardware, runtime
     from sluicegate.config import Settings, ensure_home
     from sluicegate.data import synthetic
     from sluicegate.features import stages as features_stages
@@ -83,6 +85,7 @@ def main() -> None:
     singles = [test.take(np.array([i])) for i in range(256)]
     print(f"{args.model} on {len(prepared.train):,} Feast training rows ({args.rows:,} generated), "
           f"test window {len(test):,} rows; {threads} threads for torch and onnxruntime; {trained.epochs_run} epochs")
+    print(f"torch {torch.__version__} on {hardware.cpu_description()}; {runtime.onnxruntime_build()}")
     torch_auc = roc_auc_score(y, predict(model, test.numeric, test.categorical))
 
     with torch.no_grad():
@@ -99,13 +102,16 @@ def main() -> None:
         providers = runtime.runnable_providers(name)
         for provider in providers:
             session = runtime.make_session(path, threads=threads, providers=[provider])
+            provider = session.get_providers()[0]  # what ran (make_session refuses any other)
+
             def run(d, session=session):
                 return runtime.onnx_predict(session, d)
             p50 = p50_batch1_ms(run, singles)
             rate = rows_per_s(run, big, args.batch)
             auc = roc_auc_score(y, run(test))
             print(f"{name:<12} {provider:<22} {p50:>10.3f} {base_p50 / p50:>8.2f}x {rate:>14,.0f} "
-                  f"{rate / base_rate:>8.2f}x {auc:>8.4f} {auc - torch_auc:>+8.4f} {path.stat().st_size / 1024:>6.0f}")
+                  f"{rate / base_rate:>8.2f}x {auc:>8.4f} {auc - torch_auc:>+8.4f} {path.stat().st_size / 1024:>6.0f}"
+                  f"  {hardware.device_description(provider)}")
         if not providers:
             print(f"{name:<12} (meant for {', '.join(runtime.VARIANT_PROVIDERS[name])}: none present here)")
 
