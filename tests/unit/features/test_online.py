@@ -76,7 +76,8 @@ def test_every_event_gets_the_offline_value(spec, tmp_path):
     state = online.SqliteEventState(tmp_path / "events.db", width=2)
     served = online.replay(spec, rows.iloc[:0], rows, state)
     expected = offline(rows, spec)
-    assert expected["card_n_1h"].gt(0).mean() > 0.5 and expected["shop_bad_2d"].notna().mean() > 0.5  # windows hold events
+    # The windows hold events: the comparison is not of empty windows.
+    assert expected["card_n_1h"].gt(0).mean() > 0.5 and expected["shop_bad_2d"].notna().mean() > 0.5
     assert_same(served, expected)
 
 
