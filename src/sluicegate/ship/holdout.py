@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from sluicegate import runtime
-from sluicegate.features.inputs import cardinalities, numeric_inputs
+from sluicegate.features.inputs import build_model_input, cardinalities, numeric_inputs
 from sluicegate.policy import GatePolicy
 from sluicegate.runtime import ModelInput
 from sluicegate.ship import baselines
@@ -23,6 +23,7 @@ SLICE_PREFIX = "slice:"
 CAT_PREFIX = "cat:"
 BASELINE_PREFIX = "baseline:"
 BLOCK_PREFIX = "block:"  # the bootstrap's resampling unit, in the column's name
+RAW_PREFIX = "raw:"  # the test rows themselves, so a model of another spec can build its own inputs
 
 
 def holdout_frame(inputs: ModelInput, y: np.ndarray, groups: dict[str, np.ndarray], spec: DatasetSpec,
@@ -42,6 +43,24 @@ def holdout_frame(inputs: ModelInput, y: np.ndarray, groups: dict[str, np.ndarra
     for name, scores in (baselines or {}).items():
         frame[BASELINE_PREFIX + name] = scores
     return frame
+
+
+def with_raw_rows(holdout: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+    """The held-out table with the test rows' raw and feature columns beside the inputs."""
+    raw = rows.rename(columns=lambda c: RAW_PREFIX + c).reset_index(drop=True)
+    return pd.concat([holdout, raw], axis=1)
+
+
+def own_inputs(holdout: pd.DataFrame, spec: DatasetSpec) -> ModelInput | str:
+    """The inputs `spec` builds from the held-out rows (a champion of another spec reads these), or why
+    they cannot be built (a table kept without its rows, or a column that spec reads but these rows lack)."""
+    raw = {c.removeprefix(RAW_PREFIX): holdout[c] for c in holdout.columns if c.startswith(RAW_PREFIX)}
+    if not raw:
+        return "the held-out table was kept without its rows"
+    try:
+        return build_model_input(pd.DataFrame(raw), spec)
+    except KeyError as exc:
+        return f"its spec reads {exc}, which the candidate's held-out rows lack"
 
 
 def read_holdout(frame: pd.DataFrame, spec: DatasetSpec) -> tuple[ModelInput, np.ndarray, dict[str, np.ndarray]]:
@@ -67,11 +86,13 @@ def score_holdout(onnx_path: Path, holdout: pd.DataFrame, spec: DatasetSpec) -> 
 
 
 def compare_on_holdout(champion_onnx: Path, challenger: np.ndarray, holdout: pd.DataFrame, spec: DatasetSpec,
-                       policy: GatePolicy) -> list[evaluation.Comparison]:
-    """The champion scored on the challenger's held-out rows against the challenger's scores there;
-    overall and per-slice paired bootstrap, resampling the blocks the rows were kept with."""
+                       policy: GatePolicy, champion_inputs: ModelInput | None = None) -> list[evaluation.Comparison]:
+    """The champion scored on the challenger's held-out rows (on `champion_inputs`, its own inputs of them,
+    when its spec differs) against the challenger's scores there; overall and per-slice paired bootstrap,
+    resampling the blocks the rows were kept with."""
     _, y, groups = read_holdout(holdout, spec)
-    champion = score_holdout(champion_onnx, holdout, spec)
+    champion = (score_holdout(champion_onnx, holdout, spec) if champion_inputs is None
+                else runtime.onnx_predict(runtime.make_session(champion_onnx), champion_inputs))
     unit, blocks = read_blocks(holdout)
     return evaluation.compare_with_champion(y, champion, challenger, groups, policy.bootstrap_samples,
                                             policy.confidence, policy.min_slice_support, policy.min_slice_positives,
@@ -100,4 +121,4 @@ def keep_holdout(prepared: Prepared, spec: DatasetSpec,
     blocks = evaluation.resampling_blocks(prepared.splits.rows("test"), spec)
     frame = holdout_frame(prepared.test, prepared.y_test, groups, spec, blocks,
                           {b.name: b.test_scores for b in fitted})
-    return frame, [b.to_dict() for b in fitted]
+    return with_raw_rows(frame, prepared.splits.rows("test")), [b.to_dict() for b in fitted]

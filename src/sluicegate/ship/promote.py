@@ -33,9 +33,9 @@ from sluicegate.ship.gates import (
     VariantReport,
     decide,
 )
-from sluicegate.ship.holdout import compare_on_holdout, lift_over_baseline, score_holdout
+from sluicegate.ship.holdout import compare_on_holdout, lift_over_baseline, own_inputs, score_holdout
 from sluicegate.ship.model_repository import export_champion
-from sluicegate.spec import DatasetSpec
+from sluicegate.spec import DatasetSpec, parse_spec
 from sluicegate.train import identity
 
 MAX_SPEC_CHANGES = 12  # changes of the model spec listed in the gate report; the rest are counted
@@ -95,26 +95,23 @@ def gate_and_promote(settings: Settings, policy: GatePolicy, spec: DatasetSpec, 
         work = Path(tmp)
         raw, missing = load_evidence(client, candidate, work)
         check, candidate_onnx = _load_as_served(settings, spec, client, candidate)
-        comparisons, spec_row = [], None
+        comparisons, spec_row, champion_raw = [], None, None
         rival = champion is not None and champion_version != version
         if rival:
-            spec_row = _spec_row(candidate, champion, raw, load_evidence(client, champion, work / "champion")[0])
-        same_inputs = spec_row is None or spec_row.measured == 0
-        lift = None
+            champion_raw = load_evidence(client, champion, work / "champion")[0]
+            spec_row = _spec_row(candidate, champion, raw, champion_raw)
+        lift, note = None, ""
         if raw is not None and candidate_onnx is not None:
             onnx_path = work / "candidate.onnx"
             onnx_path.write_bytes(candidate_onnx)
             holdout = pd.read_parquet(work / "evidence" / "holdout.parquet")
             scores = score_holdout(onnx_path, holdout, spec)
             lift = lift_over_baseline(scores, holdout, spec, policy, baselines.best(raw.get("baselines", [])))
-            if rival and same_inputs:
-                comparisons = compare_on_holdout(registry.download_onnx(client, champion, work / "champion"), scores,
-                                                 holdout, spec, policy)
+            if rival:
+                comparisons, note = _against_champion(client, champion, champion_raw, spec_row, scores, holdout,
+                                                      spec, policy, work)
         evidence = _evidence(raw, missing, champion_version, comparisons)
-        evidence.baseline, evidence.baselines = lift, (raw or {}).get("baselines", [])
-        if not same_inputs:  # the held-out inputs are the candidate's; the champion reads another layout
-            evidence.champion_note = (f"not compared: champion v{champion_version} reads inputs of another model "
-                                      "spec (see model_spec); judged by the other gates")
+        evidence.baseline, evidence.baselines, evidence.champion_note = lift, (raw or {}).get("baselines", []), note
         decision = decide(policy, evidence, _links(settings, candidate))
         decision.results += [check, *([spec_row] if spec_row else [])]
         artifacts = _publish(client, name, candidate, raw, decision, comparisons + ([lift] if lift else []), work)
@@ -189,6 +186,24 @@ def _spec_row(candidate: ModelVersion, champion: ModelVersion, raw: dict | None,
                                                       if len(changes) > MAX_SPEC_CHANGES else "")
     return GateResult("model_spec", 0, float(len(changes)), True,
                       f"model spec {old} (champion v{champion.version}) -> {new}: {shown}", where)
+
+
+def _against_champion(client: MlflowClient, champion: ModelVersion, champion_raw: dict | None,
+                      spec_row: GateResult, scores, holdout: pd.DataFrame, spec: DatasetSpec, policy: GatePolicy,
+                      work: Path) -> tuple[list[Comparison], str]:
+    """The champion against the candidate's scores on the candidate's held-out rows: on the candidate's
+    inputs when the model spec is the same, else on the inputs the champion's own spec (kept in its
+    evidence) builds from those rows. No comparisons, and why, when neither is possible."""
+    inputs = None
+    if spec_row.measured != 0:
+        kept = ((champion_raw or {}).get("dataset") or {}).get("spec")
+        inputs = own_inputs(holdout, parse_spec(kept)) if kept else "its evidence has no spec"
+        if isinstance(inputs, str):
+            return [], (f"not compared: champion v{champion.version} reads inputs of another model spec and "
+                        f"{inputs}; judged by the other gates")
+        spec_row.detail += "; each model scored on its own inputs of the same rows"
+    champion_onnx = registry.download_onnx(client, champion, work / "champion")
+    return compare_on_holdout(champion_onnx, scores, holdout, spec, policy, inputs), ""
 
 
 def _model_spec(raw: dict | None) -> dict:

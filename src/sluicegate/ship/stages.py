@@ -178,7 +178,8 @@ def evaluate_stage(model, prepared: Prepared, exported: ExportOutcome, spec: Dat
         holdout=holdout, baselines=fitted, hardware=hw, features=spec.feature_columns,
         dataset={"name": spec.name, "predicts": spec.predicts, "label": spec.label,
                  "positive": spec.table.positive, "spec_hash": identity.spec_hash(spec),
-                 "model_spec": identity.model_spec(spec)},
+                 "model_spec": identity.model_spec(spec),
+                 "spec": spec.model_dump(mode="json")},  # a later champion comparison builds this model's inputs
         seconds=time.perf_counter() - started)
 
 
@@ -263,7 +264,7 @@ def spec_change(client: MlflowClient, model_name: str, spec: DatasetSpec) -> str
     if champion is None or before == now:
         return None
     return (f"model spec {now} differs from champion v{champion.version}'s {before or '(not recorded)'}: "
-            "training from scratch; the gate report lists what changed")
+            "no checkpoint of another model spec is resumed; the gate report lists what changed")
 
 
 @dataclass
