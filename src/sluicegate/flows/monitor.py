@@ -2,8 +2,9 @@
 
 1. read the prediction log since the last run (the watermark lives under SLUICEGATE_HOME/monitoring)
 2. reference: the champion's training window, binned once per champion version
-3. check: drift (PSI, chi-square, the score's PSI), data quality (the training gate's GX suite),
-   live precision and recall on late labels
+3. check: drift (PSI, chi-square, the score's PSI) against alert levels calibrated on reference
+   windows like the live one, data quality (the training gate's GX suite), live precision and recall
+   on late labels, each model version's CBPE estimate against its band
 4. decide: a threshold of the `drift:` block of gates.yaml crossed -> start `training-pipeline`
    through the Prefect API with a dedupe key, at most once per cooldown
 5. publish: Prefect artifacts and an MLflow run with the plot
