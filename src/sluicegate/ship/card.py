@@ -63,7 +63,7 @@ def render(name: str, version: str, tags: dict, evidence: dict, decision: GateDe
         "",
         "## Limitations",
         "- Trained on one data window; the world shifts, so drift is monitored and the model retrained.",
-        "- Online entity features are as of the entity's latest materialized event.",
+        _serving_line(evidence),
         "- Slices with fewer than the policy's minimum support are reported but not gated.",
         "- Label-based features use only labels known `label_delay` before the event.",
         "",
@@ -90,3 +90,12 @@ def _metric_row(label: str, m: dict) -> str:
 
 def _f(value) -> str:
     return "n/a" if value is None or value != value else f"{value:.4f}"
+
+
+def _serving_line(evidence: dict) -> str:
+    """What the serving-parity replay found: the features /predict computes against training's."""
+    serving = evidence.get("serving")
+    if not serving:
+        return "- Serving parity was not measured for this version."
+    return f"- Serving parity (test window replayed through the serving feature path): {serving['detail']}."
+
