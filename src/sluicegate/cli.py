@@ -307,12 +307,16 @@ def init(
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     out = out or table.with_name(f"{table.stem}.spec.yaml")
+    project_gates = Settings().gates_path
+    if gates and not project_gates.exists():  # the drafted gates start from the project's policy
+        console.print(f"- no gates drafted: the project policy {project_gates} is not here (SLUICEGATE_GATES_PATH)")
+        gates = False
     if gates:
         from sluicegate.ship.draft_gates import gates_file, write_draft
-        draft.spec["gates"] = gates_file(out).name
+        draft.spec["gates"] = gates_file(draft.spec["name"])
     out.write_text(draft.to_yaml(table))
     if gates:
-        console.print(write_draft(table, out, Settings().gates_path))
+        console.print(write_draft(table, out, project_gates))
     for note in draft.notes:
         console.print(f"- {note}")
     console.print(f"init: wrote {out}; review it, then: sluicegate import {table} --spec {out}")

@@ -111,9 +111,9 @@ def draft_gates(frame: pd.DataFrame, spec: DatasetSpec, project_gates: Path) -> 
     return render(draft(figures, project), project, project_gates), figures
 
 
-def gates_file(spec_path: Path) -> Path:
-    """Where a spec's drafted gates go: beside it, `<name>.gates.yaml`."""
-    return spec_path.with_name(f"{spec_path.name.removesuffix('.yaml').removesuffix('.spec')}.gates.yaml")
+def gates_file(spec_name: str) -> str:
+    """The drafted gates' file name, beside the spec: named after the spec's `name`, not its file."""
+    return f"{spec_name}.gates.yaml"
 
 
 def write_draft(table: Path, spec_path: Path, project_gates: Path) -> str:
@@ -122,7 +122,7 @@ def write_draft(table: Path, spec_path: Path, project_gates: Path) -> str:
 
     spec = load_spec(spec_path)
     text, figures = draft_gates(conform(read_table(table), spec, str(table)), spec, project_gates)
-    out = spec_path.parent / (spec.gates or gates_file(spec_path).name)
+    out = spec_path.parent / (spec.gates or gates_file(spec.name))
     out.write_text(text)
     fitted = ", ".join(f"{b['name']} {b['test_pr_auc']:.4f}" for b in figures.baselines)
     return (f"gates: wrote {out} from a label rate of {figures.label_rate:.2%} and the baselines' test PR-AUC "

@@ -28,7 +28,7 @@ def drafted(tmp_path_factory):
     frame.to_csv(table, index=False)
     draft = infer_spec(frame, "table", label="outcome")
     spec_path = root / "table.spec.yaml"
-    draft.spec["gates"] = gates_file(spec_path).name
+    draft.spec["gates"] = gates_file(draft.spec["name"])
     spec_path.write_text(draft.to_yaml(table))
     said = write_draft(table, spec_path, REPO_GATES)
     return (frame["outcome"] == "yes").mean(), root / "table.gates.yaml", said
