@@ -123,6 +123,38 @@ def test_registered_artifact_is_the_variant_the_gate_chose(first_run):
     assert others and all(sha256_file(p) != champion["sha256"] for p in others)
 
 
+def test_a_cpu_run_names_the_provider_and_the_cpu_that_ran_it(first_run):
+    """Evidence, benchmark rows, the gate report, the model card and the MLflow params all say what ran."""
+    from pathlib import Path
+
+    import mlflow
+    import onnxruntime
+    from mlflow import MlflowClient
+
+    from sluicegate.hardware import cpu_model
+    _, result = first_run
+    work = Path(result["work_dir"])
+    evidence = json.loads((work / "evidence" / "evidence.json").read_text())
+    shipped, cpu = evidence["shipped"], cpu_model() or ""
+    assert evidence["hardware"]["provider"] == shipped["provider"] == "CPUExecutionProvider"
+    assert shipped["device"].startswith(cpu) and onnxruntime.__version__ in shipped["onnxruntime"]
+    ran = {(r["provider"], r["device"]) for r in evidence["benchmark"]}
+    assert ran == {("CPUExecutionProvider", shipped["device"])}
+    where = f"on CPUExecutionProvider, {shipped['device']}, {shipped['onnxruntime']}"
+    assert where in open(result["gate_report"]).read()
+    settings = Settings()
+    client = MlflowClient(settings.tracking_uri)
+    version = client.get_model_version(settings.model_name, str(result["version"]))
+    card = Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="model_card.md",
+                                                    dst_path=str(work / "card")))
+    assert f"Measured on CPUExecutionProvider ({shipped['device']}; " in card.read_text()
+    (run,) = client.search_runs([client.get_experiment_by_name(settings.experiment).experiment_id],
+                                f"tags.mlflow.parentRunId = '{result['mlflow_run_id']}' "
+                                "and params.`hardware.provider` = 'CPUExecutionProvider'")
+    assert run.data.params["hardware.device"] == shipped["device"]
+    assert run.data.params["hardware.shipped_provider"] == "CPUExecutionProvider"
+
+
 def test_rerun_on_same_data_makes_no_second_champion(first_run):
     from sluicegate.flows.pipeline import PipelineParams, training_pipeline
     batch, result = first_run
