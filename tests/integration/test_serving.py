@@ -422,3 +422,16 @@ def test_tampered_artifact_is_refused_and_the_old_model_keeps_serving(server, ht
     assert http.get(f"/v2/models/{NAME}/ready").json()["version"] == serving
     answer = http.post(f"/v2/models/{NAME}/infer", json=_infer_body(), headers=AUTH)
     assert answer.status_code == 200 and answer.json()["model_version"] == serving
+
+
+def test_events_scored_elsewhere_are_counted_without_scoring(http, server, world):
+    when = pd.Timestamp(world["frame"]["event_timestamp"].max()) + pd.Timedelta(minutes=30)
+    customer = 10**9 + 7
+    rows = [{**_business(world["frame"].iloc[-3]), "transaction_id": f"elsewhere-{i}", "customer_id": customer,
+             "event_timestamp": (when + pd.Timedelta(seconds=i)).isoformat()} for i in range(3)]
+    answer = http.post("/events", json=rows + rows[:1], headers=AUTH)  # the first resent: counted once
+    assert answer.status_code == 200 and answer.json() == {"accepted": 4, "refused": []}, answer.text
+    held = server.app.default._lookup.online.state.read([("customer", str(customer))])[("customer", str(customer))]
+    assert held.ids == ["elsewhere-0", "elsewhere-1", "elsewhere-2"]
+    bad = http.post("/events", json=[rows[0], {"transaction_id": "x"}], headers=AUTH)
+    assert bad.status_code == 422 and bad.json()["error"].startswith("event 1: invalid request")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -264,6 +265,7 @@ class SqliteEventState(EventState):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.width = width
         self._depth = 0
+        self._lock = threading.RLock()  # one connection, used by the event loop and a model thread alike
         self.db = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
@@ -335,14 +337,18 @@ class _Transaction:
         self.state = state
 
     def __enter__(self):
+        self.state._lock.acquire()
         if self.state._depth == 0:
             self.state.db.execute("BEGIN IMMEDIATE")
         self.state._depth += 1
 
     def __exit__(self, kind, exc, tb):
-        self.state._depth -= 1
-        if self.state._depth == 0:
-            self.state.db.execute("ROLLBACK" if kind else "COMMIT")
+        try:
+            self.state._depth -= 1
+            if self.state._depth == 0:
+                self.state.db.execute("ROLLBACK" if kind else "COMMIT")
+        finally:
+            self.state._lock.release()
 
 
 def _columns(db: sqlite3.Connection) -> int:

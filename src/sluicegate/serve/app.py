@@ -79,6 +79,7 @@ class ServingApp:
         self._routes = {
             "/v2/health/live": self._live, "/v2/health/ready": self._ready, "/v2": self._server_metadata,
             "/metrics": self._metrics, "/openapi.json": self._openapi_doc, "/predict": self._predict,
+            "/events": self._events,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -138,6 +139,9 @@ class ServingApp:
         try:
             if path.startswith("/v2/models/"):
                 endpoint, answer = await self._model_route(path, method, scope, receive, started)
+            elif path.startswith("/events/"):
+                endpoint = "events"
+                answer = await self._events(method, scope, receive, started, self._model(path[len("/events/"):]))
             elif path.startswith("/predict/"):
                 endpoint = "predict"
                 answer = await self._predict(method, scope, receive, started, self._model(path[len("/predict/"):]))
@@ -312,6 +316,34 @@ class ServingApp:
         answer = {"id": request.id, "probability": prob, "positive": prob >= model.threshold,
                   "threshold": model.threshold, "model_name": model.name, "model_version": model.version}
         return _json(200, answer)
+
+
+    async def _events(self, method, scope, receive, started, served: ServedModel | None = None) -> Answer:
+        """Events scored elsewhere, counted in the online state without scoring: one row or a list of rows
+        of /predict's schema (an id makes a resent row count once). Every row is checked first, and a
+        bad one refuses the whole body (422); a row the state cannot hold exactly (older than it keeps)
+        is listed under `refused`, the others are recorded."""
+        served = served or self.default
+        self._method(method, "POST")
+        self._authorize(scope)
+        body, _ = await self._read_body(scope, receive)
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(f"body is not valid JSON: {exc}") from None
+        rows = data if isinstance(data, list) else [data]
+        if not rows or len(rows) > self.serve.max_rows_per_request:
+            raise BadRequest(f"send 1 to {self.serve.max_rows_per_request} events, got {len(rows)}",
+                             413 if rows else 422)
+        requests = []
+        for i, row in enumerate(rows):
+            try:
+                requests.append(business.parse_predict(row, served.spec))
+            except BadRequest as exc:
+                raise BadRequest(f"event {i}: {exc}", exc.status, [{"event": i, **d} for d in exc.details]) from None
+        refused = served.record_events(requests)
+        return _json(200, {"accepted": len(requests) - len(refused),
+                           "refused": [{"event": i, "error": why} for i, why in refused]})
 
 
 def create_app(settings: Settings | list[Settings] | None = None, serve: ServeSettings | None = None) -> ServingApp:

@@ -172,6 +172,13 @@ class ServedModel:
                 answers[i] = (p, model)
         return answers
 
+    def record_events(self, requests: list[business.PredictRequest]) -> list[tuple[int, str]]:
+        """Count events in the online state without scoring them; (index, why) of each one refused."""
+        if not catalog.served_entities(self.spec):
+            return []
+        _, refused = self._feature_lookup().fetch(requests)
+        return [(i, str(why)) for i, why in enumerate(refused) if why is not None]
+
     async def shutdown_state(self) -> None:
         if self._lookup is not None:
             self._lookup.online.state.close()
