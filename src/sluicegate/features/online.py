@@ -148,17 +148,27 @@ class OnlineFeatures:
     def reconcile(self, rows: pd.DataFrame) -> int:
         """A batch landed: the days its rows cover (with the history read before it) are replaced by
         them, as the offline store reads the newest partition of each day; events on other days stay.
-        Returns the events written."""
-        table = self.event_table(rows)
-        if table.empty:
+        One day per transaction, so the server keeps answering between days (a request meanwhile sees
+        the days already replaced and the old state of the others). Returns the events written."""
+        if rows.empty:
             return 0
-        days = sorted(set((table["ts"].to_numpy() // DAY_NS).tolist()))
-        table = table[table["ts"] >= table["ts"].max() - self.reach]
+        when = _ns(rows[self.spec.timestamp])
+        newest = int(when.max())
+        day_of = when // DAY_NS
+        order = np.argsort(day_of, kind="stable")
+        days, starts = np.unique(day_of[order], return_index=True)
+        written = 0
+        for day, start, end in zip(days.tolist(), starts.tolist(), [*starts[1:].tolist(), len(order)], strict=True):
+            part = order[start:end]
+            part = part[when[part] >= newest - self.reach]  # older events expire at once
+            with self.state.transaction():
+                self.state.replace_day(day, self.event_table(rows.iloc[part], first=start))
+            written += len(part)
         with self.state.transaction():
-            self.state.replace_days(days, table, self.reach)
-        return len(table) // max(1, len(self.entities))
+            self.state.expire(self.reach)
+        return written
 
-    def event_table(self, rows: pd.DataFrame) -> pd.DataFrame:
+    def event_table(self, rows: pd.DataFrame, first: int = 0) -> pd.DataFrame:
         """Raw rows as the state's rows, one per (entity, row): entity, key, id, ts, label, v0...;
         built column by column (a batch is millions of rows)."""
         if rows.empty:
@@ -168,7 +178,7 @@ class OnlineFeatures:
                  else np.full(len(rows), np.nan))
         # Rows without an id (history is read without it) get one of their own: the days they cover are
         # replaced whole, so it only has to be unique.
-        ids = np.array([f"row:{t}:{i}" for i, t in enumerate(when.tolist())], dtype=object)
+        ids = np.array([f"row:{t}:{i}" for i, t in enumerate(when.tolist(), start=first)], dtype=object)
         if self.spec.id and self.spec.id in rows:
             given = rows[self.spec.id]
             ids = np.where(given.notna().to_numpy(), given.astype(str).to_numpy(dtype=object), ids)
@@ -246,8 +256,12 @@ class EventState:
     def set_labels(self, labels: dict[str, float]) -> int:
         raise NotImplementedError
 
-    def replace_days(self, days: list[int], table: pd.DataFrame, reach: int) -> None:
-        """Delete every event on `days` (UTC day numbers), then add `table` (`OnlineFeatures.event_table`)."""
+    def replace_day(self, day: int, table: pd.DataFrame) -> None:
+        """Delete every event of `day` (a UTC day number), then add `table` (`OnlineFeatures.event_table`)."""
+        raise NotImplementedError
+
+    def expire(self, reach: int) -> None:
+        """Drop events older than `reach` behind the newest one."""
         raise NotImplementedError
 
     def stats(self) -> dict[str, float]:
@@ -310,15 +324,16 @@ class SqliteEventState(EventState):
                             [(float(v), str(k)) for k, v in labels.items()])
         return self.db.total_changes - before
 
-    def replace_days(self, days, table, reach):
-        for day in days:
-            self.db.execute("DELETE FROM events WHERE ts >= ? AND ts < ?", (day * DAY_NS, (day + 1) * DAY_NS))
+    def replace_day(self, day, table):
+        self.db.execute("DELETE FROM events WHERE ts >= ? AND ts < ?", (day * DAY_NS, (day + 1) * DAY_NS))
         marks = ", ?" * self.width
-        rows = table.astype(object).where(table.notna(), None)
+        # Columns as Python values (tolist is C code); SQLite stores a NaN as NULL.
         self.db.executemany(f"INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?, ?{marks})",
-                            rows.itertuples(index=False, name=None))
+                            zip(*(table[c].tolist() for c in table.columns), strict=True))
+
+    def expire(self, reach):
         newest = self.db.execute("SELECT max(ts) FROM events").fetchone()[0]
-        if newest is not None:  # state expires past the longest window
+        if newest is not None:
             self.db.execute("DELETE FROM events WHERE ts < ?", (newest - reach,))
 
     def stats(self):
@@ -392,10 +407,11 @@ redis.call('HSET', KEYS[2], ARGV[1], updated)
 return 1
 """
 
-    def __init__(self, client, prefix: str, width: int):
+    def __init__(self, client, prefix: str, width: int, reach: int):
         self.redis = client
         self.prefix = prefix
         self.width = width
+        self.reach = reach  # how long a key lives past its last add (ms in PEXPIRE)
         self._add = client.register_script(self.ADD)
         self._label = client.register_script(self.LABEL)
 
@@ -447,27 +463,33 @@ return 1
                 found += int(self._label(keys=[zset, zset + ":ids"], args=[event_id, float(labels[event_id])]))
         return found
 
-    def replace_days(self, days, table, reach):
+    def replace_day(self, day, table):
         sets = [n.decode() if isinstance(n, bytes) else n
                 for n in self.redis.scan_iter(match=f"{self.prefix}:set:*", count=1000)]
         sets = [n for n in sets if not n.endswith(":ids")]
+        low, high = day * DAY_NS // 1000, "(" + str((day + 1) * DAY_NS // 1000)
+        pipe = self.redis.pipeline(transaction=False)
         for name in sets:
-            pipe = self.redis.pipeline(transaction=False)
-            for day in days:
-                low, high = day * DAY_NS // 1000, "(" + str((day + 1) * DAY_NS // 1000)
-                for member in self.redis.zrangebyscore(name, low, high):
-                    pipe.hdel(name + ":ids", json.loads(member)[0])
-                pipe.zremrangebyscore(name, low, high)
-            pipe.execute()
-        newest = int(table["ts"].max()) if len(table) else 0
+            pipe.zrangebyscore(name, low, high)
+        found = pipe.execute()
+        pipe = self.redis.pipeline(transaction=False)
+        for name, members in zip(sets, found, strict=True):
+            for member in members:
+                pipe.hdel(name + ":ids", json.loads(member)[0])
+            pipe.zremrangebyscore(name, low, high)
+        pipe.execute()
         pipe = self.redis.pipeline(transaction=False)
         values = [f"v{i}" for i in range(self.width)]
         for row in table.itertuples(index=False):
+            # Trimmed later by each set's own newest event; the keys' expiry is the longest window.
             self._add_event(pipe, row.entity, row.key, row.id, row.ts, row.label,
-                            tuple(getattr(row, v) for v in values), newest - reach, reach)
+                            tuple(getattr(row, v) for v in values), 0, self.reach)
             if len(pipe) >= 10_000:
                 pipe.execute()
         pipe.execute()
+
+    def expire(self, reach):
+        """Each key expires on its own (PEXPIRE at every add): nothing to sweep."""
 
     def stats(self):
         sets = [n for n in self.redis.scan_iter(match=f"{self.prefix}:set:*", count=1000)
@@ -489,7 +511,8 @@ def open_state(settings, spec: DatasetSpec) -> EventState:
     """The table's online state: Redis when `feast_redis` is set, else SQLite under its home."""
     width = len({a.column for a in spec.features.aggregates if a.column})
     if settings.feast_redis:
-        return RedisEventState(redis_client(settings.feast_redis), f"sluicegate:{spec.name}:events", width)
+        return RedisEventState(redis_client(settings.feast_redis), f"sluicegate:{spec.name}:events", width,
+                               reach_ns(spec))
     return SqliteEventState(settings.paths.feast / "online_events.db", width)
 
 
