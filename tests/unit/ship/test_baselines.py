@@ -84,3 +84,16 @@ def test_evidence_without_baseline_scores_fails_the_gate_and_no_key_means_no_gat
     assert not gate.passed and "no baseline scores" in gate.detail
     unset = policy.model_copy(update={"min_lift_over_baseline": None})
     assert "min_lift_over_baseline" not in {r.gate for r in decide(unset, _evidence(None, baselines)).results}
+
+
+def test_a_large_training_window_is_sampled_to_bound_the_baselines_cost(monkeypatch):
+    from sluicegate.ship import baselines
+
+    monkeypatch.setattr(baselines, "MAX_TRAIN_ROWS", 1000)
+    inputs, y = _table(np.random.default_rng(2), 5000)
+    sampled, y_sampled = baselines._sample(inputs, y, seed=0)
+    assert len(y_sampled) == len(sampled.numeric) == 1000
+    again, _ = baselines._sample(inputs, y, seed=0)
+    np.testing.assert_array_equal(sampled.numeric, again.numeric)  # seeded: the same rows every run
+    small, _ = baselines._sample(inputs.take(np.arange(800)), y[:800], seed=0)
+    assert len(small.numeric) == 800
