@@ -84,11 +84,14 @@ def samples_per_s(model_kind: str, precision: str, compiled: bool, data, device,
             torch.cuda.synchronize()
 
     run(5)  # warm-up (and compilation)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     with GpuUtilization(device) as util:
         started = time.perf_counter()
         run(steps)
         elapsed = time.perf_counter() - started
-    return steps * batch / elapsed, util.mean
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return steps * batch / elapsed, util.mean, peak
 
 
 def main() -> None:
@@ -113,18 +116,20 @@ def main() -> None:
     if not gpu:
         print("no GPU here: the GPU targets (bf16 >= 1.8x fp32, utilization >= 80%) are not measured")
     data = synthetic(args.rows, device)
-    print(f"{'model':<15} {'precision':<9} {'compile':<7} {'samples/s':>12} {'vs fp32 eager':>14} {'GPU util':>9}")
+    print(f"{'model':<15} {'precision':<9} {'compile':<7} {'samples/s':>12} {'vs fp32 eager':>14} {'GPU util':>9} "
+          f"{'peak GiB':>9}")
     for kind in ("mlp", "ft_transformer"):
         base = None
         for compiled in compiles:
             for precision in precisions:
                 if gpu and precision == "bf16" and not torch.cuda.is_bf16_supported():
                     continue
-                rate, util = samples_per_s(kind, precision, compiled, data, device, args.batch, args.steps)
+                rate, util, peak = samples_per_s(kind, precision, compiled, data, device, args.batch, args.steps)
                 base = base or rate
                 util_s = f"{util:.0f}%" if util is not None else "n/a"
+                peak_s = f"{peak:.2f}" if peak is not None else "n/a"
                 print(f"{kind:<15} {precision:<9} {'on' if compiled else 'off':<7} {rate:>12,.0f} "
-                      f"{rate / base:>13.2f}x {util_s:>9}")
+                      f"{rate / base:>13.2f}x {util_s:>9} {peak_s:>9}", flush=True)
 
 
 if __name__ == "__main__":
