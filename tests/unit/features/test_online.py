@@ -24,8 +24,9 @@ AGGREGATES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def spec():
+def orders_spec(**features):
+    """A table of orders with string card keys, integer shop keys, a nullable amount and a boolean label;
+    `features` adds to its features (e.g. python=...)."""
     return parse_spec({
         "spec_version": 1, "name": "orders", "predicts": "whether an order is bad",
         "table": {"id": "order_ref", "timestamp": "placed", "label": "bad", "positive": True,
@@ -35,7 +36,12 @@ def spec():
                     "spend": {"dtype": "float64", "nullable": True}, "items": {"dtype": "int64"},
                     "bad": {"dtype": "bool"}},
         "entities": {"card": {"key": "card"}, "shop": {"key": "shop"}},
-        "features": {"numeric": ["spend"], "aggregates": AGGREGATES}})
+        "features": {"numeric": ["spend"], "aggregates": AGGREGATES, **features}})
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return orders_spec()
 
 
 def orders(n: int, seed: int, start: str = "2026-03-01") -> pd.DataFrame:

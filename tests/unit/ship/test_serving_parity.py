@@ -15,9 +15,8 @@ from sluicegate.features import online
 from sluicegate.policy import load_policy
 from sluicegate.ship import serving_parity
 from sluicegate.ship.gates import decide
-from sluicegate.spec import parse_spec
 from sluicegate.train.stages import prepare
-from tests.unit.features.test_online import AGGREGATES, offline, orders
+from tests.unit.features.test_online import offline, orders, orders_spec
 from tests.unit.ship.test_gates import evidence
 
 REPO_GATES = Path(__file__).resolve().parents[3] / "gates.yaml"
@@ -28,19 +27,8 @@ def share_of_day(frame, spec):  # reads the whole frame: a batch of 64 requests 
 
 
 def _spec(python: bool = False):
-    raw = {
-        "spec_version": 1, "name": "orders", "predicts": "whether an order is bad",
-        "table": {"id": "order_ref", "timestamp": "placed", "label": "bad", "positive": True,
-                  "label_rate": [0.0, 1.0], "label_delay": "3h"},
-        "columns": {"order_ref": {"dtype": "int64"}, "placed": {"dtype": "timestamp"},
-                    "card": {"dtype": "string"}, "shop": {"dtype": "int64"},
-                    "spend": {"dtype": "float64", "nullable": True}, "items": {"dtype": "int64"},
-                    "bad": {"dtype": "bool"}},
-        "entities": {"card": {"key": "card"}, "shop": {"key": "shop"}},
-        "features": {"numeric": ["spend"], "aggregates": AGGREGATES}}
-    if python:
-        raw["features"]["python"] = {"function": f"{__name__}:share_of_day", "outputs": ["spend_rank"]}
-    return parse_spec(raw)
+    return orders_spec(python={"function": f"{__name__}:share_of_day", "outputs": ["spend_rank"]}) if python \
+        else orders_spec()
 
 
 def _prepared(spec):
