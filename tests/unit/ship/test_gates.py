@@ -219,17 +219,6 @@ def test_the_variant_is_chosen_on_the_validation_window(policy):
     assert "max_quantization_drop" in [r.gate for r in decide(policy, evidence(shipped=chosen)).failed]
 
 
-def test_the_variant_is_chosen_on_the_validation_window(policy):
-    """What the test window says of a variant grades the choice; it does not make it."""
-    fp32 = variant("fp32", rows_per_s=5e5, pr_auc_drop=0.0, valid_pr_auc_drop=0.0, max_abs_diff=1e-7)
-    lucky = variant("int8", rows_per_s=8e5, pr_auc_drop=0.0, valid_pr_auc_drop=0.02)  # lossy on validation
-    assert select_variant([fp32, lucky], policy).name == "fp32"
-    unlucky = replace(lucky, pr_auc_drop=0.02, valid_pr_auc_drop=0.0)
-    chosen = select_variant([fp32, unlucky], policy)
-    assert chosen.name == "int8"
-    assert "max_quantization_drop" in [r.gate for r in decide(policy, evidence(shipped=chosen)).failed]
-
-
 def test_incomplete_policy_is_a_clear_error(tmp_path):
     raw = yaml.safe_load(REPO_GATES.read_text())
     raw.pop("max_ece")
