@@ -244,8 +244,8 @@ def test_a_retried_request_is_answered_alike_and_counted_once(http, server, worl
             "event_timestamp": when.isoformat()}
     answers = [http.post("/predict", json=body, headers=AUTH) for _ in range(3)]
     assert {a.status_code for a in answers} == {200} and len({a.json()["probability"] for a in answers}) == 1
-    held = server.app.default._lookup.online.state.read([("customer", str(10**9 + 5))])
-    assert held[("customer", str(10**9 + 5))].ids == ["retry-1"]
+    held = server.app.default._lookup.online.state.read({("customer", str(10**9 + 5)): ["retry-1"]})
+    assert len(held[("customer", str(10**9 + 5))].ts) == 1 and held[("customer", str(10**9 + 5))].holds("retry-1")
 
 
 def test_an_event_older_than_the_online_state_keeps_gets_a_422(http, world):
@@ -431,7 +431,8 @@ def test_events_scored_elsewhere_are_counted_without_scoring(http, server, world
              "event_timestamp": (when + pd.Timedelta(seconds=i)).isoformat()} for i in range(3)]
     answer = http.post("/events", json=rows + rows[:1], headers=AUTH)  # the first resent: counted once
     assert answer.status_code == 200 and answer.json() == {"accepted": 4, "refused": []}, answer.text
-    held = server.app.default._lookup.online.state.read([("customer", str(customer))])[("customer", str(customer))]
-    assert held.ids == ["elsewhere-0", "elsewhere-1", "elsewhere-2"]
+    ids = [f"elsewhere-{i}" for i in range(3)]
+    held = server.app.default._lookup.online.state.read({("customer", str(customer)): ids})[("customer", str(customer))]
+    assert len(held.ts) == 3 and all(held.holds(i) for i in ids)
     bad = http.post("/events", json=[rows[0], {"transaction_id": "x"}], headers=AUTH)
     assert bad.status_code == 422 and bad.json()["error"].startswith("event 1: invalid request")
