@@ -33,6 +33,7 @@ from sluicegate.spec import Aggregate, DatasetSpec
 DAY_NS = 86_400 * 10**9
 MMAP_BYTES = 1 << 30
 CACHE_KIB = 65_536
+RECONCILE_KEYS = 2_000  # entity keys a landing batch replaces per transaction of the SQLite state
 CHECKPOINT_PAGES = 4_000  # 16 MB of WAL between checkpoints (each syncs the file): fewer, larger ones
 # Events scored together by a replay, as the server's micro-batcher scores them.
 REPLAY_BATCH = 64
@@ -171,27 +172,19 @@ class OnlineFeatures:
     def reconcile(self, rows: pd.DataFrame) -> int:
         """A batch landed: the days its rows cover (with the history read before it) are replaced by
         them, as the offline store reads the newest partition of each day; events on other days stay.
-        One day per transaction, so the server keeps answering between days (a request meanwhile sees
-        the days already replaced and the old state of the others). Returns the events written."""
+        The state replaces them a group of entity keys per transaction, so the server keeps answering
+        meanwhile (a request sees its keys either before or after). Returns the events written."""
         if rows.empty:
             return 0
         when = _ns(rows[self.spec.timestamp])
-        newest = int(when.max())
-        day_of = when // DAY_NS
-        order = np.argsort(day_of, kind="stable")
-        days, starts = np.unique(day_of[order], return_index=True)
-        written = 0
-        for day, start, end in zip(days.tolist(), starts.tolist(), [*starts[1:].tolist(), len(order)], strict=True):
-            part = order[start:end]
-            part = part[when[part] >= newest - self.reach]  # older events expire at once
-            with self.state.transaction():
-                self.state.replace_day(day, self.event_table(rows.iloc[part], first=start))
-            written += len(part)
+        days = np.unique(when // DAY_NS).tolist()
+        kept = when >= int(when.max()) - self.reach  # older events expire at once
+        self.state.replace_days(days, self.event_table(rows[kept]))
         with self.state.transaction():
             self.state.expire(self.reach)
-        return written
+        return int(kept.sum())
 
-    def event_table(self, rows: pd.DataFrame, first: int = 0) -> pd.DataFrame:
+    def event_table(self, rows: pd.DataFrame) -> pd.DataFrame:
         """Raw rows as the state's rows, one per (entity, row): entity, key, id, ts, label, v0...;
         built column by column (a batch is millions of rows)."""
         if rows.empty:
@@ -201,7 +194,7 @@ class OnlineFeatures:
                  else np.full(len(rows), np.nan))
         # Rows without an id (history is read without it) get one of their own: the days they cover are
         # replaced whole, so it only has to be unique.
-        ids = np.array([f"row:{t}:{i}" for i, t in enumerate(when.tolist(), start=first)], dtype=object)
+        ids = np.array([f"row:{t}:{i}" for i, t in enumerate(when.tolist())], dtype=object)
         if self.spec.id and self.spec.id in rows:
             given = rows[self.spec.id]
             ids = np.where(given.notna().to_numpy(), given.astype(str).to_numpy(dtype=object), ids)
@@ -288,8 +281,9 @@ class EventState:
     def set_labels(self, labels: dict[str, float]) -> int:
         raise NotImplementedError
 
-    def replace_day(self, day: int, table: pd.DataFrame) -> None:
-        """Delete every event of `day` (a UTC day number), then add `table` (`OnlineFeatures.event_table`)."""
+    def replace_days(self, days: list[int], table: pd.DataFrame) -> None:
+        """Delete every event of `days` (UTC day numbers), then add `table` (`OnlineFeatures.event_table`);
+        in transactions of its own."""
         raise NotImplementedError
 
     def expire(self, reach: int) -> None:
@@ -387,30 +381,34 @@ class SqliteEventState(EventState):
                     found += 1
         return found
 
-    def replace_day(self, day, table):
-        low, high = day * DAY_NS, (day + 1) * DAY_NS
-        touched = set(self.db.execute("SELECT DISTINCT entity, key FROM event_ids WHERE ts >= ? AND ts < ?",
-                                      (low, high)).fetchall())
+    def replace_days(self, days, table):
+        covered = np.asarray(days, np.int64)
+        touched: set[tuple[str, str]] = set()
+        for day in days:
+            touched |= set(self.db.execute("SELECT DISTINCT entity, key FROM event_ids WHERE ts >= ? AND ts < ?",
+                                           (day * DAY_NS, (day + 1) * DAY_NS)).fetchall())
         groups = table.groupby(["entity", "key"], sort=False).indices if len(table) else {}
-        ts = table["ts"].to_numpy(np.int64) if len(table) else None
-        floats = table[["label", *(f"v{i}" for i in range(self.width))]].to_numpy(np.float64) if len(table) else None
+        ts = table["ts"].to_numpy(np.int64) if len(table) else np.empty(0, np.int64)
+        floats = (table[["label", *(f"v{i}" for i in range(self.width))]].to_numpy(np.float64) if len(table)
+                  else np.empty((0, 1 + self.width)))
         ids = table["id"].tolist() if len(table) else []
         hashes = np.array([id_hash(i) for i in ids], np.int64)
-        for entity, key in touched | set(groups):
-            history = self._load(entity, key)
-            history = history.keep((history.ts < low) | (history.ts >= high))
-            rows = groups.get((entity, key))
-            if rows is not None:
-                merged_ts = np.concatenate([history.ts, ts[rows]])
-                order = np.argsort(merged_ts, kind="stable")
-                merged = np.concatenate([np.column_stack([history.labels, history.values]), floats[rows]])[order]
-                merged_ids = np.concatenate([history.ids, hashes[rows]])[order]
-                history = History(merged_ts[order], merged_ids, merged[:, 0], merged[:, 1:])
-            self._store(entity, key, history)
-        self.db.execute("DELETE FROM event_ids WHERE ts >= ? AND ts < ?", (low, high))
-        if len(table):
+        pairs = list(touched | set(groups))
+        for start in range(0, len(pairs), RECONCILE_KEYS):
+            with self.transaction():
+                for entity, key in pairs[start:start + RECONCILE_KEYS]:
+                    history = self._load(entity, key)
+                    history = history.keep(~np.isin(history.ts // DAY_NS, covered))
+                    rows = groups.get((entity, key))
+                    if rows is not None:
+                        history = _merged(history, ts[rows], hashes[rows], floats[rows])
+                    self._store(entity, key, history)
+        with self.transaction():
+            for day in days:
+                self.db.execute("DELETE FROM event_ids WHERE ts >= ? AND ts < ?", (day * DAY_NS, (day + 1) * DAY_NS))
             self.db.executemany("INSERT OR REPLACE INTO event_ids VALUES (?, ?, ?, ?)",
-                                zip(ids, table["entity"].tolist(), table["key"].tolist(), ts.tolist(), strict=True))
+                                zip(ids, table["entity"].tolist() if len(table) else [],
+                                    table["key"].tolist() if len(table) else [], ts.tolist(), strict=True))
 
     def expire(self, reach):
         newest = self.db.execute("SELECT max(ts) FROM event_ids").fetchone()[0]
@@ -451,6 +449,14 @@ class _Transaction:
                 self.state.db.execute("ROLLBACK" if kind else "COMMIT")
         finally:
             self.state._lock.release()
+
+
+def _merged(history: History, ts: np.ndarray, ids: np.ndarray, floats: np.ndarray) -> History:
+    """A key's history with more events, in time order (ties: the history's first)."""
+    all_ts = np.concatenate([history.ts, ts])
+    order = np.argsort(all_ts, kind="stable")
+    both = np.concatenate([np.column_stack([history.labels, history.values]), floats])[order]
+    return History(all_ts[order], np.concatenate([history.ids, ids])[order], both[:, 0], both[:, 1:])
 
 
 def _sql(value: float) -> float | None:
@@ -549,7 +555,12 @@ return 1
                 found += int(self._label(keys=[zset, zset + ":ids"], args=[event_id, float(labels[event_id])]))
         return found
 
-    def replace_day(self, day, table):
+    def replace_days(self, days, table):
+        for day in days:
+            low, high = day * DAY_NS, (day + 1) * DAY_NS
+            self._replace_day(day, table[(table["ts"] >= low) & (table["ts"] < high)] if len(table) else table)
+
+    def _replace_day(self, day, table):
         sets = [n.decode() if isinstance(n, bytes) else n
                 for n in self.redis.scan_iter(match=f"{self.prefix}:set:*", count=1000)]
         sets = [n for n in sets if not n.endswith(":ids")]
