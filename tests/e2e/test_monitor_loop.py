@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import httpx
@@ -117,6 +118,51 @@ def _after_training(cfg: GenerateConfig) -> pd.DataFrame:
     when = pd.to_datetime(batch[spec.timestamp], utc=True)
     return batch[when < pd.Timestamp(cfg.start, tz="UTC") + pd.Timedelta(days=1)].sort_values(spec.timestamp,
                                                                                                kind="stable")
+
+
+def _logged(settings: Settings) -> int:
+    """Rows the server has written to its /predict log so far (parquet footers only)."""
+    import pyarrow.parquet as pq
+
+    folder = HomePaths(settings.home, load_spec().name).predictions / "predict"
+    return sum(pq.read_metadata(f).num_rows for f in folder.rglob("*.parquet") if not f.name.startswith("."))
+
+
+def _await_logged(settings: Settings, rows: int, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while _logged(settings) < rows:
+        assert time.monotonic() < deadline, f"the server logged {_logged(settings)} of {rows} rows"
+        time.sleep(0.1)
+
+
+def test_steady_traffic_monitored_every_three_hours_calls_for_no_retrain(env, settings, champion):
+    """The monitor run after every 3 hours of the day after training: its levels come from the
+    reference's 3-hour windows of the same hours, so no block warrants a retrain (asked of every block,
+    the night's too, although fewer than min_rows would not trigger one anyway)."""
+    from sluicegate.operate import monitor as mon
+    from sluicegate.operate import stages as operate
+    from sluicegate.policy import load_policy
+
+    spec = load_spec()
+    thresholds = load_policy(Path(env["SLUICEGATE_GATES_PATH"])).drift
+    traffic = _after_training(_batch("2026-10-13"))
+    blocks = (pd.to_datetime(traffic[spec.timestamp], utc=True).dt.hour // 3).to_numpy()
+    called = {}
+    with model_server(env) as url:
+        _monitor_in_process(settings, spec, thresholds, env, operate)  # the earlier tests' rows, if any
+        for block, rows in traffic.groupby(blocks, sort=True):
+            before = _logged(settings)
+            predict_rows(url, rows)
+            _await_logged(settings, before + len(rows))
+            outcome = _monitor_in_process(settings, spec, thresholds, env, operate)
+            assert outcome.rows == len(rows), outcome.summary()
+            called[f"{int(block) * 3:02d}h"] = mon.retrain_reasons(outcome.report, thresholds)
+    assert {hour: reasons for hour, reasons in called.items() if reasons} == {}, called
+
+
+def _monitor_in_process(settings, spec, thresholds, env, operate):
+    """The monitor's own stage on the real log (no Prefect flow around it: the loop is under test)."""
+    return operate.monitor_stage(settings, spec, thresholds, Path(env["WORK"]) / "expectations", None)
 
 
 def test_held_out_traffic_through_both_endpoints_shows_no_drift(env, settings, champion):
