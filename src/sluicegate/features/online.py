@@ -34,6 +34,7 @@ DAY_NS = 86_400 * 10**9
 MMAP_BYTES = 1 << 30
 CACHE_KIB = 65_536
 RECONCILE_KEYS = 2_000  # entity keys a landing batch replaces per transaction of the SQLite state
+CHECKPOINT_SECONDS = 1.0  # the server's checkpoints run this often, in a thread
 CHECKPOINT_PAGES = 4_000  # 16 MB of WAL between checkpoints (each syncs the file): fewer, larger ones
 # Events scored together by a replay, as the server's micro-batcher scores them.
 REPLAY_BATCH = 64
@@ -309,9 +310,10 @@ class SqliteEventState(EventState):
 
     LAYOUT = 3
 
-    def __init__(self, path: Path, width: int, busy_timeout_s: float = 5.0):
+    def __init__(self, path: Path, width: int, busy_timeout_s: float = 5.0, background_checkpoints: bool = False):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.width = width
+        self._checkpoints: _Checkpointer | None = None
         self._depth = 0
         self._lock = threading.RLock()  # one connection, used by the event loop and a model thread alike
         self.db = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
@@ -321,7 +323,13 @@ class SqliteEventState(EventState):
         # span overflow pages, read with a system call each otherwise.
         self.db.execute(f"PRAGMA mmap_size={MMAP_BYTES}")
         self.db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
-        self.db.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES}")
+        if background_checkpoints:
+            # A checkpoint copies the WAL into the file and syncs it: tens of ms on the request that
+            # triggers it (p99 34 ms in batches of 16, from 2.9 ms at p50). A thread does it instead.
+            self.db.execute("PRAGMA wal_autocheckpoint=0")
+            self._checkpoints = _Checkpointer(path, busy_timeout_s)
+        else:
+            self.db.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES}")
         with self.transaction():
             self.db.execute("CREATE TABLE IF NOT EXISTS layout (version INTEGER, width INTEGER)")
             if self.db.execute("SELECT version, width FROM layout").fetchall() != [(self.LAYOUT, width)]:
@@ -427,7 +435,36 @@ class SqliteEventState(EventState):
         return {"events": events, "entity_keys": keys}
 
     def close(self):
+        if self._checkpoints is not None:
+            self._checkpoints.stop()
         self.db.close()
+
+
+class _Checkpointer:
+    """PASSIVE checkpoints of a WAL database every `interval` seconds, on a connection and thread of its
+    own: they never block a reader or a writer (any process's), and a request never pays for one."""
+
+    def __init__(self, path: Path, busy_timeout_s: float, interval: float = CHECKPOINT_SECONDS):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(path, busy_timeout_s, interval), daemon=True,
+                                        name="online-state-checkpoints")
+        self._thread.start()
+
+    def _run(self, path: Path, busy_timeout_s: float, interval: float) -> None:
+        db = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
+        try:
+            while not self._stop.wait(interval):
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error:  # busy or gone: the next turn tries again
+                    continue
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            db.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
 
 
 class _Transaction:
@@ -604,13 +641,14 @@ class _NoTransaction:
         return False
 
 
-def open_state(settings, spec: DatasetSpec) -> EventState:
-    """The table's online state: Redis when `feast_redis` is set, else SQLite under its home."""
+def open_state(settings, spec: DatasetSpec, serving: bool = False) -> EventState:
+    """The table's online state: Redis when `feast_redis` is set, else SQLite under its home (`serving`:
+    its checkpoints in a thread, off the requests' path)."""
     width = len({a.column for a in spec.features.aggregates if a.column})
     if settings.feast_redis:
         return RedisEventState(redis_client(settings.feast_redis), f"sluicegate:{spec.name}:events", width,
                                reach_ns(spec))
-    return SqliteEventState(settings.paths.feast / "online_events.db", width)
+    return SqliteEventState(settings.paths.feast / "online_events.db", width, background_checkpoints=serving)
 
 
 def redis_client(connection: str):

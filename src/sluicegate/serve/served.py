@@ -145,7 +145,8 @@ class ServedModel:
         """Opened on first use; a failed open is retried on the next batch."""
         if self._lookup is None:
             try:
-                self._lookup = business.FeatureLookup(OnlineFeatures(self.spec, open_state(self.settings, self.spec)))
+                state = open_state(self.settings, self.spec, serving=True)
+                self._lookup = business.FeatureLookup(OnlineFeatures(self.spec, state))
             except Exception as exc:
                 raise Unavailable(f"online feature store unavailable: {type(exc).__name__}: {exc}") from exc
         return self._lookup
