@@ -478,7 +478,7 @@ def _steady_band(profile: ReferenceProfile, col: ColumnProfile, rows: int, windo
     if rows not in cuts:
         cuts[rows] = steady.steady_windows(len(codes), profile.times, rows, window and window.span,
                                            window and window.start)
-    return steady.band(steady.window_psi(codes, np.asarray(col.shares), cuts[rows]))
+    return steady.band(steady.window_psi(codes, np.asarray(col.shares), cuts[rows]), skewed=True)
 
 
 @dataclass(frozen=True)

@@ -38,15 +38,18 @@ class Band:
     low: float  # smallest steady window's value
     high: float  # largest steady window's value
     windows: int
-    log_mean: float | None = None  # of log(value), for a value that is never negative (PSI)
-    log_sd: float | None = None
+    skewed: bool = False  # never negative (PSI): its tail is a gamma's, not a normal's
 
     def upper(self, z: float) -> float:
-        """Above the largest steady value and z sd above the mean; for PSI (skewed to the right, as
-        sampling noise is) on the log scale too, where a normal fits its tail far better."""
+        """Above the largest steady value and the normal's z-quantile; for a skewed statistic (PSI of
+        a window is a scaled chi-square, as sampling noise is) at the same quantile of the gamma with
+        its mean and sd, whose tail is heavier than the normal's."""
         levels = [self.mean + z * self.sd, self.high]
-        if self.log_mean is not None and self.log_sd is not None:
-            levels.append(float(np.exp(self.log_mean + z * self.log_sd)))
+        if self.skewed and self.mean > 0 and self.sd > 0:
+            from scipy.stats import gamma, norm
+
+            shape, scale = (self.mean / self.sd) ** 2, self.sd ** 2 / self.mean
+            levels.append(float(gamma.ppf(norm.cdf(z), shape, scale=scale)))
         return max(levels)
 
     def lower(self, z: float) -> float:
@@ -143,12 +146,10 @@ def smoothed(counts: np.ndarray) -> np.ndarray:
     return counts / counts.sum()
 
 
-def band(values: np.ndarray) -> Band | None:
+def band(values: np.ndarray, skewed: bool = False) -> Band | None:
     values = np.asarray(values, dtype=float)
     values = values[np.isfinite(values)]
     if len(values) < 2:
         return None
-    logs = np.log(np.maximum(values, EPS)) if (values >= 0).all() else None
     return Band(float(values.mean()), float(values.std(ddof=1)), float(values.min()), float(values.max()),
-                len(values), None if logs is None else float(logs.mean()),
-                None if logs is None else float(logs.std(ddof=1)))
+                len(values), skewed=skewed)
