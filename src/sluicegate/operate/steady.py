@@ -41,14 +41,16 @@ class Band:
     skewed: bool = False  # never negative (PSI): its tail is a gamma's, not a normal's
 
     def upper(self, z: float) -> float:
-        """Above the largest steady value and the normal's z-quantile; for a skewed statistic (PSI of
-        a window is a scaled chi-square, as sampling noise is) at the same quantile of the gamma with
-        its mean and sd, whose tail is heavier than the normal's."""
+        """Above the largest steady value and the normal's z-quantile; for a skewed statistic at the
+        same quantile of a gamma with its mean: a steady window's PSI is a scaled chi-square (sampling
+        noise), a gamma of shape (bins - 1) / 2, at least 1; a smaller shape fitted to the windows'
+        spread would be the heavier tail of a few odd windows, which the largest value covers."""
         levels = [self.mean + z * self.sd, self.high]
         if self.skewed and self.mean > 0 and self.sd > 0:
             from scipy.stats import gamma, norm
 
-            shape, scale = (self.mean / self.sd) ** 2, self.sd ** 2 / self.mean
+            shape = max((self.mean / self.sd) ** 2, 1.0)
+            scale = self.mean / shape
             levels.append(float(gamma.ppf(norm.cdf(z), shape, scale=scale)))
         return max(levels)
 
