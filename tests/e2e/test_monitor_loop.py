@@ -2,8 +2,9 @@
 /predict, and `sluicegate monitor` reads that log; no prediction log is written by hand.
 
 Two batches of the example table (the second trained with the first as history), a champion, then
-replays: held-out rows of the training distribution give no drift; an amount-drifted and a
-category-drifted batch are each flagged with the drifting columns named as the retrain's reason.
+replays: the day after training, monitored after every 3 hours, warrants no retrain; held-out rows of
+the training distribution give no drift; 3 hours of each drift kind the generator has (amount,
+category, country) are flagged with the drifting columns named as the retrain's reason.
 Late labels imported with `sluicegate labels` then give live precision and recall, which the CBPE
 estimate made before they arrived is within a stated tolerance of.
 """
@@ -192,10 +193,16 @@ def test_held_out_traffic_through_both_endpoints_shows_no_drift(env, settings, c
 
 
 @pytest.mark.parametrize(("drift", "columns"), [("amount", {"amount", "input.amount"}),
-                                                ("category", {"merchant_category", "input.merchant_category"})])
-def test_drifted_traffic_warrants_a_retrain_naming_the_drifting_columns(env, settings, champion, drift, columns):
+                                                ("category", {"merchant_category", "input.merchant_category"}),
+                                                ("country", {"country", "input.country"})])
+def test_three_hours_of_drifted_traffic_warrant_a_retrain_naming_the_drifting_columns(env, settings, champion,
+                                                                                      drift, columns):
+    """Each drift kind the generator has, in a block of 3 hours (what the monitor sees between two of
+    its runs), against the levels of the reference's 3-hour windows."""
+    day = _after_training(_batch("2026-10-13", drift=drift))
+    hours = pd.to_datetime(day[load_spec().timestamp], utc=True).dt.hour
     with model_server(env) as url:
-        predict_rows(url, _after_training(_batch("2026-10-13", drift=drift)))
+        predict_rows(url, day[(hours >= 12) & (hours < 15)])
     flagged = _monitor(env)
     assert columns <= set(flagged["drifting"]), flagged
     assert "retrain warranted" in flagged["reason"] and f"{sorted(columns)[0]} PSI" in flagged["reason"], flagged
