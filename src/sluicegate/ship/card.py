@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from sluicegate.ship.gates import GateDecision
+from dataclasses import fields
+
+from sluicegate.hardware import Hardware
+from sluicegate.ship.gates import GateDecision, VariantReport
 
 
 def render(name: str, version: str, tags: dict, evidence: dict, decision: GateDecision) -> str:
@@ -76,9 +79,11 @@ def render(name: str, version: str, tags: dict, evidence: dict, decision: GateDe
 def _hardware_line(evidence: dict) -> str:
     """Where the figures were measured: the session's provider, the device and the onnxruntime build."""
     hw, shipped = evidence.get("hardware") or {}, evidence["shipped"]
-    return (f"Measured on {shipped.get('provider', hw.get('provider', '?'))} "
-            f"({shipped.get('device') or hw.get('device') or 'device not recorded'}; "
-            f"{shipped.get('onnxruntime') or hw.get('onnxruntime') or 'onnxruntime build not recorded'}), "
+    ran = VariantReport(**{f.name: shipped[f.name] for f in fields(VariantReport) if f.name in shipped})
+    recorded = Hardware(**{f.name: hw[f.name] for f in fields(Hardware) if f.name in hw}) if hw else None
+    return (f"Measured on {ran.provider or (recorded.provider if recorded else '?')} "
+            f"({ran.device or (recorded.device if recorded else '') or 'device not recorded'}; "
+            f"{ran.onnxruntime or (recorded.onnxruntime if recorded else '') or 'onnxruntime build not recorded'}), "
             f"target `{hw.get('target', '?')}`, priced as `{hw.get('profile', '?')}` at "
             f"${hw.get('price_per_hour', float('nan')):.4g}/h.")
 

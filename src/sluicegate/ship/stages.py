@@ -126,7 +126,7 @@ def benchmark_rows(benches: list[VariantBenchmark], price_per_hour: float) -> li
     """Every scenario of every variant as a table row, with its cost per 1M predictions."""
     return [{**s.to_dict(), "model_bytes": bench.model_bytes, "memory_mb": round(bench.memory_mb, 2),
              "cost_per_million": benchmark.cost_per_million(s.samples_per_s, price_per_hour),
-             "device": bench.device, "onnxruntime": bench.onnxruntime}
+             "ran_on": bench.device, "onnxruntime": bench.onnxruntime}
             for bench in benches for s in bench.scenarios]
 
 
