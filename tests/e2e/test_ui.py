@@ -66,7 +66,7 @@ def stack(tmp_path_factory):
     # policy: a lenient one (through make up's worker) lets this UI run complete; model quality is not the point.
     policy = yaml.safe_load((REPO / "gates.yaml").read_text())
     policy.update(min_pr_auc=0.0, max_ece=1.0, max_robustness_drop=1.0, max_behaviour_violation_rate=1.0,
-                  latency_slo_p99_ms=1000.0)
+                  latency_slo_p99_ms=1000.0, min_lift_over_baseline=None)
     gates = home.parent / "gates.yaml"
     gates.write_text(yaml.safe_dump(policy))
     env = {**os.environ, "SLUICEGATE_HOME": str(home), "SLUICEGATE_GATES_PATH": str(gates),
