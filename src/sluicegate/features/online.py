@@ -21,6 +21,7 @@ import json
 import sqlite3
 import threading
 import uuid
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -265,37 +266,46 @@ def _number(value) -> float:
 
 # ---------------------------------------------------------------- state backends
 
-class EventState:
-    """Where the events live. `transaction` makes read-then-write one step for every process."""
+class EventState(ABC):
+    """Where the events live (SQLite or Redis below). `transaction` makes read-then-write one step for
+    every process."""
 
+    @abstractmethod
     def transaction(self):
-        raise NotImplementedError
+        """A context manager: one atomic step for every process sharing the state."""
 
+    @abstractmethod
     def read(self, wanted: dict[tuple[str, str], list[str]]) -> dict[tuple[str, str], History]:
         """Each (entity, key)'s events; `wanted` also names the ids the batch carries for it."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def write(self, fresh: dict[tuple[str, str], tuple[History, list[Event]]], reach: int) -> None:
         """Each changed key's history (after the batch's events were added) and those new events."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def set_labels(self, labels: dict[str, float]) -> int:
-        raise NotImplementedError
+        """Labels (event id -> 1.0 / 0.0) onto the held events; how many (entity, event) rows took one."""
 
+    @abstractmethod
     def replace_days(self, days: list[int], table: pd.DataFrame) -> None:
         """Delete every event of `days` (UTC day numbers), then add `table` (`OnlineFeatures.event_table`);
         in transactions of its own."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def expire(self, reach: int) -> None:
         """Drop events older than `reach` behind the newest one."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def stats(self) -> dict[str, float]:
-        raise NotImplementedError
+        """Events (per entity) and entity keys held."""
 
+    @abstractmethod
     def close(self) -> None:
-        pass
+        """Release connections and threads."""
 
 
 class SqliteEventState(EventState):
@@ -624,6 +634,9 @@ return 1
 
     def expire(self, reach):
         """Each key expires on its own (PEXPIRE at every add): nothing to sweep."""
+
+    def close(self):
+        self.redis.close()
 
     def stats(self):
         sets = [n for n in self.redis.scan_iter(match=f"{self.prefix}:set:*", count=1000)
