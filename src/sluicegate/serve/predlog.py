@@ -80,6 +80,7 @@ class Record:
     probabilities: np.ndarray
     features: dict
     threshold: float | None = None
+    expand: dict[str, list[str]] | None = None  # the 2-D features' column names, when not the log's own
 
 
 class PredictionLog:
@@ -161,13 +162,14 @@ class PredictionLog:
         return records
 
     def _convert(self, records: list[Record], pending: dict[str, list[pa.Table]]) -> None:
-        by_endpoint: dict[str, list[Record]] = {}
+        by_endpoint: dict[tuple, list[Record]] = {}
         for record in records:
             if sum(record.rows) != len(record.probabilities):
                 self._lost([record], record.endpoint, ValueError("request row counts do not add up to the rows"))
                 continue
-            by_endpoint.setdefault(record.endpoint, []).append(record)
-        for endpoint, group in by_endpoint.items():
+            # Records of one table share their columns: a champion with another input contract starts another.
+            by_endpoint.setdefault((record.endpoint, *record.features, repr(record.expand)), []).append(record)
+        for (endpoint, *_), group in by_endpoint.items():
             try:
                 table = self._table(group)
             except Exception as exc:  # these records cannot become a table: retrying would not help
@@ -262,7 +264,8 @@ class PredictionLog:
             values = [r.features[name] for r in records]
             if isinstance(values[0], np.ndarray) and values[0].ndim == 2:
                 block = np.concatenate(values)
-                for j, column in enumerate(self.expand.get(name) or [f"{name}_{j}" for j in range(block.shape[1])]):
+                names = (records[0].expand or self.expand).get(name)
+                for j, column in enumerate(names or [f"{name}_{j}" for j in range(block.shape[1])]):
                     columns[column] = block[:, j]
             elif isinstance(values[0], np.ndarray):
                 columns[_field_column(name)] = np.concatenate(values)

@@ -65,3 +65,17 @@ def test_a_field_named_like_a_log_column_is_kept_beside_it_and_read_back_under_i
     read = read_prediction_log(tmp_path).frame
     assert read["ts"].tolist() == ["2018-10-30T18:08:43.152000+00:00"] and read["probability"].tolist() == [3]
     assert read["score"].tolist() == pytest.approx([0.2]) and read["logged_at"].dt.year.tolist() == [2023]
+
+
+def test_records_of_two_input_contracts_in_one_flush_are_both_logged_under_their_own_columns(tmp_path):
+    """A champion with another input contract takes over between two flushes' records."""
+
+    def call(version, width, expand):
+        return Record("predict", 1.7e9, "m", version, ["r"], [0.5], [1], np.array([0.4], np.float32),
+                      {"numeric": np.ones((1, width), np.float32)}, 0.5, {"numeric": expand})
+
+    log = _closed_log(tmp_path, [call("1", 2, ["input.a", "input.b"]), call("2", 1, ["input.c"])])
+    frame = pd.read_parquet(tmp_path / "predict").set_index("model_version")
+    assert log.unlogged == 0 and len(frame) == 2
+    assert frame.loc["1", ["input.a", "input.b"]].tolist() == [1.0, 1.0] and pd.isna(frame.loc["1", "input.c"])
+    assert frame.loc["2", "input.c"] == 1.0 and pd.isna(frame.loc["2", "input.a"])
