@@ -362,6 +362,7 @@ def labels_cmd(
 
     from sluicegate.operate import labels as lab
     from sluicegate.operate.monitor import read_prediction_log
+    from sluicegate.serve.privacy import pseudonyms
 
     settings = _settings(spec)
     paths = _home(settings)
@@ -382,7 +383,8 @@ def labels_cmd(
             champion = registry.version_by_alias(registry.configure(settings), settings.model_name,
                                                  registry.CHAMPION)
         threshold = float(champion.tags.get("threshold", 0.5)) if champion is not None else 0.5
-    known, quarantined = lab.read_labels(paths.labels, settings.spec, paths.quarantine)
+    known, quarantined = lab.read_labels(paths.labels, settings.spec, paths.quarantine,
+                                         pseudonyms(settings.spec, paths))
     read = read_prediction_log(paths.predictions, None, paths.quarantine / "predictions")
     log = read.frame
     for item in quarantined:

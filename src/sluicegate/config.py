@@ -142,6 +142,11 @@ class HomePaths:
         return self.root / "locks"
 
     @property
+    def pii_key(self) -> Path:
+        """The home's secret key for hashing personal data (`serve.privacy`): one for every table."""
+        return self.root / "pii.key"
+
+    @property
     def monitoring(self) -> Path:
         return self.own / "monitoring"
 

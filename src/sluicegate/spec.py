@@ -18,7 +18,7 @@ from typing import Literal
 
 import pandas as pd
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 DEFAULT_SPEC_PATH = Path(__file__).with_name("dataset.yaml")
 SPEC_VERSION = 1
@@ -49,6 +49,7 @@ class Column(_Strict):
     min: float | None = None
     max: float | None = None
     categories: list[str | int | bool] | None = None
+    pii: bool = Field(False, description="Personal data: the prediction log stores it hashed")
 
     @property
     def may_be_null(self) -> bool:
@@ -68,6 +69,7 @@ class Table(_Strict):
     task: str = "binary"
     label_rate: tuple[float, float] = Field((0.0, 1.0), description="Positive share a healthy batch has")
     label_delay: str = Field("0s", description="How long after an event its label is known")
+    retention: str | None = Field(None, description="How long predictions and labels are kept; absent: forever")
 
     @field_validator("task")
     @classmethod
@@ -76,11 +78,20 @@ class Table(_Strict):
             raise ValueError(f"task {task!r} is not supported yet; only 'binary' classification is")
         return task
 
-    @field_validator("label_delay")
+    @field_validator("label_delay", "retention")
     @classmethod
-    def _duration(cls, value: str) -> str:
-        duration(value, "table.label_delay")
+    def _duration(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            duration(value, f"table.{info.field_name}")
         return value
+
+    @model_validator(mode="after")
+    def _retention(self) -> Table:
+        # Predictions deleted before their labels can arrive could never be measured.
+        if self.retention is not None and pd.Timedelta(self.retention) <= pd.Timedelta(self.label_delay):
+            raise ValueError(f"table.retention: {self.retention!r} must be longer than table.label_delay "
+                             f"{self.label_delay!r}, or no label would ever meet its prediction")
+        return self
 
     @field_validator("label_rate")
     @classmethod
@@ -261,6 +272,16 @@ class DatasetSpec(_Strict):
         return duration(self.table.label_delay, "table.label_delay")
 
     @property
+    def retention(self) -> pd.Timedelta | None:
+        """How long predictions and labels are kept; None: forever."""
+        return None if self.table.retention is None else duration(self.table.retention, "table.retention")
+
+    @property
+    def pii_columns(self) -> list[str]:
+        """Columns of personal data: the prediction log never holds their raw values."""
+        return [name for name, col in self.columns.items() if col.pii]
+
+    @property
     def registered_model(self) -> str:
         return self.model_name or self.name
 
@@ -355,6 +376,9 @@ def _check_references(spec: DatasetSpec) -> None:
     need(table.label, "table.label")
     need(table.id, "table.id", ("string", "int64"))
     need(table.timestamp, "table.timestamp", ("timestamp",))
+    if table.timestamp and cols[table.timestamp].pii:
+        raise ValueError(f"columns.{table.timestamp}.pii: the event time (table.timestamp) cannot be hashed: "
+                         "features, windows and the monitor read it")
     label = cols[table.label]
     if label.categories is not None and len(label.categories) != 2:
         raise ValueError(f"table.label: {table.label!r} declares {len(label.categories)} categories "

@@ -3,7 +3,8 @@
 
 The shapes cover the spec's grammar: an int, a string or no id; a timestamp (sent with and without
 fractions of seconds, with and without a zone, in another zone) or none; bool, integer and string
-categories; a nullable numeric sent as null. One small champion per shape (the stage functions, no
+categories; a nullable numeric sent as null; personal data (`pii: true` on the id, a category and a
+number), which the log holds only as tokens or not at all. One small champion per shape (the stage functions, no
 Prefect), shared by the shape's tests; nothing is written to a log by hand.
 """
 
@@ -35,7 +36,9 @@ SHAPES = {  # name: (id kind, timestamp)
     "int-id-timed": ("int", True),
     "string-id-timed": ("string", True),
     "no-id-no-timestamp": ("absent", False),
+    "pii-string-id-timed": ("string", True),
 }
+PII = ("id", "region", "income")  # marked pii in the shapes named pii-*: hashed, hashed, left out
 
 
 def loans(rows: int, id_kind: str, timed: bool, seed: int, start: pd.Timestamp) -> pd.DataFrame:
@@ -60,7 +63,7 @@ def loans(rows: int, id_kind: str, timed: bool, seed: int, start: pd.Timestamp) 
     return frame
 
 
-def loan_spec(name: str, id_kind: str, timed: bool) -> dict:
+def loan_spec(name: str, id_kind: str, timed: bool, pii: bool = False) -> dict:
     columns = {"term": {"dtype": "int64", "categories": CATEGORIES["term"]}, "repaid_before": {"dtype": "bool"},
                "region": {"dtype": "string", "categories": CATEGORIES["region"]},
                "loan_amount": {"dtype": "float64", "nullable": True, "min": 0},
@@ -70,6 +73,8 @@ def loan_spec(name: str, id_kind: str, timed: bool) -> dict:
         columns, table["timestamp"] = {"ts": {"dtype": "timestamp"}, **columns}, "ts"
     if id_kind != "absent":
         columns, table["id"] = {"id": {"dtype": "int64" if id_kind == "int" else "string"}, **columns}, "id"
+    for column in PII if pii else ():
+        columns[column]["pii"] = True
     return {"spec_version": 1, "name": name, "table": table, "columns": columns,
             "features": {"numeric": ["loan_amount", "income"], "categorical": ["term", "repaid_before", "region"]}}
 
@@ -117,7 +122,7 @@ def shape(request, env) -> dict:
     id_kind, timed = SHAPES[name]
     work = Path(env["WORK"])
     spec_path = work / f"{name}.spec.yaml"
-    spec_path.write_text(yaml.safe_dump(loan_spec(name, id_kind, timed)))
+    spec_path.write_text(yaml.safe_dump(loan_spec(name, id_kind, timed, pii=name.startswith("pii-"))))
     table = work / f"{name}.parquet"
     loans(TRAIN_ROWS, id_kind, timed, seed=1, start=START).to_parquet(table)
     saved = {k: os.environ.get(k) for k in ("SLUICEGATE_HOME", "SLUICEGATE_GATES_PATH")}
@@ -127,7 +132,7 @@ def shape(request, env) -> dict:
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    return {"name": name, "id": id_kind, "timed": timed, "spec": spec_path,
+    return {"name": name, "id": id_kind, "timed": timed, "spec": spec_path, "pii": name.startswith("pii-"),
             "env": {**env, "SLUICEGATE_SPEC_PATH": str(spec_path)}}
 
 
@@ -159,7 +164,8 @@ def served(shape) -> dict:
     from sluicegate.operate.monitor import read_prediction_log
 
     log = read_prediction_log(settings.paths.predictions).frame  # as the monitor reads it
-    return {"traffic": traffic, "bodies": bodies, "log": log, "live": live, "metrics": metrics}
+    return {"traffic": traffic, "bodies": bodies, "log": log, "live": live, "metrics": metrics,
+            "settings": settings}
 
 
 def test_every_answered_row_is_logged_with_its_id_and_instant(shape, served):
@@ -168,6 +174,10 @@ def test_every_answered_row_is_logged_with_its_id_and_instant(shape, served):
     assert "degraded" not in served["live"], served["live"]
     assert "sluicegate_prediction_log_dropped_total 0.0" in served["metrics"]
     expected_ids = [None] * len(traffic) if shape["id"] == "absent" else traffic["id"].astype(str).tolist()
+    if shape["pii"]:  # the id the caller sent, as its token
+        from sluicegate.serve.privacy import pseudonyms
+
+        expected_ids = pseudonyms(served["settings"].spec, served["settings"].paths).tokens(expected_ids)
     assert sorted(log["request_id"].tolist(), key=str) == sorted(expected_ids, key=str)
     assert log["loan_amount"].isna().sum() == traffic["loan_amount"].isna().sum() > 0
     if shape["timed"]:  # every way of writing an instant is the same instant once read
@@ -177,12 +187,33 @@ def test_every_answered_row_is_logged_with_its_id_and_instant(shape, served):
         assert utc_times(log["ts"]).sort_values().tolist() == sent
 
 
+def test_personal_data_is_in_no_file_of_the_log(shape, served):
+    if not shape["pii"]:
+        pytest.skip("this shape declares no personal data")
+    traffic, log, settings = served["traffic"], served["log"], served["settings"]
+    from sluicegate.serve.privacy import pseudonyms
+
+    tokens = pseudonyms(settings.spec, settings.paths)
+    assert sorted(log["region"]) == sorted(tokens.tokens(traffic["region"]))  # one token per region
+    assert log["region"].nunique() == traffic["region"].nunique()
+    assert not {"income", "input.income", "input.region"} & set(log.columns)
+    files = [p for p in settings.paths.predictions.rglob("*") if p.is_file()]
+    assert files
+    for path in files:
+        data = path.read_bytes()
+        assert not [i for i in traffic["id"] if i.encode() in data], path
+        assert not [r for r in CATEGORIES["region"] if r.encode() in data], path
+        assert not [v for v in traffic["income"] if np.float64(v).tobytes() in data], path
+
+
 def _instant(text: str) -> pd.Timestamp:
     when = pd.Timestamp(text)
     return when.tz_localize("UTC") if when.tzinfo is None else when.tz_convert("UTC")
 
 
 def test_monitor_reads_the_log_of_any_shape(shape, served):
+    if shape["pii"]:  # passes (quality_passed with pii columns, drift on region's tokens); kept out for time
+        pytest.skip("the monitor through Prefect costs ~35 s per shape; the pii shape proves the log and the labels")
     out = sluicegate("monitor", "--no-trigger", "--spec", str(shape["spec"]), env=shape["env"])
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["status"] == "checked" and report["rows"] == TRAFFIC_ROWS, report

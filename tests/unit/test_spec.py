@@ -93,3 +93,31 @@ def test_a_ratio_of_an_unknown_value_is_named():
     raw = _raw()
     raw["features"]["ratios"][0]["denominator"] = "usual"
     assert "features.ratios[0].denominator: 'usual' is neither a numeric column nor a feature" in _error(raw)
+
+
+def test_pii_and_retention_are_read_and_default_to_none():
+    spec = load_spec()
+    assert spec.pii_columns == [] and spec.retention is None
+    raw = _raw()
+    raw["columns"]["customer_id"]["pii"] = True
+    raw["table"]["retention"] = "90d"
+    spec = parse_spec(raw)
+    assert spec.pii_columns == ["customer_id"] and spec.retention.days == 90
+
+
+def test_a_bad_pii_or_retention_value_names_its_key():
+    raw = _raw()
+    raw["columns"]["country"]["pii"] = "maybe"
+    assert "columns.country.pii: " in _error(raw)
+    raw = _raw()
+    raw["table"]["retention"] = "a while"
+    assert "table.retention: table.retention: 'a while' is not a duration" in _error(raw)
+    raw = _raw()
+    raw["table"]["retention"] = "12h"  # the example's labels arrive after a day
+    assert "table.retention: '12h' must be longer than table.label_delay '1d'" in _error(raw)
+
+
+def test_the_event_time_cannot_be_pii():
+    raw = _raw()
+    raw["columns"]["event_timestamp"]["pii"] = True
+    assert "columns.event_timestamp.pii: the event time (table.timestamp) cannot be hashed" in _error(raw)

@@ -1,5 +1,6 @@
 """monitor, in the order it runs:
 
+0. retention: predictions and labels older than the spec's `table.retention` are deleted
 1. read the prediction log since the last run (the watermark lives under SLUICEGATE_HOME/monitoring)
 2. reference: the champion's training window, binned once per champion version
 3. check: drift (PSI, chi-square, the score's PSI) against alert levels calibrated on reference
@@ -87,6 +88,11 @@ def trigger_retrain(settings: Settings, params: MonitorParams, decision) -> str:
     return str(run.id)
 
 
+@task(name="apply-retention", cache_policy=NO_CACHE)
+def apply_retention(settings: Settings) -> operate.RetentionOutcome:
+    return operate.retention_stage(settings, load_spec(settings.spec_path))
+
+
 @task(name="check-traffic", cache_policy=NO_CACHE)
 def check_traffic(settings: Settings, params: MonitorParams, thresholds) -> operate.MonitorOutcome:
     trigger = PrefectTrigger(settings, params) if params.trigger else None
@@ -112,8 +118,12 @@ def monitor(params: MonitorParams | None = None) -> dict:
     settings = Settings()
     ensure_home(settings.paths)
     thresholds = load_policy(settings.gates_path).drift  # read once; a broken policy fails before any work
+    # Before the check: what the spec says may no longer be kept is neither kept nor read.
+    kept = apply_retention(settings)
+    get_run_logger().info(kept.summary())
     outcome = check_traffic(settings, params, thresholds)
     get_run_logger().info(outcome.summary())
+    result = outcome.to_dict() | {"retention": kept.to_dict()}
     if outcome.report is None:
-        return outcome.to_dict()
-    return outcome.to_dict() | {"mlflow_run_id": publish(settings, outcome, thresholds)}
+        return result
+    return result | {"mlflow_run_id": publish(settings, outcome, thresholds)}

@@ -13,6 +13,10 @@ label became known). The date and the timestamp are those of the import (`now`),
 8 hex digits of the imported file's SHA-256. Files are written to a temporary name and renamed, so a
 reader never sees half a file. A file under `labels/` that cannot be read, or lacks the id or label
 column, is moved to `quarantine/labels/` with a `.reason.txt` beside it by `read_labels`.
+
+When the spec's id is personal data (`pii: true`), the prediction log holds its token (`serve.privacy`):
+`read_labels` returns each label's id as the same token, so labels meet their predictions by token.
+The files keep the id as imported (the operator's own data; `table.retention` deletes them).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import pandas as pd
 
 from sluicegate.data.batches import quarantine_file
 from sluicegate.runtime import sha256_file
+from sluicegate.serve.privacy import Pseudonyms
 from sluicegate.spec import DatasetSpec, duration
 
 LABELLED_AT = "labelled_at"
@@ -208,15 +213,20 @@ def _quarantine(path: Path, labels_dir: Path, quarantine_dir: Path, reason: str)
     return quarantine_file(path, Path(quarantine_dir) / QUARANTINE_FOLDER / base, reason)
 
 
-def read_labels(labels_dir: Path, spec: DatasetSpec,
-                quarantine_dir: Path) -> tuple[pd.DataFrame, list[QuarantinedFile]]:
+def read_labels(labels_dir: Path, spec: DatasetSpec, quarantine_dir: Path,
+                tokens: Pseudonyms | None = None) -> tuple[pd.DataFrame, list[QuarantinedFile]]:
     """Every label file (`**/*.parquet`) under labels_dir, as one frame of id, label and `labelled_at`
     (a file without `labelled_at`: its modification time).
 
     A file that cannot be read, or lacks the id or label column, is moved to
     `quarantine_dir/labels/` with `<name>.reason.txt` beside it, and returned in the list: no file is
-    skipped silently. Rows are all returned; `live_performance` keeps the newest label of an id.
+    skipped silently. Rows are all returned; `live_performance` keeps the newest label of an id. A pii
+    id is returned as its token under `tokens` (the home's, `serve.privacy.pseudonyms`), as the log has it.
     """
+    hashed = spec.table.id in spec.pii_columns
+    if hashed and tokens is None:
+        raise ValueError(f"columns.{spec.id}.pii: the id is personal data, so labels meet predictions by its "
+                         "token: read_labels needs the home's tokens")
     labels_dir, quarantine_dir = Path(labels_dir), Path(quarantine_dir)
     frames, quarantined = [], []
     for path in sorted(labels_dir.rglob("*.parquet")) if labels_dir.exists() else []:
@@ -233,6 +243,8 @@ def read_labels(labels_dir: Path, spec: DatasetSpec,
                     frame[LABELLED_AT] = pd.Timestamp(path.stat().st_mtime, unit="s", tz="UTC")
                 frame = frame[[spec.id, spec.label, LABELLED_AT]].copy()
                 frame[LABELLED_AT] = utc_times(frame[LABELLED_AT])
+                if hashed:
+                    frame[spec.id] = pd.Series(tokens.tokens(frame[spec.id]), index=frame.index, dtype="string")
                 frames.append(frame)
                 continue
             reason = f"lacks the column(s) {lacking} (has {list(frame.columns)})"

@@ -1,5 +1,5 @@
 """The operating phase's entry points: the champion's reference profile, the monitor's check of
-logged traffic (drift, data quality, live metrics) and the retrain window.
+logged traffic (drift, data quality, live metrics), retention and the retrain window.
 
 Plain functions; `flows/monitor.py` and `flows/retrain.py` wire them to Prefect and MLflow.
 """
@@ -24,9 +24,11 @@ from sluicegate.data import batches as data
 from sluicegate.data import validate as validation
 from sluicegate.features import retrieval
 from sluicegate.features.inputs import build_model_input, python_features
-from sluicegate.operate import estimate, ingest, labels, retrains, steady
+from sluicegate.operate import estimate, ingest, labels, retention, retrains, steady
 from sluicegate.operate import monitor as mon
+from sluicegate.operate.retention import RetentionOutcome
 from sluicegate.policy import DriftThresholds
+from sluicegate.serve import privacy
 from sluicegate.serve.predlog import compact_hours
 from sluicegate.ship import registry
 from sluicegate.spec import DatasetSpec
@@ -69,7 +71,8 @@ def data_quality(log: pd.DataFrame, spec: DatasetSpec, context_root: Path) -> tu
         end = (ts.max() if len(ts) else start) + pd.Timedelta(seconds=1)
     report = validation.validate_batch(frame, spec, f"live-{datetime.now(UTC):%Y%m%dT%H%M%S}", start, end,
                                        context_root)
-    failures = mon.quality_failures(report.failures, log, spec)
+    unreadable = set(privacy.unreadable_columns(spec))  # pii left out of the log, or tokens of open values
+    failures = mon.quality_failures([f for f in report.failures if f.column not in unreadable], log, spec)
     return not failures, failures
 
 
@@ -81,7 +84,8 @@ def check_traffic(settings: Settings, spec: DatasetSpec, thresholds: DriftThresh
     report = mon.drift_report(log, profile, thresholds, since, mon.event_window(log, spec))
     report.quality_passed, report.quality_failures = data_quality(log, spec, context_root)
     threshold = float(champion.tags.get("threshold", 0.5))
-    known, unread = labels.read_labels(settings.paths.labels, spec, settings.paths.quarantine)
+    known, unread = labels.read_labels(settings.paths.labels, spec, settings.paths.quarantine,
+                                       privacy.pseudonyms(spec, settings.paths))
     report.quarantined += [str(q.path) for q in unread]
     now = datetime.now(UTC)
     report.live = labels.live_performance(log, known, spec, threshold, now)
@@ -128,6 +132,13 @@ def _reference_or_none(settings: Settings, spec: DatasetSpec, client: MlflowClie
         return reference_profile(settings, spec, client, version)
     except Exception:  # its training batch is gone: estimated without its band
         return None
+
+
+def retention_stage(settings: Settings, spec: DatasetSpec, now: datetime | None = None) -> RetentionOutcome:
+    """Predictions and labels older than the spec's `table.retention` deleted (nothing without one)."""
+    paths = settings.paths
+    return retention.apply_retention(paths.predictions, paths.labels, paths.quarantine, spec.retention,
+                                     now or datetime.now(UTC))
 
 
 def retrain_window(settings: Settings, days: int) -> ingest.Window:
@@ -183,8 +194,9 @@ def monitor_stage(settings: Settings, spec: DatasetSpec, thresholds: DriftThresh
     with mon.locked_state(settings.paths.monitoring / "state.json") as state:
         since = pd.Timestamp(state.last_run_at) if state.last_run_at else None
         compact_hours(settings.paths.predictions, time.time())
-        read = mon.read_prediction_log(settings.paths.predictions, since, settings.paths.quarantine / "predictions")
-        log = read.frame
+        read = mon.read_prediction_log(settings.paths.predictions, since,
+                                       settings.paths.quarantine / retention.PREDICTIONS_QUARANTINE)
+        log = privacy.categories_from_tokens(read.frame, spec, privacy.pseudonyms(spec, settings.paths))
         unlogged = _unlogged(settings, state)
         if log.empty:
             return _nothing_logged(since, unlogged, read.quarantined)

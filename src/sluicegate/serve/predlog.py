@@ -27,6 +27,10 @@ Every row holds the model's inputs under `input.<name>` (the numeric tensor's co
 transforms, the categorical codes), so the monitor compares what the model saw with what it saw in
 training; /predict rows also hold the request's raw columns and the online features.
 
+Personal data (a spec's `pii: true` columns, `serve.privacy`): a record is redacted as the writer
+drains it, before any conversion, so neither the parquet files, the dead-letter folder nor an error
+message holds a raw value.
+
 Read it back with `pandas.read_parquet(<table>/predictions/v2)`.
 """
 
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import calendar
 import contextlib
+import dataclasses
 import json
 import logging
 import threading
@@ -42,10 +47,14 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    from sluicegate.serve.privacy import LogRedactor
 
 log = logging.getLogger("sluicegate.serve")
 
@@ -86,7 +95,8 @@ class Record:
 class PredictionLog:
     def __init__(self, folder: Path, max_queue: int, flush_seconds: float = 5.0, flush_rows: int = 100_000,
                  expand: dict[str, list[str]] | None = None, on_drop: Callable[[int], None] | None = None,
-                 on_error: Callable[[], None] | None = None):
+                 on_error: Callable[[], None] | None = None, redact: LogRedactor | None = None,
+                 clock: Callable[[], float] = time.time):
         self.folder = folder
         self.max_queue = max_queue
         self.flush_seconds = flush_seconds
@@ -99,6 +109,8 @@ class PredictionLog:
         self.dead_letter = folder / DEAD_LETTER
         self._on_drop = on_drop
         self._on_error = on_error
+        self.redact = redact  # None: the spec has no personal data
+        self._clock = clock  # when a flush happens: its hour partition
         self._queue: deque[Record] = deque()
         self._stop = threading.Event()
         self._seq = 0
@@ -163,7 +175,7 @@ class PredictionLog:
 
     def _convert(self, records: list[Record], pending: dict[str, list[pa.Table]]) -> None:
         by_endpoint: dict[tuple, list[Record]] = {}
-        for record in records:
+        for record in self._private(records):
             if sum(record.rows) != len(record.probabilities):
                 self._lost([record], record.endpoint, ValueError("request row counts do not add up to the rows"))
                 continue
@@ -172,10 +184,26 @@ class PredictionLog:
         for (endpoint, *_), group in by_endpoint.items():
             try:
                 table = self._table(group)
+                if self.redact is not None:
+                    table = self.redact.table(table)
             except Exception as exc:  # these records cannot become a table: retrying would not help
                 self._lost(group, endpoint, exc)
                 continue
             pending.setdefault(endpoint, []).append(table)
+
+    def _private(self, records: list[Record]) -> list[Record]:
+        """The records with their personal data hashed or left out; one that cannot be is dead-lettered
+        without its ids and fields, never as it came."""
+        if self.redact is None:
+            return records
+        kept = []
+        for record in records:
+            try:
+                kept.append(self.redact.record(record))
+            except Exception as exc:
+                bare = dataclasses.replace(record, request_ids=[None] * len(record.request_ids), features={})
+                self._lost([bare], record.endpoint, exc)
+        return kept
 
     def _lost(self, records: list[Record], endpoint: str, exc: Exception) -> None:
         """Records that cannot become a table: to the dead-letter folder, counted and shown in `error`."""
@@ -186,7 +214,7 @@ class PredictionLog:
         if self._on_error:
             self._on_error()
         try:
-            path = write_dead_letter(self.dead_letter, records, self.unlogged_error)
+            path = write_dead_letter(self.dead_letter, records, self.unlogged_error, self.redact)
         except Exception as dead:  # the log must never take the server down
             log.error("prediction log: lost %d %s rows: %s; the dead-letter write failed too: %s",
                       rows, endpoint, exc, dead)
@@ -207,7 +235,7 @@ class PredictionLog:
             try:
                 # Chunks converted apart may type a column differently (all null, int then float).
                 table = concat(tables)
-                folder = self.folder / endpoint / hour_partition(time.time())
+                folder = self.folder / endpoint / hour_partition(self._clock())
                 folder.mkdir(parents=True, exist_ok=True)
                 self._seq += 1
                 final = folder / f"part-{time.time_ns()}-{self._seq:06d}.parquet"
@@ -317,14 +345,18 @@ def _as_text(table: pa.Table, names: set[str]) -> pa.Table:
     return table
 
 
-def write_dead_letter(folder: Path, records: list[Record], reason: str) -> Path:
-    """The records as JSON lines (one per record, any value as text where JSON has no type for it)."""
+def write_dead_letter(folder: Path, records: list[Record], reason: str, redact: LogRedactor | None = None) -> Path:
+    """The records as JSON lines (one per record, any value as text where JSON has no type for it); with
+    `redact`, of records already redacted, a tensor holding a pii input is withheld."""
     folder.mkdir(parents=True, exist_ok=True)
     name = f"dead-{time.time_ns()}.jsonl"
     tmp, final = folder / f".{name}.tmp", folder / name
     with tmp.open("w") as out:
         for r in records:
-            out.write(json.dumps(dead_letter_line(r, reason), default=_json_value) + "\n")
+            line = dead_letter_line(r, reason)
+            if redact is not None:
+                line["features"] = redact.dead_letter(line["features"])
+            out.write(json.dumps(line, default=_json_value) + "\n")
     tmp.rename(final)
     return final
 

@@ -15,7 +15,7 @@ from sluicegate.features import catalog
 from sluicegate.features.inputs import cardinalities, logged_inputs, numeric_inputs, tensor_widths
 from sluicegate.features.online import OnlineFeatures, open_state
 from sluicegate.serve import predict as business
-from sluicegate.serve import v2
+from sluicegate.serve import privacy, v2
 from sluicegate.serve.batcher import MicroBatcher
 from sluicegate.serve.errors import Unavailable
 from sluicegate.serve.metrics import Metrics
@@ -60,7 +60,7 @@ class ServedModel:
         if self.serve.log_predictions:
             self.predlog = PredictionLog(
                 self.settings.paths.predictions, self.serve.log_queue_size, self.serve.log_flush_s,
-                expand=logged_inputs(self.spec),
+                expand=logged_inputs(self.spec), redact=privacy.log_redactor(self.settings.spec, self.settings.paths),
                 on_drop=self.metrics.log_dropped.inc, on_error=self.metrics.log_write_errors.inc)
         await self.refresh()
         self.v2_batcher.start()

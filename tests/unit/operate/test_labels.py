@@ -249,3 +249,33 @@ def test_cli_report_prints_live_figures_per_maturity_and_the_estimate(tmp_path, 
     report = json.loads(result.output.strip().splitlines()[-1])
     assert report["live"]["labelled"] == 4 and report["estimate"]["rows"] == 4
     assert report["quarantined"] == [str(paths.quarantine / "predictions" / "v2" / "p-2.parquet")]
+
+
+def test_labels_meet_their_predictions_by_token_when_the_id_is_pii(tmp_path):
+    import yaml
+
+    from sluicegate.config import HomePaths
+    from sluicegate.operate.monitor import read_prediction_log
+    from sluicegate.serve import privacy
+    from sluicegate.serve.predlog import PredictionLog, Record
+    from sluicegate.spec import DEFAULT_SPEC_PATH, parse_spec
+
+    raw = yaml.safe_load(DEFAULT_SPEC_PATH.read_text())
+    raw["columns"]["transaction_id"]["pii"] = True
+    spec = parse_spec(raw)
+    paths = HomePaths(tmp_path / "home", spec.name)
+    log = PredictionLog(paths.predictions, max_queue=10, flush_seconds=3600, redact=privacy.log_redactor(spec, paths))
+    sent = ["t-1", "t-2", 42]  # an id sent as a number meets its label written as text
+    log.put(Record("predict", (NOW - timedelta(days=2)).timestamp(), "m", "1", sent, [0.5] * 3, [1] * 3,
+                   np.array([0.9, 0.1, 0.8]), {"channel": ["pos"] * 3}, 0.5))
+    log.close()
+    logged = read_prediction_log(paths.predictions).frame
+    assert not set(logged["request_id"]) & {"t-1", "t-2", "42"}
+    source = _csv(tmp_path, pd.DataFrame({spec.id: ["t-1", "t-2", "42"], spec.label: [1, 0, 1]}))
+    lab.import_labels(source, spec, paths.labels, NOW - timedelta(hours=1))
+
+    known, _ = lab.read_labels(paths.labels, spec, paths.quarantine, privacy.pseudonyms(spec, paths))
+    perf = lab.live_performance(logged, known, spec, threshold=0.5, now=NOW)
+    assert (perf.predictions, perf.labelled, perf.positives, perf.precision, perf.recall) == (3, 3, 2, 1.0, 1.0)
+    with pytest.raises(ValueError, match="columns.transaction_id.pii: the id is personal data"):
+        lab.read_labels(paths.labels, spec, paths.quarantine)
