@@ -104,7 +104,7 @@ def _free_port() -> int:
 def state_cost(home: Path, bodies: list[str]) -> dict:
     """Microseconds per event through the online state (score and record), and bytes per entity key."""
     from sluicegate.config import Settings
-    from sluicegate.features.online import OnlineFeatures, open_state
+    from sluicegate.features.online import OnlineFeatures, open_state, state_path
 
     settings = Settings(home=home)
     spec = settings.spec
@@ -123,8 +123,8 @@ def state_cost(home: Path, bodies: list[str]) -> dict:
             live.score(part[i:i + size])
         out[f"us_per_event_batch_{size}"] = (time.perf_counter() - started) / len(part) * 1e6
     stats = state.stats()
-    db = settings.paths.feast / "online_events.db"
-    size = db.stat().st_size + sum(p.stat().st_size for p in db.parent.glob("online_events.db-wal"))
+    db = state_path(settings, settings.spec)
+    size = db.stat().st_size + sum(p.stat().st_size for p in db.parent.glob(f"{db.name}-wal"))
     out |= {"events": stats["events"], "entity_keys": stats["entity_keys"],
             "bytes_per_entity_key": size / max(1, stats["entity_keys"]),
             "events_per_entity_key": stats["events"] / max(1, stats["entity_keys"])}

@@ -244,7 +244,7 @@ def test_a_retried_request_is_answered_alike_and_counted_once(http, server, worl
             "event_timestamp": when.isoformat()}
     answers = [http.post("/predict", json=body, headers=AUTH) for _ in range(3)]
     assert {a.status_code for a in answers} == {200} and len({a.json()["probability"] for a in answers}) == 1
-    held = server.app.default._lookup.online.state.read({("customer", str(10**9 + 5)): ["retry-1"]})
+    held = server.app.default.online_state().read({("customer", str(10**9 + 5)): ["retry-1"]})
     assert len(held[("customer", str(10**9 + 5))].ts) == 1 and held[("customer", str(10**9 + 5))].holds("retry-1")
 
 
@@ -264,7 +264,7 @@ def test_predict_for_an_unseen_customer_uses_defaults(http, world):
 def test_online_store_down_gives_503_counts_nothing_then_recovers(http, server, world):
     body = {**_business(world["frame"].iloc[1]), "transaction_id": "down-1"}
     assert http.post("/predict", json=body, headers=AUTH).status_code == 200
-    state = server.app.default._lookup.online.state
+    state = server.app.default.online_state()
     before = state.stats()
 
     def down(*args, **kwargs):  # injected fault: the online store refuses connections
@@ -432,7 +432,7 @@ def test_events_scored_elsewhere_are_counted_without_scoring(http, server, world
     answer = http.post("/events", json=rows + rows[:1], headers=AUTH)  # the first resent: counted once
     assert answer.status_code == 200 and answer.json() == {"accepted": 4, "refused": []}, answer.text
     ids = [f"elsewhere-{i}" for i in range(3)]
-    held = server.app.default._lookup.online.state.read({("customer", str(customer)): ids})[("customer", str(customer))]
+    held = server.app.default.online_state().read({("customer", str(customer)): ids})[("customer", str(customer))]
     assert len(held.ts) == 3 and all(held.holds(i) for i in ids)
     bad = http.post("/events", json=[rows[0], {"transaction_id": "x"}], headers=AUTH)
     assert bad.status_code == 422 and bad.json()["error"].startswith("event 1: invalid request")

@@ -101,7 +101,7 @@ class OnlineFeatures:
         self.spec = spec
         self.state = state
         self.entities = {e: spec.entities[e].key for e in catalog.served_entities(spec)}
-        self.value_columns = sorted({a.column for a in spec.features.aggregates if a.column})
+        self.value_columns = value_columns(spec)
         self.names = [a.feature_name for a in spec.features.aggregates]
         self.reach = reach_ns(spec)
         self.delay = int(spec.label_delay.value)
@@ -657,11 +657,26 @@ class _NoTransaction:
 def open_state(settings, spec: DatasetSpec, serving: bool = False) -> EventState:
     """The table's online state: Redis when `feast_redis` is set, else SQLite under its home (`serving`:
     its checkpoints in a thread, off the requests' path)."""
-    width = len({a.column for a in spec.features.aggregates if a.column})
+    width = len(value_columns(spec))
     if settings.feast_redis:
-        return RedisEventState(redis_client(settings.feast_redis), f"sluicegate:{spec.name}:events", width,
-                               reach_ns(spec))
-    return SqliteEventState(settings.paths.feast / "online_events.db", width, background_checkpoints=serving)
+        return RedisEventState(redis_client(settings.feast_redis), f"sluicegate:{spec.name}:events:{state_key(spec)}",
+                               width, reach_ns(spec))
+    return SqliteEventState(state_path(settings, spec), width, background_checkpoints=serving)
+
+
+def value_columns(spec: DatasetSpec) -> list[str]:
+    """The columns the state keeps with each event: those some aggregate reads."""
+    return sorted({a.column for a in spec.features.aggregates if a.column})
+
+
+def state_key(spec: DatasetSpec) -> str:
+    """Names the state by the columns it keeps, so a server on one champion and a run (or a champion)
+    on a spec that aggregates other columns never share, and so never reset, one state."""
+    return hashlib.blake2b("\x1f".join(value_columns(spec)).encode(), digest_size=4).hexdigest()
+
+
+def state_path(settings, spec: DatasetSpec) -> Path:
+    return settings.paths.feast / f"online_events-{state_key(spec)}.db"
 
 
 def redis_client(connection: str):

@@ -73,9 +73,7 @@ class ServingApp:
         self.default = next(iter(self.models.values()))
         self.keys = [k.encode() for k in self.serve.keys()]
         self._poller: asyncio.Task | None = None
-        self._openapi = orjson.dumps(openapi.document(
-            [(m.spec, m.name) for m in self.models.values()], bool(self.keys),
-            metrics_secured=bool(self.keys) and self.serve.metrics_auth))
+        self._openapi: dict[tuple, bytes] = {}  # by the served contracts: /predict's schema follows the champion
         self._routes = {
             "/v2/health/live": self._live, "/v2/health/ready": self._ready, "/v2": self._server_metadata,
             "/metrics": self._metrics, "/openapi.json": self._openapi_doc, "/predict": self._predict,
@@ -254,7 +252,13 @@ class ServingApp:
 
     async def _openapi_doc(self, method, scope, receive, started) -> Answer:
         self._method(method, "GET")
-        return Answer(200, self._openapi)
+        contracts = [m.contract() for m in self.models.values()]
+        key = tuple(c.key for c in contracts)
+        if key not in self._openapi:
+            self._openapi[key] = orjson.dumps(openapi.document(
+                [(c.spec, m.name) for c, m in zip(contracts, self.models.values(), strict=True)], bool(self.keys),
+                metrics_secured=bool(self.keys) and self.serve.metrics_auth))
+        return Answer(200, self._openapi[key])
 
     # ------------------------------------------------------------------ v2 model routes
 
@@ -275,7 +279,7 @@ class ServingApp:
         self._check_version(model, version)
         if action == "ready":
             return "v2_model_ready", _json(200, {"name": model.name, "ready": True, "version": model.version})
-        return "v2_model", _json(200, v2.model_metadata(model.name, model.version, *served.widths))
+        return "v2_model", _json(200, v2.model_metadata(model.name, model.version, *served.contract_of(model).widths))
 
     @staticmethod
     def _check_version(model: LoadedModel, version: str | None) -> None:
@@ -287,7 +291,8 @@ class ServingApp:
         self._authorize(scope)
         self._check_version(served.serving(), version)
         body, header_length = await self._read_body(scope, receive)
-        request = v2.parse_infer(body, header_length, served.numeric_names, served.code_limits,
+        contract = served.contract()
+        request = v2.parse_infer(body, header_length, contract.numeric_names, contract.code_limits,
                                  self.serve.max_rows_per_request)
         request.received = started
         probs, model = await served.v2_batcher.submit(request, request.rows)
@@ -310,8 +315,9 @@ class ServingApp:
             data = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise BadRequest(f"body is not valid JSON: {exc}") from None
-        request = business.parse_predict(data, served.spec)
-        request.received = started
+        contract = served.contract()
+        request = business.parse_predict(data, contract.spec)
+        request.received, request.contract = started, contract.key
         prob, model = await served.predict_batcher.submit(request, 1)
         answer = {"id": request.id, "probability": prob, "positive": prob >= model.threshold,
                   "threshold": model.threshold, "model_name": model.name, "model_version": model.version}
@@ -338,7 +344,7 @@ class ServingApp:
         requests = []
         for i, row in enumerate(rows):
             try:
-                requests.append(business.parse_predict(row, served.spec))
+                requests.append(business.parse_predict(row, served.contract().spec))
             except BadRequest as exc:
                 raise BadRequest(f"event {i}: {exc}", exc.status, [{"event": i, **d} for d in exc.details]) from None
         refused = served.record_events(requests)

@@ -17,9 +17,12 @@ from sluicegate.ship.loader import (
     LoadedModel,
     ModelRejected,
     fetch_onnx,
+    fetch_spec,
     load_from_bytes,
     registry_client,
 )
+from sluicegate.spec import DatasetSpec
+from sluicegate.train.identity import spec_hash
 
 log = logging.getLogger("sluicegate.serve")
 
@@ -34,12 +37,17 @@ class ModelManager:
     version whose artifact could not be fetched (`FetchFailed`: MLflow, the artifact store or the
     network down) is not: `fetch_error` says why, and the next `refresh` tries it again.
 
+    Each version is served on the inputs of its own spec: the server's, when the version's `spec_hash`
+    tag names it (or predates the tag), else the spec its evidence recorded (`loader.fetch_spec`), so a
+    champion trained after a spec change, and a rollback across one, bring their own input contract.
+
     Models run on the target's execution provider (`hardware`), never on another: a target whose
     provider is not installed stops the server at start, and a session onnxruntime started on another
     provider is not swapped in (nor remembered against the version: the machine is at fault, not it).
     """
 
-    def __init__(self, settings: Settings, threads: int, providers: list[str], widths: tuple[int, int],
+    def __init__(self, settings: Settings, threads: int, providers: list[str],
+                 widths: Callable[[DatasetSpec], tuple[int, int]],
                  on_loaded: Callable[[LoadedModel], None] | None = None,
                  on_rejected: Callable[[str, str], None] | None = None):
         self.settings = settings
@@ -47,7 +55,8 @@ class ModelManager:
         self.hardware = hardware(settings)
         self.override = list(providers)  # SLUICEGATE_SERVE_PROVIDERS: empty, or the target's provider first
         self.providers = serving_providers(self.hardware, "fp32", self.override)
-        self.widths = widths
+        self.widths = widths  # a spec's tensor widths (`features.inputs.tensor_widths`)
+        self._own_hash = spec_hash(settings.spec)
         self.current: LoadedModel | None = None
         self.last_error: str | None = None
         self.fetch_error: str | None = None  # the champion's artifact could not be fetched; retried next poll
@@ -77,11 +86,13 @@ class ModelManager:
             try:
                 if not number.isdigit():  # it names folders (model repository) and metrics
                     raise ModelRejected(f"{name}: version {number!r} is not a number")
+                spec = self._spec_of(version)
                 data = fetch_onnx(self.client(), version)
                 variant = version.tags.get("variant", "")
                 model = load_from_bytes(name, number, data, version.tags.get("sha256"),
                                         version.tags.get("threshold"), variant, self.threads,
-                                        serving_providers(self.hardware, variant, self.override), self.widths)
+                                        serving_providers(self.hardware, variant, self.override), self.widths(spec))
+                model.spec = spec
                 runtime.check_session(model.session, self.hardware.provider)
             except runtime.ProviderUnavailable as exc:  # this machine's fault: not held against the version
                 self.last_error = str(exc)
@@ -108,3 +119,15 @@ class ModelManager:
             if self._on_loaded:
                 self._on_loaded(model)
             return True
+
+    def _spec_of(self, version) -> DatasetSpec:
+        tag = version.tags.get("spec_hash")
+        if tag is None or tag == self._own_hash:
+            return self.settings.spec
+        spec = fetch_spec(self.client(), version)
+        if spec_hash(spec) != tag:
+            raise ModelRejected(f"{version.name} v{version.version}: its recorded spec hashes to {spec_hash(spec)}, "
+                                f"its tag says {tag}")
+        log.warning("%s v%s reads the inputs of its own spec %s (the server was started on %s)",
+                    version.name, version.version, tag, self._own_hash)
+        return spec

@@ -30,6 +30,7 @@ class PredictRequest:
     fields: dict  # the spec's raw columns, validated, timestamp as an aware datetime
     id: str | int | None = None  # the row id, echoed back
     received: float = 0.0  # perf_counter() when the server read the request; set by the server
+    contract: str | None = None  # the model-spec hash it was read on; set by the server
 
 
 def request_schema(spec: DatasetSpec) -> dict:

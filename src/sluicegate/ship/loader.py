@@ -8,6 +8,7 @@ calls this before promotion; `serve.model` calls it on every champion it swaps i
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -23,6 +24,7 @@ from mlflow.entities.model_registry import ModelVersion
 from sluicegate.config import Settings
 from sluicegate.runtime import INPUT_NAMES, OUTPUT_NAME, available_providers
 from sluicegate.ship import registry
+from sluicegate.spec import DatasetSpec, SpecError, parse_spec
 
 log = logging.getLogger("sluicegate.serve")
 
@@ -49,6 +51,7 @@ class LoadedModel:
     sha256: str
     variant: str
     onnx_bytes: bytes = field(repr=False)
+    spec: DatasetSpec | None = field(default=None, repr=False)  # the spec whose inputs it reads (`fetch_spec`)
 
     def run(self, numeric: np.ndarray, categorical: np.ndarray) -> np.ndarray:
         out = self.session.run([OUTPUT_NAME], {INPUT_NAMES[0]: numeric, INPUT_NAMES[1]: categorical})[0]
@@ -147,3 +150,28 @@ def fetch_onnx(client: MlflowClient, version: ModelVersion) -> bytes:
     except (OSError, mlflow.exceptions.MlflowException) as exc:  # requests' errors are OSErrors too
         raise FetchFailed(f"{version.name} v{version.version}: cannot fetch the artifact: "
                           f"{type(exc).__name__}: {exc}") from exc
+
+
+def fetch_spec(client: MlflowClient, version: ModelVersion) -> DatasetSpec:
+    """The spec whose inputs the version reads, as its evaluation recorded it (`dataset.spec` in
+    `evidence/evidence.json`): a champion trained on another spec than the server's is served with its own.
+
+    FetchFailed when the evidence could not be fetched; ModelRejected when it records no usable spec.
+    """
+    where = f"{version.name} v{version.version}"
+    try:
+        with tempfile.TemporaryDirectory(prefix="sluicegate-serve-") as tmp:
+            local = client.download_artifacts(version.run_id, "evidence/evidence.json", tmp)
+            raw = json.loads(Path(local).read_text())
+    except (OSError, mlflow.exceptions.MlflowException) as exc:
+        raise FetchFailed(f"{where}: cannot fetch its evidence (for its spec): {type(exc).__name__}: {exc}") from exc
+    except ValueError as exc:
+        raise ModelRejected(f"{where}: its evidence/evidence.json is not JSON: {exc}") from exc
+    kept = (raw.get("dataset") or {}).get("spec") if isinstance(raw, dict) else None
+    if not kept:
+        raise ModelRejected(f"{where}: its evidence records no spec (dataset.spec), and it reads other inputs "
+                            "than the server's spec: cannot build its inputs")
+    try:
+        return parse_spec(kept, Path(f"{where}: evidence dataset.spec"))
+    except SpecError as exc:
+        raise ModelRejected(f"{where}: its recorded spec is not valid here: {exc}") from exc

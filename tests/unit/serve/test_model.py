@@ -37,7 +37,7 @@ def _champion(store, tmp_path, numeric: int = 3) -> str:
 
 
 def _manager(rejected: list) -> ModelManager:
-    return ModelManager(Settings(), 1, ["CPUExecutionProvider"], WIDTHS,
+    return ModelManager(Settings(), 1, ["CPUExecutionProvider"], lambda spec: WIDTHS,
                         on_rejected=lambda version, why: rejected.append((version, why)))
 
 
@@ -117,11 +117,11 @@ def test_a_server_whose_target_provider_is_missing_does_not_start(home):
     from sluicegate.runtime import ProviderUnavailable
 
     with pytest.raises(ProviderUnavailable, match="CUDAExecutionProvider is not available"):
-        ModelManager(Settings(target="cuda"), 1, [], WIDTHS)
+        ModelManager(Settings(target="cuda"), 1, [], lambda spec: WIDTHS)
 
 
 def test_the_server_serves_on_the_targets_provider(store, tmp_path):
     version = _champion(store, tmp_path)
-    manager = ModelManager(Settings(), 1, [], WIDTHS)
+    manager = ModelManager(Settings(), 1, [], lambda spec: WIDTHS)
     assert manager.refresh() and manager.current.version == version
     assert manager.current.session.get_providers()[0] == manager.hardware.provider == "CPUExecutionProvider"
