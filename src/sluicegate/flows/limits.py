@@ -1,7 +1,9 @@
-"""One training and one promotion per model at a time, whichever machine starts them.
+"""One feature build per table, one training and one promotion per model at a time, whichever
+machine starts them.
 
 - Against a Prefect server (`PREFECT_API_URL` set: `make up`, a worker, CI): Prefect global
-  concurrency limits `train-<model>` and `promote-<model>`, one slot each, created on first use
+  concurrency limits `features-<table>` (two runs on one table would write its feature files and
+  online state at once), `train-<model>` and `promote-<model>`, one slot each, created on first use
   (`prefect gcl ls` lists them; an operator may change them with `prefect gcl update`). Every
   process that talks to that server waits for the slot, on any machine.
 - Embedded (no `PREFECT_API_URL`: Prefect's temporary server lives and dies with this process, so
@@ -21,7 +23,7 @@ from contextlib import contextmanager
 
 from sluicegate.config import Settings, file_lock
 
-TRAIN, PROMOTE = "train", "promote"
+FEATURES, TRAIN, PROMOTE = "features", "train", "promote"
 SLOTS = 1
 _BANNED = re.compile(r"[/%&><]")  # characters Prefect refuses in a name
 
@@ -59,10 +61,10 @@ def ensure_limit(name: str, slots: int = SLOTS) -> bool:
 
 @contextmanager
 def one_at_a_time(kind: str, settings: Settings) -> Iterator[str]:
-    """Hold the `<kind>-<model>` slot (or, embedded, its file lock) for the body; yields its name.
-    `concurrency(strict=True)`: with Prefect 3.8's default (strict=False) a missing limit is skipped
-    with a warning, and nothing would be serialized."""
-    name = limit_name(kind, settings.model_name)
+    """Hold the `<kind>-<model>` slot (`features-<table>` for FEATURES) or, embedded, its file lock,
+    for the body; yields its name. `concurrency(strict=True)`: with Prefect 3.8's default
+    (strict=False) a missing limit is skipped with a warning, and nothing would be serialized."""
+    name = limit_name(kind, settings.paths.table if kind == FEATURES else settings.model_name)
     log = _logger()
     if not server_mode():
         log.info(f"{name}: waiting for the file lock (no Prefect server configured: this machine only)")

@@ -10,8 +10,9 @@
 7. gate      (ship.stages)      every gate of gates.yaml; champion moves only if all pass
 
 Each task is one stage call inside its MLflow stage run, with its retries and its Prefect artifacts.
-Training holds the `train-<model>` slot and gating the `promote-<model>` slot (`flows.limits`), so two
-trainings or two promotions of one model never overlap, whichever machine runs them. A run a gate
+The feature stage holds the `features-<table>` slot, training the `train-<model>` slot and gating the
+`promote-<model>` slot (`flows.limits`), so two feature builds of one table, or two trainings or two
+promotions of one model, never overlap, whichever machine runs them. A run a gate
 blocked ends Failed, saying why (`flows.outcome`); a retrain's outcome (nightly or started by the
 monitor) goes into the retrain ledger (`operate.retrains`), which stops the monitor's triggers after
 too many blocked in a row.
@@ -35,7 +36,7 @@ from sluicegate.config import Settings, ensure_home
 from sluicegate.data import stages as data
 from sluicegate.features import stages as features
 from sluicegate.flows.deploy import publish_model_repository
-from sluicegate.flows.limits import PROMOTE, TRAIN, one_at_a_time
+from sluicegate.flows.limits import FEATURES, PROMOTE, TRAIN, one_at_a_time
 from sluicegate.flows.monitor import RETRAIN_TAG
 from sluicegate.flows.outcome import finish, gated_flow
 from sluicegate.hardware import hardware
@@ -81,7 +82,7 @@ def validate(settings: Settings, spec: DatasetSpec, batch_dir: Path, context_roo
 
 @task(name="features", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
 def build_features(settings: Settings, spec: DatasetSpec, validated, parent: str):
-    with registry.stage_run(parent, "features"):
+    with one_at_a_time(FEATURES, settings), registry.stage_run(parent, "features"):
         outcome = features.feature_stage(settings, spec, validated.rows)
         mlflow.log_params(outcome.params())
         mlflow.log_metrics(outcome.metrics())

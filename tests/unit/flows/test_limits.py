@@ -18,6 +18,17 @@ def test_limit_names_are_per_kind_and_model_and_valid_prefect_names():
     assert limits.limit_name(limits.TRAIN, "team/model%1") == "train-team_model_1"
 
 
+def test_the_feature_stage_takes_its_tables_slot(home):
+    """Two runs on one table write the same feature files and online state: one at a time per table,
+    whatever model each trains."""
+    from sluicegate.config import Settings
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        with limits.one_at_a_time(limits.FEATURES, Settings()) as name:
+            assert name == f"features-{Settings().paths.table}"
+        assert (Settings().paths.locks / f"{name}.lock").exists()
+
+
 def test_server_mode_follows_prefect_api_url():
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
         assert limits.server_mode()
