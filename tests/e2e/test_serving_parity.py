@@ -22,6 +22,7 @@ from sluicegate.data.batches import write_batch
 from sluicegate.data.synthetic import GenerateConfig, generate_transactions
 from sluicegate.features import stages as features_stages
 from sluicegate.features.inputs import build_model_input
+from sluicegate.operate import skew
 from sluicegate.runtime import make_session, onnx_predict
 from sluicegate.ship import registry
 from sluicegate.ship.export import export_onnx
@@ -139,3 +140,26 @@ def test_after_a_batch_replaces_the_training_days_the_next_day_is_served_from_th
     found = _check_parity(world, _next_day("2026-10-07"))
     assert all(share == 1.0 for share in found["agreement"].values()), found["agreement"]
     assert abs(found["served_pr_auc"] - found["offline_pr_auc"]) <= 0.01, found
+
+
+def test_a_served_period_that_lands_with_other_values_is_a_monitor_finding(world):
+    """Skew in production: the monitor recomputes the inputs of every served row once its day lands and
+    compares them with what the server logged. The days above landed as served: every input equal. This
+    one lands corrected upstream (other amounts on some rows than the server was sent): those rows."""
+    settings, spec = world["settings"], world["spec"]
+    day = _next_day("2026-10-08").sort_values(spec.timestamp, kind="stable").iloc[:800].reset_index(drop=True)
+    _serve_in_time_order(world["env"], day)
+    corrected = day.copy()
+    changed = np.arange(len(day)) % 20 == 7  # 40 of 800 rows
+    corrected.loc[changed, "amount"] = corrected.loc[changed, "amount"] * 3 + 10
+    _land(settings, spec, corrected, "day-2026-10-08-corrected")
+
+    found = skew.production_skew(settings, spec, checked={})
+    assert found.served >= len(day)
+    by_name = {f.name: f for f in found.features}
+    amount = by_name["input.amount"]
+    assert round(amount.differing * found.served) == changed.sum() and amount.largest_gap > 0
+    assert {f.name for f in found.skewed} <= {n for n in by_name if "amount" in n}, found.detail()
+    assert "input.amount differs on" in found.detail()
+    unchanged = [f for n, f in by_name.items() if "amount" not in n]
+    assert unchanged and all(f.differing == 0 for f in unchanged), found.detail()

@@ -317,6 +317,7 @@ class DriftReport:
     unlogged: int = 0  # rows the server answered but could not log (its dead-letter folder)
     calibration: str | None = None  # how the alert levels were found (the steady windows)
     estimates: list[dict] = field(default_factory=list)  # per model version, see operate.estimate
+    skew: dict | None = None  # served rows against their landed rows' offline inputs (operate.skew)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -359,6 +360,9 @@ class DriftReport:
         lines += _estimate_lines(self.estimates)
         if self.estimated_drop:
             lines += ["", f"**{self.estimated_drop}**"]
+        if self.skew is not None:
+            loud = "**" if self.skew["skewed"] else ""
+            lines += ["", f"{loud}Skew in production: {self.skew['detail']}{loud}"]
         return "\n".join(lines) + "\n"
 
 
@@ -634,6 +638,7 @@ class MonitorState:
     last_flow_run_id: str | None = None
     triggers: int = 0
     unlogged_until: str | None = None  # watermark of the dead-letter files already counted
+    skew_checked: dict[str, float] = field(default_factory=dict)  # landed partition -> write time checked
 
     @classmethod
     def load(cls, path: Path) -> MonitorState:

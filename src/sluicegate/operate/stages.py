@@ -7,7 +7,7 @@ Plain functions; `flows/monitor.py` and `flows/retrain.py` wire them to Prefect 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
@@ -24,7 +24,7 @@ from sluicegate.data import batches as data
 from sluicegate.data import validate as validation
 from sluicegate.features import retrieval
 from sluicegate.features.inputs import build_model_input, python_features
-from sluicegate.operate import estimate, ingest, labels, retention, retrains, steady
+from sluicegate.operate import estimate, ingest, labels, retention, retrains, skew, steady
 from sluicegate.operate import monitor as mon
 from sluicegate.operate.retention import RetentionOutcome
 from sluicegate.policy import DriftThresholds
@@ -168,12 +168,13 @@ class MonitorOutcome:
     flow_run_id: str | None = None
     quarantined: list[str] = field(default_factory=list)  # unreadable log files moved aside
     unlogged: int = 0  # rows the server answered but could not log
+    skew: dict | None = None  # newly landed served rows against their offline inputs (operate.skew)
 
     def summary(self) -> str:
         return f"monitor: {self.status}: {self.reason}"
 
     def to_dict(self) -> dict:
-        out = {"status": self.status, "reason": self.reason, "rows": self.rows,
+        out = {"status": self.status, "reason": self.reason, "rows": self.rows, "skew": self.skew,
                "quarantined": self.quarantined or (self.report.quarantined if self.report else []),
                "unlogged": self.report.unlogged if self.report else self.unlogged}
         if self.report is not None:
@@ -198,21 +199,23 @@ def monitor_stage(settings: Settings, spec: DatasetSpec, thresholds: DriftThresh
                                        settings.paths.quarantine / retention.PREDICTIONS_QUARANTINE)
         log = privacy.categories_from_tokens(read.frame, spec, privacy.pseudonyms(spec, settings.paths))
         unlogged = _unlogged(settings, state)
+        landed = skew.production_skew(settings, spec, state.skew_checked)
+        found = landed.to_dict() if landed else None
         if log.empty:
-            return _nothing_logged(since, unlogged, read.quarantined)
+            return replace(_nothing_logged(since, unlogged, read.quarantined), skew=found)
         state.last_run_at = str(log[mon.LOGGED_AT].max())
         client = registry.configure(settings)
         champion = registry.version_by_alias(client, settings.model_name, registry.CHAMPION)
         if champion is None:
             return MonitorOutcome("no_champion", f"{len(log):,} predictions but no champion to compare them with",
-                                  len(log))
+                                  len(log), skew=found)
         profile = reference_profile(settings, spec, client, champion)
         report = check_traffic(settings, spec, thresholds, log, profile, client, champion, since, context_root)
         report.quarantined = read.quarantined + report.quarantined
-        report.unlogged = unlogged
+        report.unlogged, report.skew = unlogged, found
         decision, run_id = _decide_and_trigger(report, thresholds, state, trigger, retrains.ledger_path(settings))
     return MonitorOutcome("triggered" if decision.fire else "checked", decision.summary(), report.rows,
-                          report, decision, run_id)
+                          report, decision, run_id, skew=found)
 
 
 def _unlogged(settings: Settings, state: mon.MonitorState) -> int:

@@ -90,7 +90,7 @@ def serving_parity_stage(settings: Settings, spec: DatasetSpec, prepared: Prepar
         served[python_names] = pd.concat(parts)
     y = spec.positive(replayed[spec.label]).to_numpy()
     return ServingParity(
-        rows=len(replayed), features=[_skew(n, served[n], replayed[n]) for n in online_names + python_names],
+        rows=len(replayed), features=[feature_skew(n, served[n], replayed[n]) for n in online_names + python_names],
         served_pr_auc=average_precision(y, score(build_model_input(served, spec))),
         offline_pr_auc=average_precision(y, score(build_model_input(replayed, spec))),
         seconds=time.perf_counter() - started)
@@ -121,7 +121,9 @@ def _served_columns(settings: Settings, spec: DatasetSpec, prepared: Prepared, r
     return served
 
 
-def _skew(name: str, served: pd.Series, offline: pd.Series) -> FeatureSkew:
+def feature_skew(name: str, served: pd.Series, offline: pd.Series) -> FeatureSkew:
+    """Share of rows the served value differs from the offline one on (missing on both: equal), and the
+    largest gap (inf where one side is missing)."""
     a = pd.to_numeric(served, errors="coerce").to_numpy(np.float64)
     b = pd.to_numeric(offline, errors="coerce").to_numpy(np.float64)
     both_missing = np.isnan(a) & np.isnan(b)
