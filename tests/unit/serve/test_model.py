@@ -125,3 +125,56 @@ def test_the_server_serves_on_the_targets_provider(store, tmp_path):
     manager = ModelManager(Settings(), 1, [], lambda spec: WIDTHS)
     assert manager.refresh() and manager.current.version == version
     assert manager.current.session.get_providers()[0] == manager.hardware.provider == "CPUExecutionProvider"
+
+
+def _champion_on_spec(store, tmp_path, spec, evidence: dict) -> str:
+    """A version trained on `spec` (its tag and, as the pipeline records it, its evidence), on a graph of
+    that spec's widths, moved to @champion."""
+    from sluicegate.features.inputs import tensor_widths
+    from sluicegate.train.identity import spec_hash
+
+    numeric, categorical = tensor_widths(spec)
+    path = _tiny_onnx(tmp_path / f"spec-{spec_hash(spec)}.onnx", numeric=numeric, categorical=categorical)
+    name = Settings().model_name
+    with mlflow.start_run() as run:
+        mlflow.log_dict(evidence, "evidence/evidence.json")
+        info = registry.log_onnx_model(path)
+        version = registry.register_candidate(store, name, info, run.info.run_id, path,
+                                              {"threshold": "0.5", "variant": "fp32", "spec_hash": spec_hash(spec)},
+                                              metrics={})
+    store.set_registered_model_alias(name, registry.CHAMPION, version.version)
+    return str(version.version)
+
+
+def _fewer_categories():
+    from sluicegate.spec import parse_spec
+
+    raw = Settings().spec.model_dump(mode="json")
+    raw["features"]["categorical"] = raw["features"]["categorical"][:-1]
+    return parse_spec(raw)
+
+
+def test_a_champion_trained_on_another_spec_is_served_on_its_own_spec_and_back(store, tmp_path):
+    from sluicegate.features.inputs import tensor_widths
+
+    own = Settings().spec
+    first = _champion_on_spec(store, tmp_path, own, {"dataset": {"spec": own.model_dump(mode="json")}})
+    manager = ModelManager(Settings(), 1, ["CPUExecutionProvider"], tensor_widths)
+    assert manager.refresh() and manager.current.spec is own  # the server's own spec: nothing fetched
+    other = _fewer_categories()
+    second = _champion_on_spec(store, tmp_path, other, {"dataset": {"spec": other.model_dump(mode="json")}})
+    assert manager.refresh() and manager.current.version == second
+    assert manager.current.spec == other and tensor_widths(manager.current.spec) != tensor_widths(own)
+    store.set_registered_model_alias(Settings().model_name, registry.CHAMPION, first)  # a rollback
+    assert manager.refresh() and manager.current.version == first and manager.current.spec is own
+
+
+def test_a_champion_on_another_spec_that_records_none_is_rejected(store, tmp_path):
+    from sluicegate.features.inputs import tensor_widths
+
+    rejected = []
+    _champion_on_spec(store, tmp_path, _fewer_categories(), {"dataset": {}})
+    manager = ModelManager(Settings(), 1, ["CPUExecutionProvider"], tensor_widths,
+                           on_rejected=lambda version, why: rejected.append(why))
+    assert manager.refresh() is False and manager.current is None
+    assert rejected and "records no spec" in rejected[0]
