@@ -32,6 +32,7 @@ import pandas as pd
 
 from sluicegate.data.batches import quarantine_file
 from sluicegate.runtime import sha256_file
+from sluicegate.serve import privacy
 from sluicegate.serve.privacy import Pseudonyms
 from sluicegate.spec import DatasetSpec, duration
 
@@ -104,15 +105,9 @@ def _read_table(path: Path, spec: DatasetSpec) -> pd.DataFrame:
 
 def _norm(value) -> str | None:
     """A comparable form of a label value, so 1, 1.0 and "1" (or True and "true") are the same value."""
-    if value is None or (not isinstance(value, str) and pd.isna(value)):
-        return None
-    if isinstance(value, bool | np.bool_):
-        return "true" if value else "false"
-    if isinstance(value, int | np.integer):
-        return str(int(value))
-    if isinstance(value, float | np.floating):
-        return str(int(value)) if float(value).is_integer() else repr(float(value))
-    text = str(value).strip()
+    if not isinstance(value, str):
+        return None if value is None or pd.isna(value) else privacy.canonical(value)
+    text = value.strip()
     return text.lower() if text.lower() in ("true", "false") else text
 
 
