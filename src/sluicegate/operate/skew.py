@@ -12,6 +12,7 @@ Python features alike.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -63,10 +64,13 @@ def landed_since(settings: Settings, checked: dict[str, float]) -> list[Partitio
     return [p for p in list_partitions(settings.paths.raw) if checked.get(_name(p), -1.0) < p.written]
 
 
-def production_skew(settings: Settings, spec: DatasetSpec, checked: dict[str, float]) -> ProductionSkew | None:
+def production_skew(settings: Settings, spec: DatasetSpec, checked: dict[str, float],
+                    on_this_spec: Callable[[str], bool]) -> ProductionSkew | None:
     """Compare each newly landed partition's served rows with their offline inputs; `checked` (the
-    monitor's state: partition -> the write time checked) is updated. None when nothing new landed or
-    the table has no id (served rows cannot be matched to landed ones)."""
+    monitor's state: partition -> the write time checked) is updated. Only rows of model versions
+    trained on this spec are compared (`on_this_spec(version)`): another spec's champion read other
+    inputs, by its own contract. None when nothing new landed or the table has no id (served rows
+    cannot be matched to landed ones)."""
     parts = landed_since(settings, checked)
     if not parts or not spec.id:
         return None
@@ -74,6 +78,9 @@ def production_skew(settings: Settings, spec: DatasetSpec, checked: dict[str, fl
     log = mon.read_prediction_log(settings.paths.predictions, since).frame
     if mon.ENDPOINT in log.columns:
         log = log[log[mon.ENDPOINT] == PREDICT]
+    if len(log) and "model_version" in log.columns:
+        versions = {v: on_this_spec(str(v)) for v in log["model_version"].dropna().unique()}
+        log = log[log["model_version"].map(versions).fillna(False).astype(bool)]
     report = ProductionSkew(partitions=[_name(p) for p in parts], served=0)
     # Events are served before they land: a partition written before the oldest logged row holds none.
     first = log[mon.LOGGED_AT].min().timestamp() if len(log) else float("inf")

@@ -32,6 +32,7 @@ from sluicegate.serve import privacy
 from sluicegate.serve.predlog import compact_hours
 from sluicegate.ship import registry
 from sluicegate.spec import DatasetSpec
+from sluicegate.train.identity import spec_hash
 
 
 def reference_profile(settings: Settings, spec: DatasetSpec, client: MlflowClient,
@@ -199,7 +200,7 @@ def monitor_stage(settings: Settings, spec: DatasetSpec, thresholds: DriftThresh
                                        settings.paths.quarantine / retention.PREDICTIONS_QUARANTINE)
         log = privacy.categories_from_tokens(read.frame, spec, privacy.pseudonyms(spec, settings.paths))
         unlogged = _unlogged(settings, state)
-        landed = skew.production_skew(settings, spec, state.skew_checked)
+        landed = skew.production_skew(settings, spec, state.skew_checked, _on_spec(settings, spec))
         found = landed.to_dict() if landed else None
         if log.empty:
             return replace(_nothing_logged(since, unlogged, read.quarantined), skew=found)
@@ -216,6 +217,23 @@ def monitor_stage(settings: Settings, spec: DatasetSpec, thresholds: DriftThresh
         decision, run_id = _decide_and_trigger(report, thresholds, state, trigger, retrains.ledger_path(settings))
     return MonitorOutcome("triggered" if decision.fire else "checked", decision.summary(), report.rows,
                           report, decision, run_id, skew=found)
+
+
+def _on_spec(settings: Settings, spec: DatasetSpec):
+    """Whether a model version was trained on this spec (its `spec_hash` tag; a version from before
+    the tag, or one the registry no longer has, counts as this spec's)."""
+    own, client = spec_hash(spec), None
+
+    def check(version: str) -> bool:
+        nonlocal client
+        client = client or registry.configure(settings)
+        try:
+            tag = client.get_model_version(settings.model_name, version).tags.get("spec_hash")
+        except mlflow.exceptions.MlflowException:
+            return True
+        return tag in (None, own)
+
+    return check
 
 
 def _unlogged(settings: Settings, state: mon.MonitorState) -> int:
