@@ -65,7 +65,7 @@ def world(tmp_path_factory) -> dict:
         version = registry.register_candidate(client, settings.model_name, info, run.info.run_id, onnx_path,
                                               {"threshold": "0.5", "variant": "fp32"})
     client.set_registered_model_alias(settings.model_name, registry.CHAMPION, version.version)
-    yield {"env": env, "settings": settings, "spec": spec, "session": make_session(onnx_path)}
+    yield {"env": env, "settings": settings, "spec": spec, "session": make_session(onnx_path), "checked": {}}
     for k, v in old.items():
         os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
@@ -121,7 +121,13 @@ def _check_parity(world: dict, day: pd.DataFrame) -> dict:
     y = spec.positive(offline[spec.label]).to_numpy()
     offline_scores = onnx_predict(world["session"], build_model_input(offline.reset_index(), spec))
     return {"agreement": agreement, "served_pr_auc": average_precision_score(y, served["probability"]),
-            "offline_pr_auc": average_precision_score(y, offline_scores), "y": y}
+            "offline_pr_auc": average_precision_score(y, offline_scores), "y": y,
+            "production": _production_skew(world)}
+
+
+def _production_skew(world: dict) -> skew.ProductionSkew:
+    """The monitor's check of what landed since its last run, as its next run makes it."""
+    return skew.production_skew(world["settings"], world["spec"], world["checked"], on_this_spec=lambda version: True)
 
 
 def test_a_day_of_traffic_is_served_the_offline_point_in_time_features(world):
@@ -130,6 +136,8 @@ def test_a_day_of_traffic_is_served_the_offline_point_in_time_features(world):
     found = _check_parity(world, day)
     assert all(share == 1.0 for share in found["agreement"].values()), found["agreement"]
     assert abs(found["served_pr_auc"] - found["offline_pr_auc"]) <= 0.01, found
+    production = found["production"]  # the monitor's own check agrees: every served input as training's
+    assert production.served == len(day) and not production.skewed, production.detail()
 
 
 def test_after_a_batch_replaces_the_training_days_the_next_day_is_served_from_the_replacement(world):
@@ -137,15 +145,19 @@ def test_after_a_batch_replaces_the_training_days_the_next_day_is_served_from_th
     replacement = _batch("2026-10-01", seed=SEED + 1)  # a corrected re-import of the same days
     landed = _land(settings, spec, generate_transactions(replacement, spec), replacement.batch_id)
     assert landed.online_events > 0
-    found = _check_parity(world, _next_day("2026-10-07"))
+    day = _next_day("2026-10-07")
+    found = _check_parity(world, day)
     assert all(share == 1.0 for share in found["agreement"].values()), found["agreement"]
     assert abs(found["served_pr_auc"] - found["offline_pr_auc"]) <= 0.01, found
+    production = found["production"]
+    assert production.served == len(day) and not production.skewed, production.detail()
 
 
 def test_a_served_period_that_lands_with_other_values_is_a_monitor_finding(world):
     """Skew in production: the monitor recomputes the inputs of every served row once its day lands and
     compares them with what the server logged. The days above landed as served: every input equal. This
-    one lands corrected upstream (other amounts on some rows than the server was sent): those rows."""
+    one lands corrected upstream (other amounts on some rows than the server was sent): the amount on
+    those rows, and the amount's aggregates of later events of their customers, are named."""
     settings, spec = world["settings"], world["spec"]
     day = _next_day("2026-10-08").sort_values(spec.timestamp, kind="stable").iloc[:800].reset_index(drop=True)
     _serve_in_time_order(world["env"], day)
@@ -154,8 +166,8 @@ def test_a_served_period_that_lands_with_other_values_is_a_monitor_finding(world
     corrected.loc[changed, "amount"] = corrected.loc[changed, "amount"] * 3 + 10
     _land(settings, spec, corrected, "day-2026-10-08-corrected")
 
-    found = skew.production_skew(settings, spec, checked={}, on_this_spec=lambda version: True)
-    assert found.served >= len(day)
+    found = _production_skew(world)
+    assert found.partitions == ["day-2026-10-08-corrected/2026-10-08"] and found.served == len(day)
     by_name = {f.name: f for f in found.features}
     amount = by_name["input.amount"]
     assert round(amount.differing * found.served) == changed.sum() and amount.largest_gap > 0
