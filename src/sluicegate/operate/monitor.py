@@ -681,12 +681,29 @@ def retrain_reasons(report: DriftReport, thresholds: DriftThresholds) -> list[st
     reasons = [_drift_reason(c, thresholds.psi_retrain) for c in report.columns if c.status == "drift"]
     if report.score is not None and report.score.status == "drift":
         reasons.append(_drift_reason(report.score, thresholds.score_psi_retrain))
-    live = report.live
-    if live is not None and live.recall is not None and live.recall < thresholds.min_recall:
-        reasons.append(f"live recall {live.recall:.3f} < {thresholds.min_recall} on {live.labelled:,} labels")
+    if (low := recall_too_low(report.live, thresholds)) is not None:
+        reasons.append(low)
     if report.estimated_drop:
         reasons.append(report.estimated_drop)
     return reasons
+
+
+def recall_too_low(live: LivePerformance | None, thresholds: DriftThresholds) -> str | None:
+    """Live recall below `min_recall` beyond chance: the exact binomial interval of the caught share of
+    the window's positives, at 1 - `false_alarm_rate`, lies wholly below it. An hour with 6 positives
+    and none caught is not evidence (its 99.9% upper bound is 0.72): on steady traffic such hours
+    called for a retrain 10 times in 24 when the bare recall was compared."""
+    if live is None or live.recall is None or not live.positives or live.recall >= thresholds.min_recall:
+        return None
+    from scipy.stats import binomtest
+
+    caught = round(live.recall * live.positives)
+    level = 1 - thresholds.false_alarm_rate
+    high = binomtest(caught, live.positives).proportion_ci(level, method="exact").high
+    if high >= thresholds.min_recall:
+        return None
+    return (f"live recall {live.recall:.3f} < {thresholds.min_recall} on {live.positives:,} positives of "
+            f"{live.labelled:,} labels ({level:.1%} upper bound {high:.3f})")
 
 
 def _drift_reason(column: ColumnDrift, fixed: float) -> str:

@@ -277,3 +277,18 @@ def test_rows_the_server_could_not_log_are_counted_once_per_window(tmp_path):
     now = pd.Timestamp.now(tz="UTC") + pd.Timedelta(seconds=1)
     assert m.unlogged_rows(tmp_path, None, now) == 6
     assert m.unlogged_rows(tmp_path, now, now + pd.Timedelta(hours=1)) == 0
+
+
+@pytest.mark.parametrize(("positives", "recall", "fires"), [(6, 0.0, False), (20, 0.3, False), (200, 0.3, True),
+                                                          (200, 0.45, False), (200, 0.6, False)])
+def test_low_live_recall_is_a_retrain_reason_only_beyond_chance(positives, recall, fires):
+    """An hour with a handful of positives says little about recall: only a shortfall its exact binomial
+    interval (at 1 - false_alarm_rate) excludes calls for a retrain."""
+    from sluicegate.operate.labels import LivePerformance
+
+    live = LivePerformance(threshold=0.5, now="2026-10-14T00:00:00+00:00", predictions=1000, labelled=1000,
+                           positives=positives, precision=0.8, recall=recall, pr_auc=0.6)
+    reason = m.recall_too_low(live, T)
+    assert (reason is not None) == fires, reason
+    if fires:
+        assert f"on {positives:,} positives" in reason and "upper bound" in reason
