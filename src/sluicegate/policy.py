@@ -24,8 +24,8 @@ class DriftThresholds(BaseModel):
     psi_warn: float = Field(0.1, gt=0, description="PSI above which a feature is reported as drifting")
     psi_retrain: float = Field(0.25, gt=0, description="PSI of any feature that triggers a retrain")
     score_psi_retrain: float = Field(0.25, gt=0, description="PSI of the score that triggers a retrain")
-    min_recall: float = Field(0.5, ge=0, le=1, description="Live recall on late labels below which we retrain (when its "
-                              "exact binomial upper bound at 1 - false_alarm_rate is below it too)")
+    min_recall: float = Field(0.5, ge=0, le=1, description="Live recall on late labels below which we retrain "
+                              "(when its exact binomial upper bound at 1 - false_alarm_rate is below it too)")
     max_estimated_drop: float = Field(0.2, ge=0, le=1, description="Retrain when a version's CBPE estimate of "
                                       "precision or recall falls below its band and this far below what the "
                                       "reference's windows of the same size expect")
