@@ -3,6 +3,7 @@ caller would, and waiting for a server to answer."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -15,6 +16,14 @@ import pandas as pd
 import pytest
 
 from sluicegate.spec import load_spec
+
+
+def fetch_example(example: Path) -> Path:
+    """An example table's CSV, as its `fetch.sh` takes it from the registry (quick once fetched)."""
+    out = subprocess.run(["bash", str(example / "fetch.sh")], capture_output=True, text=True,
+                         env={**os.environ, "PYTHON": sys.executable})
+    assert out.returncode == 0, out.stderr
+    return Path(out.stdout.strip())
 
 
 def _free_port() -> int:

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ import yaml
 from mlflow import MlflowClient
 
 from sluicegate.config import Settings
-from tests.replay import sluicegate
+from tests.replay import fetch_example, sluicegate
 
 pytestmark = pytest.mark.e2e
 
@@ -27,10 +25,7 @@ EXAMPLE = REPO / "examples/caravan"
 
 @pytest.fixture(scope="module")
 def csv() -> Path:
-    out = subprocess.run(["bash", str(EXAMPLE / "fetch.sh")], capture_output=True, text=True,
-                         env={**os.environ, "PYTHON": sys.executable})
-    assert out.returncode == 0, out.stderr
-    return Path(out.stdout.strip())
+    return fetch_example(EXAMPLE)
 
 
 @pytest.fixture(scope="module")

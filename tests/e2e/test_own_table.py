@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
-from tests.replay import model_server, sluicegate
+from tests.replay import fetch_example, model_server, sluicegate
 
 pytestmark = pytest.mark.e2e
 
@@ -24,10 +22,7 @@ EXAMPLE = REPO / "examples/default"
 
 @pytest.fixture(scope="module")
 def csv() -> Path:
-    out = subprocess.run(["bash", str(EXAMPLE / "fetch.sh")], capture_output=True, text=True,
-                         env={**os.environ, "PYTHON": sys.executable})
-    assert out.returncode == 0, out.stderr
-    return Path(out.stdout.strip())
+    return fetch_example(EXAMPLE)
 
 
 @pytest.fixture(scope="module")
