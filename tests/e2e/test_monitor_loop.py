@@ -347,14 +347,30 @@ def test_two_days_of_steady_traffic_monitored_hourly_call_for_no_retrain_and_the
 @pytest.mark.parametrize(("drift", "columns"), [("amount", {"amount", "input.amount"}),
                                                 ("category", {"merchant_category", "input.merchant_category"}),
                                                 ("country", {"country", "input.country"})])
-def test_three_hours_of_drifted_traffic_warrant_a_retrain_naming_the_drifting_columns(env, settings, champion,
-                                                                                      drift, columns):
-    """Each drift kind the generator has, in a block of 3 hours (what the monitor sees between two of
-    its runs), against the levels of the reference's 3-hour windows."""
+def test_drifted_traffic_monitored_hourly_is_named_within_three_hours(env, settings, champion, drift, columns):
+    """Each drift kind the generator has, from 12:00, the monitor run after every hour against the levels
+    of the reference's 1-hour windows: within 3 hours its retrain reasons name the drifting columns; the
+    hours it took are printed. (An hour here holds fewer rows than `min_rows`, so
+    the trigger itself would wait: the reasons are what the report says.)"""
+    from sluicegate.operate import monitor as mon
+    from sluicegate.operate import stages as operate
+    from sluicegate.policy import load_policy
+
+    spec = load_spec()
+    thresholds = load_policy(Path(env["SLUICEGATE_GATES_PATH"])).drift
     day = _after_training(_batch("2026-10-13", drift=drift))
-    hours = pd.to_datetime(day[load_spec().timestamp], utc=True).dt.hour
+    hours = pd.to_datetime(day[spec.timestamp], utc=True).dt.hour
+    reasons, sizes = [], []
     with model_server(env) as url:
-        predict_rows(url, day[(hours >= 12) & (hours < 15)])
-    flagged = _monitor(env)
-    assert columns <= set(flagged["drifting"]), flagged
-    assert "retrain warranted" in flagged["reason"] and f"{sorted(columns)[0]} PSI" in flagged["reason"], flagged
+        _monitor_in_process(settings, spec, thresholds, env, operate)  # the earlier tests' rows
+        for hour in (12, 13, 14):
+            rows = day[hours == hour]
+            before = _logged(settings)
+            predict_rows(url, rows)
+            _await_logged(settings, before + len(rows))
+            outcome = _monitor_in_process(settings, spec, thresholds, env, operate)
+            reasons.append("; ".join(mon.retrain_reasons(outcome.report, thresholds)))
+            sizes.append(outcome.rows)
+    named = [i for i, said in enumerate(reasons, start=1) if all(f"{c} PSI" in said for c in columns)]
+    print(f"\n{drift}: named after {named[0] if named else 'no'} hour(s) ({sizes} rows an hour): {reasons}")
+    assert named, reasons
