@@ -109,7 +109,7 @@ def _served_columns(settings: Settings, spec: DatasetSpec, prepared: Prepared, r
                            aggregates.history_columns(spec))
     prior = pd.concat([history, earlier], ignore_index=True) if len(history) else earlier
     with tempfile.TemporaryDirectory(prefix="serving-parity-") as folder:
-        width = len({a.column for a in spec.features.aggregates if a.column})
+        width = len(online.value_columns(spec))
         state = online.SqliteEventState(Path(folder) / "events.db", width)
         try:
             found = online.replay(spec, prior, replayed, state)
